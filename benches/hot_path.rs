@@ -1,0 +1,2 @@
+//! Placeholder until the hot-path benches land.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Loom models of the shardmeter ledger live in `tests/`.

@@ -1,0 +1,422 @@
+//! The ledger: the lock-free, synchronous core. It knows nothing of tokio, Redis or I/O.
+//!
+//! A [`Ledger`] is a table of slots. [`Ledger::open_session`] gives a [`Session`] a free slot;
+//! [`Session::add`] adds an amount to that slot in the calling thread's shard; the one
+//! [`Sweeper`] collects what was added since its last sweep, per account, and frees the slots of
+//! ended sessions once it has collected their remainder.
+//!
+//! ```
+//! use shardmeter::ledger::Ledger;
+//!
+//! let (ledger, mut sweeper) = Ledger::builder().capacity(1024).build()?;
+//! let session = ledger.open_session("uid-42")?;
+//! session.add(20);
+//! session.clone().add(20); // a second channel of the same session
+//!
+//! let mut usage = Vec::new();
+//! sweeper.sweep(&mut usage);
+//! assert_eq!((&*usage[0].account, usage[0].amount, usage[0].session_ended), ("uid-42", 40, false));
+//!
+//! session.add(5);
+//! drop(session); // the last handle: the remainder is handed to the sweeper
+//! usage.clear();
+//! sweeper.collect_ended(&mut usage);
+//! assert_eq!((usage[0].amount, usage[0].session_ended), (5, true));
+//! # Ok::<(), shardmeter::ledger::LedgerError>(())
+//! ```
+//!
+//! The design, its invariants and the loom models behind them are in `docs/design.md`.
+
+mod shard;
+mod slots;
+mod worker;
+
+pub use worker::{register_worker_thread, unregister_worker_thread, MAX_WORKERS};
+
+use crate::loom::Arc;
+use shard::{Shards, SlotCells};
+use slots::Slots;
+
+/// An account id as the ledger hands it back: cheap to clone, shared by all of its records.
+pub type Account = std::sync::Arc<str>;
+
+/// Longest account id accepted, in bytes.
+pub const MAX_ACCOUNT_BYTES: usize = 512;
+/// Most slots one ledger can have.
+pub const MAX_CAPACITY: usize = 1 << 24;
+/// Most cell memory one ledger may allocate (capacity × shards × 8 bytes).
+pub const MAX_CELL_BYTES: u128 = 4 << 30;
+
+/// What the ledger refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    /// Every slot is held by an open session or awaits the sweeper.
+    #[error("all {capacity} session slots are in use; raise the capacity or flush ended sessions")]
+    Full {
+        /// The ledger's capacity.
+        capacity: usize,
+    },
+    /// The account id is the empty string.
+    #[error("account id is empty")]
+    EmptyAccount,
+    /// The account id is longer than [`MAX_ACCOUNT_BYTES`].
+    #[error("account id is {len} bytes long; at most {max} are accepted")]
+    AccountTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// [`MAX_ACCOUNT_BYTES`].
+        max: usize,
+    },
+    /// [`MAX_WORKERS`] threads are registered already.
+    #[error("{max} worker threads are registered already; this thread uses the striped shards")]
+    TooManyWorkers {
+        /// [`MAX_WORKERS`].
+        max: usize,
+    },
+    /// A builder setting is out of range.
+    #[error("invalid ledger configuration: {0}")]
+    InvalidConfig(String),
+}
+
+type SessionEndHook = Box<dyn Fn() + Send + Sync>;
+
+struct Shared {
+    shards: Shards,
+    slots: Slots,
+    on_session_end: Option<SessionEndHook>,
+}
+
+/// Opens sessions. Cheap to clone: all clones share one table.
+#[derive(Clone)]
+pub struct Ledger {
+    shared: Arc<Shared>,
+}
+
+/// Settings of a [`Ledger`]; see [`Ledger::builder`].
+pub struct LedgerBuilder {
+    capacity: usize,
+    worker_shards: usize,
+    striped_shards: usize,
+    on_session_end: Option<SessionEndHook>,
+}
+
+impl Ledger {
+    /// Starts a ledger with 65,536 slots and one worker shard plus one striped shard per CPU.
+    pub fn builder() -> LedgerBuilder {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        LedgerBuilder {
+            capacity: 65_536,
+            worker_shards: cpus.min(MAX_WORKERS),
+            striped_shards: cpus.min(MAX_WORKERS),
+            on_session_end: None,
+        }
+    }
+
+    /// Opens a session for `account`, taking a free slot.
+    ///
+    /// Allocates (the handle and a copy of the id); never blocks. Fails with
+    /// [`LedgerError::Full`] when no slot is free, or when the id is empty or too long.
+    pub fn open_session(&self, account: &str) -> Result<Session, LedgerError> {
+        validate_account(account)?;
+        let account: Account = account.into();
+        let slot = self
+            .shared
+            .slots
+            .open(account.clone())
+            .ok_or(LedgerError::Full {
+                capacity: self.capacity(),
+            })?;
+        let cells = self.shared.shards.slot_cells(slot as usize);
+        let handle = SessionHandle {
+            cells,
+            shared: self.shared.clone(),
+            slot,
+            account,
+        };
+        Ok(Session {
+            inner: Arc::new(handle),
+        })
+    }
+
+    /// Charges `amount` to `account` once, without a session (an offline upload, say): it is
+    /// flushed like the remainder of an ended session.
+    pub fn record(&self, account: &str, amount: u64) -> Result<(), LedgerError> {
+        self.open_session(account)?.add(amount);
+        Ok(())
+    }
+
+    /// The number of slots.
+    pub fn capacity(&self) -> usize {
+        self.shared.slots.capacity()
+    }
+
+    /// Slots not free right now: open sessions plus ended ones the sweeper has not collected.
+    pub fn slots_in_use(&self) -> usize {
+        self.shared.slots.in_use()
+    }
+
+    /// Total amount dropped because one session's total in one shard would pass `u64::MAX`.
+    pub fn saturated_amount(&self) -> u64 {
+        self.shared.shards.saturated_amount()
+    }
+}
+
+fn validate_account(account: &str) -> Result<(), LedgerError> {
+    if account.is_empty() {
+        return Err(LedgerError::EmptyAccount);
+    }
+    if account.len() > MAX_ACCOUNT_BYTES {
+        return Err(LedgerError::AccountTooLong {
+            len: account.len(),
+            max: MAX_ACCOUNT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl LedgerBuilder {
+    /// How many sessions can be open (or ended and not yet swept) at once. 1 to [`MAX_CAPACITY`].
+    pub fn capacity(mut self, slots: usize) -> Self {
+        self.capacity = slots;
+        self
+    }
+
+    /// How many shards are reserved for registered worker threads (0 to [`MAX_WORKERS`]). A
+    /// worker whose index is at or above this count uses the striped shards.
+    pub fn worker_shards(mut self, shards: usize) -> Self {
+        self.worker_shards = shards;
+        self
+    }
+
+    /// How many shards unregistered threads share (1 to [`MAX_WORKERS`]).
+    pub fn striped_shards(mut self, shards: usize) -> Self {
+        self.striped_shards = shards;
+        self
+    }
+
+    /// Called (on the dropping thread) whenever a session's last handle drops, so that a flusher
+    /// can collect the remainder promptly. It must not block.
+    pub fn on_session_end(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_session_end = Some(Box::new(hook));
+        self
+    }
+
+    /// Allocates the ledger and its one sweeper.
+    pub fn build(self) -> Result<(Ledger, Sweeper), LedgerError> {
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            return Err(LedgerError::InvalidConfig(format!(
+                "capacity must be 1 to {MAX_CAPACITY} slots, got {}",
+                self.capacity
+            )));
+        }
+        if self.worker_shards > MAX_WORKERS {
+            return Err(LedgerError::InvalidConfig(format!(
+                "worker_shards must be 0 to {MAX_WORKERS}, got {}",
+                self.worker_shards
+            )));
+        }
+        if self.striped_shards == 0 || self.striped_shards > MAX_WORKERS {
+            return Err(LedgerError::InvalidConfig(format!(
+                "striped_shards must be 1 to {MAX_WORKERS}, got {}",
+                self.striped_shards
+            )));
+        }
+        let shard_count = self.worker_shards + self.striped_shards;
+        let bytes = Shards::bytes_for(self.capacity, shard_count);
+        if bytes > MAX_CELL_BYTES {
+            return Err(LedgerError::InvalidConfig(format!(
+                "{} slots × {shard_count} shards need {bytes} bytes of cells; the limit is {MAX_CELL_BYTES}",
+                self.capacity
+            )));
+        }
+        let shared = Arc::new(Shared {
+            shards: Shards::new(self.capacity, self.worker_shards, self.striped_shards),
+            slots: Slots::new(self.capacity),
+            on_session_end: self.on_session_end,
+        });
+        let last_seen = vec![0; self.capacity * shard_count].into_boxed_slice();
+        Ok((
+            Ledger {
+                shared: shared.clone(),
+            },
+            Sweeper { shared, last_seen },
+        ))
+    }
+}
+
+/// One metered session. Clones are channels of the same session and share its slot; when the
+/// last clone drops, the session ends and its remainder goes to the sweeper.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<SessionHandle>,
+}
+
+struct SessionHandle {
+    /// Points into `shared`, which this handle keeps alive.
+    cells: SlotCells,
+    shared: Arc<Shared>,
+    slot: u32,
+    account: Account,
+}
+
+impl Session {
+    /// Adds `amount` to this session: no lock, no allocation, no syscall.
+    ///
+    /// On a registered worker thread this is a plain load and store to a cell only this thread
+    /// writes; elsewhere an atomic add to a striped cell. A session's total in one shard stops at
+    /// `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
+    #[inline]
+    pub fn add(&self, amount: u64) {
+        let handle = &*self.inner;
+        handle.cells.add(amount, &handle.shared.shards);
+    }
+
+    /// The account this session charges.
+    pub fn account(&self) -> &str {
+        &self.inner.account
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        // `Arc` ran this drop on the thread that released the last handle, after an `Acquire`
+        // that synchronizes with every other handle's `Release` decrement: every `add` on this
+        // session happens before this push, and the queue's push/pop carries that to the sweeper.
+        self.shared.slots.end(self.slot);
+        if let Some(hook) = &self.shared.on_session_end {
+            hook();
+        }
+    }
+}
+
+/// Usage collected by a sweep: `amount` added to `account` since the last sweep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The account charged.
+    pub account: Account,
+    /// How much was added (a slot's collection above `u64::MAX` is split over several records).
+    pub amount: u64,
+    /// `true` for the remainder of a session that has ended: flush it promptly.
+    pub session_ended: bool,
+}
+
+/// Collects usage. There is exactly one per ledger (returned by [`LedgerBuilder::build`]), and
+/// only it frees slots: that is what lets sweeps read slots without locks.
+pub struct Sweeper {
+    shared: Arc<Shared>,
+    /// What this sweeper last read from each cell, shard-major (`shard * capacity + slot`).
+    last_seen: Box<[u64]>,
+}
+
+impl Sweeper {
+    /// Collects the remainders of ended sessions into `out` and frees their slots. Returns the
+    /// number of sessions that ended.
+    pub fn collect_ended(&mut self, out: &mut Vec<Usage>) -> usize {
+        let mut ended = 0;
+        while let Some(slot) = self.shared.slots.next_ended() {
+            ended += 1;
+            let total = self.take_delta(slot as usize, true);
+            let account = self.shared.slots.free(slot);
+            if let Some(account) = account {
+                push_usage(out, account, total, true);
+            }
+        }
+        ended
+    }
+
+    /// Collects everything added since the last sweep: ended sessions first (their slots are
+    /// freed), then open ones. Exact under concurrent adds: what a sweep misses, the next gets.
+    pub fn sweep(&mut self, out: &mut Vec<Usage>) {
+        self.collect_ended(out);
+        for slot in 0..self.shared.slots.capacity() {
+            let Some(account) = self.shared.slots.account(slot) else {
+                continue;
+            };
+            let total = self.take_delta(slot, false);
+            push_usage(out, account, total, false);
+        }
+    }
+
+    /// The ledger this sweeper collects from.
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Sums `slot`'s growth over all shards since the last read, and remembers the new values;
+    /// with `reset`, zeroes the cells instead (the slot has no session).
+    fn take_delta(&mut self, slot: usize, reset: bool) -> u128 {
+        let capacity = self.shared.slots.capacity();
+        let shards = &self.shared.shards;
+        let mut total = 0u128;
+        for shard in 0..shards.count() {
+            let seen = &mut self.last_seen[shard * capacity + slot];
+            let current = shards.read(shard, slot);
+            // Cells only grow while the slot is held, and this thread's reads never go back.
+            debug_assert!(
+                current >= *seen,
+                "cell went back from {} to {current}",
+                *seen
+            );
+            total += u128::from(current.saturating_sub(*seen));
+            if reset {
+                shards.reset(shard, slot);
+                *seen = 0;
+            } else {
+                *seen = current;
+            }
+        }
+        total
+    }
+}
+
+fn push_usage(out: &mut Vec<Usage>, account: Account, mut total: u128, session_ended: bool) {
+    while total > 0 {
+        let amount = total.min(u128::from(u64::MAX)) as u64;
+        out.push(Usage {
+            account: account.clone(),
+            amount,
+            session_ended,
+        });
+        total -= u128::from(amount);
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("slots", &self.shared.slots)
+            .field("shards", &self.shared.shards)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for LedgerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerBuilder")
+            .field("capacity", &self.capacity)
+            .field("worker_shards", &self.worker_shards)
+            .field("striped_shards", &self.striped_shards)
+            .field("on_session_end", &self.on_session_end.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("account", &self.account())
+            .field("slot", &self.inner.slot)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Sweeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sweeper")
+            .field("ledger", &self.ledger())
+            .finish()
+    }
+}

@@ -1,0 +1,131 @@
+//! The slot table: which account each slot belongs to, and the queues that move slots between
+//! sessions and the sweeper.
+//!
+//! A slot is always in exactly one place: the free queue, held by a session, the ended queue, or
+//! in the sweeper's hands. Both queues therefore have room for every slot, so a push never fails.
+//!
+//! # Synchronization
+//!
+//! - `open` pops a slot from the free queue, so it alone owns the slot: it writes the account,
+//!   then publishes the slot with `state.store(OPEN, Release)`.
+//! - The sweeper reads `state` with `Acquire` before it reads the account, so it sees the account
+//!   that was published with it. Only the sweeper frees slots, so a slot it sees open cannot be
+//!   reopened (its account rewritten) while the sweeper reads it.
+//! - `free` (sweeper only) takes the account and stores `FREE` (`Relaxed`: only the sweeper reads
+//!   `state` after an opener has published it, and it reads its own store in program order); the
+//!   free queue's push/pop then hands the slot, account cleared, to the next opener.
+
+use super::Account;
+use crate::loom::{AtomicU8, BoundedQueue, Ordering, UnsafeCell};
+
+const FREE: u8 = 0;
+const OPEN: u8 = 1;
+
+struct SlotMeta {
+    state: AtomicU8,
+    /// Written by the slot's owner (an opener, or the sweeper while freeing); read by the sweeper.
+    account: UnsafeCell<Option<Account>>,
+}
+
+// SAFETY: `account` is only written by the thread that owns the slot (the opener that popped it
+// from the free queue, or the sweeper freeing it) and only read by the sweeper after an `Acquire`
+// load of `state` that saw it published (module docs). `Account` itself is `Send + Sync`.
+unsafe impl Sync for SlotMeta {}
+
+pub(super) struct Slots {
+    meta: Box<[SlotMeta]>,
+    free: BoundedQueue<u32>,
+    ended: BoundedQueue<u32>,
+}
+
+impl Slots {
+    pub(super) fn new(capacity: usize) -> Self {
+        let free = BoundedQueue::new(capacity);
+        for slot in 0..capacity {
+            // Cannot fail: the queue has room for every slot.
+            let _ = free.push(slot as u32);
+        }
+        Self {
+            meta: (0..capacity)
+                .map(|_| SlotMeta {
+                    state: AtomicU8::new(FREE),
+                    account: UnsafeCell::new(None),
+                })
+                .collect(),
+            free,
+            ended: BoundedQueue::new(capacity),
+        }
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Slots that are not free: held by sessions or waiting for the sweeper.
+    pub(super) fn in_use(&self) -> usize {
+        self.capacity() - self.free.len()
+    }
+
+    /// Takes a free slot for `account`, or `None` when every slot is in use.
+    pub(super) fn open(&self, account: Account) -> Option<u32> {
+        let slot = self.free.pop()?;
+        let meta = &self.meta[slot as usize];
+        // SAFETY: popping the slot from the free queue made this thread its only owner; the
+        // sweeper does not read `account` until it sees the `OPEN` stored below.
+        meta.account
+            .with_mut(|cell| unsafe { *cell = Some(account) });
+        // Release: publishes the account written above to the sweeper's `Acquire` in `account`.
+        meta.state.store(OPEN, Ordering::Release);
+        Some(slot)
+    }
+
+    /// Called once, by the last handle of the session that holds `slot`.
+    pub(super) fn end(&self, slot: u32) {
+        // The queue holds every slot at most once, and there are `capacity` of them.
+        let pushed = self.ended.push(slot);
+        debug_assert!(
+            pushed.is_ok(),
+            "ended-sessions queue overflow: slot {slot} ended twice"
+        );
+    }
+
+    /// Sweeper only: the next slot whose session has ended.
+    pub(super) fn next_ended(&self) -> Option<u32> {
+        self.ended.pop()
+    }
+
+    /// Sweeper only: the account of an open slot, or `None` if the slot is (or looks) free.
+    pub(super) fn account(&self, slot: usize) -> Option<Account> {
+        let meta = &self.meta[slot];
+        // Acquire: pairs with the `Release` in `open`, making the account written there visible.
+        if meta.state.load(Ordering::Acquire) != OPEN {
+            return None;
+        }
+        // SAFETY: the slot was seen open and only the sweeper (the caller) frees slots, so no
+        // opener writes this account until the caller frees it.
+        meta.account.with(|cell| unsafe { (*cell).clone() })
+    }
+
+    /// Sweeper only: returns an ended slot to the free queue and gives back its account.
+    pub(super) fn free(&self, slot: u32) -> Option<Account> {
+        let meta = &self.meta[slot as usize];
+        // SAFETY: the slot came from the ended queue, so no session holds it and no opener can
+        // pop it before the push below: the sweeper (the caller) owns it.
+        let account = meta.account.with_mut(|cell| unsafe { (*cell).take() });
+        // Relaxed: see the module docs.
+        meta.state.store(FREE, Ordering::Relaxed);
+        // Cannot fail: the queue has room for every slot.
+        let pushed = self.free.push(slot);
+        debug_assert!(pushed.is_ok(), "free-slot queue overflow");
+        account
+    }
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("capacity", &self.capacity())
+            .field("in_use", &self.in_use())
+            .finish()
+    }
+}
