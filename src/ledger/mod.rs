@@ -327,8 +327,9 @@ impl Sweeper {
 
     /// Collects everything added since the last sweep: ended sessions first (their slots are
     /// freed), then open ones. Exact under concurrent adds: what a sweep misses, the next gets.
-    pub fn sweep(&mut self, out: &mut Vec<Usage>) {
-        self.collect_ended(out);
+    /// Returns the number of sessions that ended, as [`Sweeper::collect_ended`] does.
+    pub fn sweep(&mut self, out: &mut Vec<Usage>) -> usize {
+        let ended = self.collect_ended(out);
         for slot in 0..self.shared.slots.capacity() {
             let Some(account) = self.shared.slots.account(slot) else {
                 continue;
@@ -336,6 +337,7 @@ impl Sweeper {
             let total = self.take_delta(slot, false);
             push_usage(out, account, total, false);
         }
+        ended
     }
 
     /// The ledger this sweeper collects from.

@@ -1,0 +1,521 @@
+//! The flusher task: the engine's only consumer of the ledger and only caller of the sink.
+//!
+//! # When it sweeps
+//!
+//! - every `flush_interval` (all slots);
+//! - at every time-bucket boundary of the key scheme (all slots), so that usage lands in the
+//!   bucket in which it was added, within the sweep's latency;
+//! - `session_end_delay` after a session ends (ended sessions only; the delay coalesces bursts);
+//! - on `flush_now`, on `set_enabled`, and at shutdown (all slots).
+//!
+//! # Attribution
+//!
+//! What a sweep collects was added between the previous full sweep and this one, so it is
+//! charged to the bucket in which that interval *started*. Because a full sweep runs at every
+//! bucket boundary, an interval never spans two buckets except for the sweep's own delay.
+//!
+//! # Writing
+//!
+//! Sweeping never waits for the sink: writes run as one in-flight future polled beside the
+//! timers. A failed or timed-out round leaves its batches in flight, re-sent unchanged (same ids)
+//! after an exponential backoff with jitter; amounts swept meanwhile wait, merged per key, for
+//! the next round. See `pending.rs` for why memory stays bounded.
+
+use super::keys::KeyScheme;
+use super::pending::{Pending, Rejection};
+use super::stats::Stats;
+use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
+use crate::ledger::{Sweeper, Usage};
+use crate::sink::{BatchOutcome, Sink, SinkError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How many refused increments the shutdown report lists (all are counted in the stats).
+const MAX_REPORTED_REJECTIONS: usize = 10_000;
+
+pub(crate) enum Command {
+    FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
+    SetEnabled(bool, oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<ShutdownReport>),
+}
+
+#[derive(Clone)]
+pub(crate) struct FlusherConfig {
+    pub(crate) flush_interval: Duration,
+    pub(crate) session_end_delay: Duration,
+    pub(crate) batch_size: usize,
+    pub(crate) write_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) retry_initial: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) keys: KeyScheme,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Default for FlusherConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(60),
+            session_end_delay: Duration::from_millis(200),
+            batch_size: 500,
+            write_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            keys: KeyScheme::new("shardmeter"),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl FlusherConfig {
+    pub(crate) fn validate(&self) -> Result<(), EngineError> {
+        let check = |ok: bool, message: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(EngineError::InvalidConfig(message))
+            }
+        };
+        let interval = self.flush_interval;
+        check(
+            (Duration::from_millis(10)..=Duration::from_secs(86_400)).contains(&interval),
+            format!("flush_interval must be 10 ms to 24 h, got {interval:?}"),
+        )?;
+        check(
+            self.session_end_delay <= Duration::from_secs(60),
+            format!(
+                "session_end_delay must be at most 60 s, got {:?}",
+                self.session_end_delay
+            ),
+        )?;
+        check(
+            (1..=100_000).contains(&self.batch_size),
+            format!(
+                "batch_size must be 1 to 100000 keys, got {}",
+                self.batch_size
+            ),
+        )?;
+        check(
+            (Duration::from_millis(10)..=Duration::from_secs(600)).contains(&self.write_timeout),
+            format!(
+                "write_timeout must be 10 ms to 10 min, got {:?}",
+                self.write_timeout
+            ),
+        )?;
+        check(
+            self.shutdown_timeout <= Duration::from_secs(3600),
+            format!(
+                "shutdown_timeout must be at most 1 h, got {:?}",
+                self.shutdown_timeout
+            ),
+        )?;
+        check(
+            self.retry_initial >= Duration::from_millis(1) && self.retry_max >= self.retry_initial,
+            format!(
+                "retry backoff needs 1 ms <= initial <= max, got {:?} and {:?}",
+                self.retry_initial, self.retry_max
+            ),
+        )?;
+        self.keys.validate()?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for FlusherConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlusherConfig")
+            .field("flush_interval", &self.flush_interval)
+            .field("session_end_delay", &self.session_end_delay)
+            .field("batch_size", &self.batch_size)
+            .field("write_timeout", &self.write_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+type WriteResults = Vec<Result<BatchOutcome, SinkError>>;
+type WriteFuture = Pin<Box<dyn Future<Output = (Option<WriteResults>, Duration)> + Send>>;
+
+struct FlushWaiter {
+    reply: oneshot::Sender<Result<FlushReport, EngineError>>,
+    keys_before: u64,
+    amount_before: u128,
+}
+
+pub(crate) struct Flusher<S> {
+    config: FlusherConfig,
+    enabled: bool,
+    sweeper: Sweeper,
+    sink: Arc<S>,
+    session_ended: Arc<Notify>,
+    commands: mpsc::Receiver<Command>,
+    stats: Arc<Stats>,
+    usage: Vec<Usage>,
+    pending: Pending,
+    /// When the interval that the next sweep closes began (the last full sweep).
+    interval_start: SystemTime,
+    write: Option<WriteFuture>,
+    batches_in_write: usize,
+    failures_in_a_row: u32,
+    retry_at: Option<Instant>,
+    ended_due: Option<Instant>,
+    waiters: Vec<FlushWaiter>,
+    keys_written: u64,
+    amount_written: u128,
+    rejected: Vec<Rejection>,
+    jitter_state: u64,
+}
+
+impl<S: Sink> Flusher<S> {
+    pub(crate) fn new(
+        config: FlusherConfig,
+        enabled: bool,
+        sweeper: Sweeper,
+        sink: S,
+        session_ended: Arc<Notify>,
+        commands: mpsc::Receiver<Command>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let writer = random_u64();
+        Self {
+            interval_start: config.clock.now(),
+            pending: Pending::new(writer, config.batch_size),
+            config,
+            enabled,
+            sweeper,
+            sink: Arc::new(sink),
+            session_ended,
+            commands,
+            stats,
+            usage: Vec::new(),
+            write: None,
+            batches_in_write: 0,
+            failures_in_a_row: 0,
+            retry_at: None,
+            ended_due: None,
+            waiters: Vec::new(),
+            keys_written: 0,
+            amount_written: 0,
+            rejected: Vec::new(),
+            jitter_state: writer | 1,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let interval = self.config.flush_interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let boundary = self.next_boundary();
+            let session_ended = self.session_ended.clone();
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(Command::FlushNow(reply)) => self.flush_now(reply),
+                    Some(Command::SetEnabled(enabled, reply)) => {
+                        self.set_enabled(enabled);
+                        let _ = reply.send(());
+                    }
+                    Some(Command::Shutdown(reply)) => {
+                        let _ = reply.send(self.shutdown().await);
+                        return;
+                    }
+                    // Every engine handle is gone: flush what there is and stop.
+                    None => {
+                        let report = self.shutdown().await;
+                        if !report.is_complete() {
+                            tracing::error!(
+                                unwritten = %report.unwritten_amount(),
+                                "engine dropped without shutdown; amounts left unwritten"
+                            );
+                        }
+                        return;
+                    }
+                },
+                output = next_write(&mut self.write) => self.settle(output),
+                _ = ticker.tick() => self.sweep_all(),
+                _ = sleep_until(boundary) => self.sweep_all(),
+                _ = session_ended.notified(), if self.ended_due.is_none() => {
+                    // Never later than the periodic sweep would collect it anyway.
+                    let delay = self.config.session_end_delay.min(interval);
+                    self.ended_due = Some(Instant::now() + delay);
+                }
+                _ = sleep_until(self.ended_due) => {
+                    self.ended_due = None;
+                    self.collect_ended();
+                }
+                _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
+            }
+            self.start_write_if_due();
+        }
+    }
+
+    /// The next bucket boundary on tokio's clock, if the key scheme has buckets.
+    fn next_boundary(&self) -> Option<Instant> {
+        let end = self.config.keys.span(self.interval_start).end()?;
+        let wait = end
+            .duration_since(self.config.clock.now())
+            .unwrap_or_default();
+        Some(Instant::now() + wait)
+    }
+
+    fn sweep_all(&mut self) {
+        let now = self.config.clock.now();
+        self.usage.clear();
+        let ended = self.sweeper.sweep(&mut self.usage);
+        Stats::add(&self.stats.sweeps, 1);
+        Stats::add(&self.stats.sessions_ended, ended as u128);
+        self.absorb(now);
+        self.interval_start = now;
+    }
+
+    fn collect_ended(&mut self) {
+        let now = self.config.clock.now();
+        self.usage.clear();
+        let ended = self.sweeper.collect_ended(&mut self.usage);
+        Stats::add(&self.stats.sessions_ended, ended as u128);
+        self.absorb(now);
+    }
+
+    /// Moves collected usage into `pending`, keyed by the bucket the interval started in.
+    fn absorb(&mut self, now: SystemTime) {
+        let keys = &self.config.keys;
+        let span = keys.span(self.interval_start);
+        let ttl = keys.ttl_at(&span, now);
+        for usage in self.usage.drain(..) {
+            Stats::add(&self.stats.amount_swept, usage.amount.into());
+            if self.enabled {
+                self.pending
+                    .add(keys.key(&usage.account, &span), usage.amount, ttl);
+            } else {
+                Stats::add(&self.stats.amount_discarded, usage.amount.into());
+            }
+        }
+        self.publish_pending();
+    }
+
+    fn set_enabled(&mut self, enabled: bool) {
+        if enabled == self.enabled {
+            return;
+        }
+        // Switching off: what was recorded until now is still written. Switching on: what
+        // was added while off is swept (and discarded) first.
+        self.sweep_all();
+        self.enabled = enabled;
+        tracing::info!(enabled, "metering switched");
+    }
+
+    fn flush_now(&mut self, reply: oneshot::Sender<Result<FlushReport, EngineError>>) {
+        self.sweep_all();
+        // An operator asking for a flush gets an attempt now, not after the backoff.
+        if self.write.is_none() {
+            self.retry_at = None;
+        }
+        self.waiters.push(FlushWaiter {
+            reply,
+            keys_before: self.keys_written,
+            amount_before: self.amount_written,
+        });
+        self.answer_waiters(None);
+    }
+
+    fn start_write_if_due(&mut self) {
+        if self.write.is_some() || self.retry_at.is_some() {
+            return;
+        }
+        let batches = self.pending.batches_to_send().to_vec();
+        if batches.is_empty() {
+            return;
+        }
+        Stats::add(&self.stats.flushes, 1);
+        if self.failures_in_a_row > 0 {
+            Stats::add(&self.stats.retries, 1);
+        }
+        self.batches_in_write = batches.len();
+        let sink = self.sink.clone();
+        let timeout = self.config.write_timeout;
+        self.write = Some(Box::pin(async move {
+            let started = Instant::now();
+            let results = tokio::time::timeout(timeout, sink.write(&batches))
+                .await
+                .ok();
+            (results, started.elapsed())
+        }));
+    }
+
+    fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
+        self.write = None;
+        Stats::set(&self.stats.last_flush_micros, took.as_micros());
+        Stats::set(&self.stats.sink_commands, self.sink.commands_sent().into());
+        let timeout = SinkError::Timeout(self.config.write_timeout);
+        let results = results.unwrap_or_else(|| vec![Err(timeout); self.batches_in_write]);
+        let settlement = self.pending.settle(results);
+
+        self.keys_written += settlement.keys_written;
+        self.amount_written += settlement.amount_written;
+        Stats::add(
+            &self.stats.batches_written,
+            settlement.batches_written.into(),
+        );
+        Stats::add(
+            &self.stats.duplicate_batches,
+            settlement.duplicate_batches.into(),
+        );
+        Stats::add(&self.stats.keys_written, settlement.keys_written.into());
+        Stats::add(&self.stats.amount_written, settlement.amount_written);
+        if settlement.duplicate_batches > 0 {
+            tracing::info!(
+                batches = settlement.duplicate_batches,
+                "sink had already applied re-sent batches; not counted twice"
+            );
+        }
+        for rejection in settlement.rejections {
+            tracing::error!(
+                key = %rejection.key,
+                amount = rejection.amount,
+                reason = %rejection.reason,
+                "sink refused an increment for good; amount not written"
+            );
+            Stats::add(&self.stats.keys_rejected, 1);
+            Stats::add(&self.stats.amount_rejected, rejection.amount.into());
+            if self.rejected.len() < MAX_REPORTED_REJECTIONS {
+                self.rejected.push(rejection);
+            }
+        }
+
+        match settlement.failure {
+            Some(error) => {
+                self.failures_in_a_row += 1;
+                Stats::add(&self.stats.write_failures, 1);
+                let delay = self.backoff();
+                if self.failures_in_a_row == 1 {
+                    tracing::warn!(%error, retry_in = ?delay, "flush failed; amounts stay pending");
+                } else {
+                    tracing::debug!(%error, retry_in = ?delay, attempt = self.failures_in_a_row,
+                        "flush failed again");
+                }
+                self.retry_at = Some(Instant::now() + delay);
+                self.answer_waiters(Some(error));
+            }
+            None => {
+                if self.failures_in_a_row > 0 {
+                    tracing::info!(failed_rounds = self.failures_in_a_row, "sink recovered");
+                }
+                self.failures_in_a_row = 0;
+                self.answer_waiters(None);
+            }
+        }
+        self.publish_pending();
+    }
+
+    /// Answers `flush_now` callers: with the error of a failed round, or with what was written
+    /// once nothing is pending.
+    fn answer_waiters(&mut self, failure: Option<SinkError>) {
+        if failure.is_none() && !self.pending.is_empty() {
+            return;
+        }
+        for waiter in self.waiters.drain(..) {
+            let answer = match &failure {
+                Some(error) => Err(EngineError::Sink(error.clone())),
+                None => Ok(FlushReport {
+                    keys_written: self.keys_written - waiter.keys_before,
+                    amount_written: self.amount_written - waiter.amount_before,
+                }),
+            };
+            let _ = waiter.reply.send(answer);
+        }
+    }
+
+    fn publish_pending(&self) {
+        Stats::set(&self.stats.pending_amount, self.pending.amount());
+        Stats::set(&self.stats.pending_keys, self.pending.keys() as u128);
+    }
+
+    /// Exponential backoff with jitter: a random delay in the upper half of
+    /// `initial * 2^(failures - 1)`, capped at `max`.
+    fn backoff(&mut self) -> Duration {
+        let exponent = self.failures_in_a_row.saturating_sub(1).min(20);
+        let ceiling = self
+            .config
+            .retry_initial
+            .saturating_mul(1 << exponent)
+            .min(self.config.retry_max);
+        // xorshift64: enough to spread retries of many gateways apart.
+        self.jitter_state ^= self.jitter_state << 13;
+        self.jitter_state ^= self.jitter_state >> 7;
+        self.jitter_state ^= self.jitter_state << 17;
+        let fraction = (self.jitter_state % 1024) as u32;
+        ceiling / 2 + ceiling / 2 * fraction / 1024
+    }
+
+    /// Sweeps everything once, then writes until nothing is pending or the shutdown timeout
+    /// passes; adds after that sweep are not counted.
+    async fn shutdown(&mut self) -> ShutdownReport {
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        self.sweep_all();
+        loop {
+            self.start_write_if_due();
+            if self.write.is_none() && self.pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                output = next_write(&mut self.write) => self.settle(output),
+                _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.reply.send(Err(EngineError::ShutDown));
+        }
+        let unwritten = self.pending.unwritten();
+        if !unwritten.is_empty() {
+            tracing::error!(
+                keys = unwritten.len(),
+                "shutdown deadline passed with amounts unwritten"
+            );
+        }
+        ShutdownReport {
+            keys_written: self.keys_written,
+            amount_written: self.amount_written,
+            unwritten,
+            rejected: self.rejected.clone(),
+        }
+    }
+}
+
+/// The in-flight write's output; never ready when there is none.
+async fn next_write(write: &mut Option<WriteFuture>) -> (Option<WriteResults>, Duration) {
+    match write {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; never wakes when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A random writer id: `RandomState` is seeded from the OS, so no extra dependency is needed.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}

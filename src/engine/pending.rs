@@ -1,0 +1,331 @@
+//! Amounts the flusher has swept but the sink has not acknowledged, per key.
+//!
+//! Two stages: `waiting` (merged per key, not yet in a batch) and `in_flight` (batches built
+//! once, then sent, and re-sent unchanged with the same ids until the sink answers). New
+//! amounts never join an in-flight batch: that is what lets the sink deduplicate retries by id.
+//! A new round of batches starts only when the previous round is fully acknowledged, so memory
+//! is bounded by twice the number of distinct keys, however long the sink is away.
+
+use crate::sink::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, SinkError};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The most one increment may carry: Redis counters are signed 64-bit.
+const MAX_INCREMENT: u128 = i64::MAX as u128;
+
+#[derive(Debug)]
+struct Waiting {
+    amount: u128,
+    ttl: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pending {
+    waiting: HashMap<String, Waiting>,
+    in_flight: Vec<Batch>,
+    writer: u64,
+    next_sequence: u64,
+    batch_size: usize,
+}
+
+/// A key the sink refused for good, and the amount that therefore was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The key.
+    pub key: String,
+    /// The amount of the refused increment.
+    pub amount: u64,
+    /// The sink's reason.
+    pub reason: String,
+}
+
+/// What one write round achieved.
+#[derive(Debug, Default)]
+pub(crate) struct Settlement {
+    pub(crate) batches_written: u64,
+    pub(crate) duplicate_batches: u64,
+    pub(crate) keys_written: u64,
+    pub(crate) amount_written: u128,
+    pub(crate) rejections: Vec<Rejection>,
+    pub(crate) failure: Option<SinkError>,
+}
+
+impl Pending {
+    pub(crate) fn new(writer: u64, batch_size: usize) -> Self {
+        Self {
+            waiting: HashMap::new(),
+            in_flight: Vec::new(),
+            writer,
+            next_sequence: 0,
+            batch_size,
+        }
+    }
+
+    /// Adds a swept amount; the latest TTL for a key wins.
+    pub(crate) fn add(&mut self, key: String, amount: u64, ttl: Duration) {
+        if amount == 0 {
+            return;
+        }
+        let waiting = self
+            .waiting
+            .entry(key)
+            .or_insert(Waiting { amount: 0, ttl });
+        waiting.amount += u128::from(amount);
+        waiting.ttl = ttl;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// The batches to send now: the unacknowledged ones, or else a new round from `waiting`.
+    pub(crate) fn batches_to_send(&mut self) -> &[Batch] {
+        if self.in_flight.is_empty() && !self.waiting.is_empty() {
+            self.start_round();
+        }
+        &self.in_flight
+    }
+
+    fn start_round(&mut self) {
+        let mut increments = Vec::with_capacity(self.waiting.len());
+        self.waiting.retain(|key, waiting| {
+            let amount = waiting.amount.min(MAX_INCREMENT);
+            increments.push(Increment {
+                key: key.clone(),
+                amount: amount as u64,
+                ttl: waiting.ttl,
+            });
+            waiting.amount -= amount;
+            // What is over `i64::MAX` waits for a later round.
+            waiting.amount > 0
+        });
+        let batch_size = self.batch_size;
+        while !increments.is_empty() {
+            let rest = increments.split_off(increments.len().min(batch_size));
+            let id = BatchId {
+                writer: self.writer,
+                sequence: self.next_sequence,
+            };
+            self.next_sequence += 1;
+            self.in_flight.push(Batch { id, increments });
+            increments = rest;
+        }
+    }
+
+    /// Applies the sink's answers (one per batch of the last `batches_to_send`, in order):
+    /// acknowledged batches leave, the others stay to be re-sent unchanged.
+    pub(crate) fn settle(&mut self, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
+        let mut settlement = Settlement::default();
+        let mut results = results.into_iter();
+        self.in_flight.retain(|batch| {
+            let result = results.next().unwrap_or_else(|| {
+                Err(SinkError::Failed(
+                    "the sink returned fewer results than batches".into(),
+                ))
+            });
+            match result {
+                Ok(BatchOutcome::Applied(outcomes)) => {
+                    settlement.batches_written += 1;
+                    let mut outcomes = outcomes.into_iter();
+                    for increment in &batch.increments {
+                        match outcomes.next() {
+                            Some(KeyOutcome::Added { .. }) => {
+                                settlement.keys_written += 1;
+                                settlement.amount_written += u128::from(increment.amount);
+                            }
+                            Some(KeyOutcome::Rejected { reason }) => {
+                                settlement.rejections.push(Rejection {
+                                    key: increment.key.clone(),
+                                    amount: increment.amount,
+                                    reason,
+                                });
+                            }
+                            None => settlement.rejections.push(Rejection {
+                                key: increment.key.clone(),
+                                amount: increment.amount,
+                                reason: "the sink returned no outcome for this key".into(),
+                            }),
+                        }
+                    }
+                    false
+                }
+                Ok(BatchOutcome::AlreadyApplied) => {
+                    settlement.batches_written += 1;
+                    settlement.duplicate_batches += 1;
+                    settlement.keys_written += batch.increments.len() as u64;
+                    settlement.amount_written += batch
+                        .increments
+                        .iter()
+                        .map(|i| u128::from(i.amount))
+                        .sum::<u128>();
+                    false
+                }
+                Err(error) => {
+                    settlement.failure.get_or_insert(error);
+                    true
+                }
+            }
+        });
+        settlement
+    }
+
+    /// Total amount not yet acknowledged.
+    pub(crate) fn amount(&self) -> u128 {
+        let waiting: u128 = self.waiting.values().map(|w| w.amount).sum();
+        let in_flight: u128 = self
+            .in_flight
+            .iter()
+            .flat_map(|batch| &batch.increments)
+            .map(|increment| u128::from(increment.amount))
+            .sum();
+        waiting + in_flight
+    }
+
+    /// Distinct keys with an unacknowledged amount.
+    pub(crate) fn keys(&self) -> usize {
+        self.unwritten().len()
+    }
+
+    /// Every key with its unacknowledged amount, sorted by key.
+    pub(crate) fn unwritten(&self) -> Vec<(String, u128)> {
+        let mut per_key: HashMap<&str, u128> = HashMap::new();
+        for (key, waiting) in &self.waiting {
+            *per_key.entry(key).or_default() += waiting.amount;
+        }
+        for increment in self.in_flight.iter().flat_map(|batch| &batch.increments) {
+            *per_key.entry(&increment.key).or_default() += u128::from(increment.amount);
+        }
+        let mut unwritten: Vec<_> = per_key
+            .into_iter()
+            .map(|(key, amount)| (key.to_owned(), amount))
+            .collect();
+        unwritten.sort();
+        unwritten
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn applied(batch: &Batch) -> Result<BatchOutcome, SinkError> {
+        Ok(BatchOutcome::Applied(
+            batch
+                .increments
+                .iter()
+                .map(|_| KeyOutcome::Added { total: 0 })
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn amounts_merge_per_key_and_split_into_bounded_batches() {
+        let mut pending = Pending::new(7, 2);
+        for key in ["a", "b", "c", "a"] {
+            pending.add(key.into(), 5, TTL);
+        }
+        pending.add("zero".into(), 0, TTL);
+        let batches = pending.batches_to_send().to_vec();
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches.iter().map(|b| b.increments.len()).sum::<usize>(), 3);
+        assert_eq!(
+            batches[0].id,
+            BatchId {
+                writer: 7,
+                sequence: 0
+            }
+        );
+        assert_eq!(
+            batches[1].id,
+            BatchId {
+                writer: 7,
+                sequence: 1
+            }
+        );
+        assert_eq!(pending.amount(), 15);
+        assert_eq!(
+            pending.unwritten(),
+            vec![("a".into(), 10), ("b".into(), 5), ("c".into(), 5)]
+        );
+    }
+
+    #[test]
+    fn failed_batches_are_resent_unchanged_and_new_amounts_wait() {
+        let mut pending = Pending::new(1, 10);
+        pending.add("a".into(), 5, TTL);
+        let first = pending.batches_to_send().to_vec();
+        let settlement = pending.settle(vec![Err(SinkError::Timeout(TTL))]);
+        assert!(settlement.failure.is_some());
+        pending.add("a".into(), 3, TTL);
+        assert_eq!(
+            pending.batches_to_send(),
+            &first[..],
+            "a retry re-sends the same batch"
+        );
+        assert_eq!(pending.amount(), 8);
+        let settlement = pending.settle(vec![applied(&first[0])]);
+        assert_eq!((settlement.keys_written, settlement.amount_written), (1, 5));
+        let second = pending.batches_to_send().to_vec();
+        assert_eq!(second[0].id.sequence, 1);
+        assert_eq!(second[0].increments[0].amount, 3);
+    }
+
+    #[test]
+    fn duplicates_count_as_written_and_rejections_are_reported() {
+        let mut pending = Pending::new(1, 10);
+        pending.add("a".into(), 5, TTL);
+        pending.add("b".into(), 6, TTL);
+        let batch = pending.batches_to_send()[0].clone();
+        let outcomes = batch
+            .increments
+            .iter()
+            .map(|i| match i.key.as_str() {
+                "a" => KeyOutcome::Added { total: 5 },
+                _ => KeyOutcome::Rejected {
+                    reason: "WRONGTYPE".into(),
+                },
+            })
+            .collect();
+        let settlement = pending.settle(vec![Ok(BatchOutcome::Applied(outcomes))]);
+        assert_eq!(settlement.amount_written, 5);
+        assert_eq!(
+            settlement.rejections,
+            vec![Rejection {
+                key: "b".into(),
+                amount: 6,
+                reason: "WRONGTYPE".into()
+            }]
+        );
+        assert!(pending.is_empty());
+
+        pending.add("a".into(), 1, TTL);
+        pending.batches_to_send();
+        let settlement = pending.settle(vec![Ok(BatchOutcome::AlreadyApplied)]);
+        assert_eq!(
+            (settlement.duplicate_batches, settlement.amount_written),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn amounts_above_i64_max_are_split_over_rounds() {
+        let mut pending = Pending::new(1, 10);
+        pending.add("a".into(), u64::MAX, TTL);
+        pending.add("a".into(), u64::MAX, TTL);
+        let mut written = 0u128;
+        for _ in 0..5 {
+            let batches = pending.batches_to_send().to_vec();
+            if batches.is_empty() {
+                break;
+            }
+            assert!(batches[0].increments[0].amount <= i64::MAX as u64);
+            written += pending
+                .settle(batches.iter().map(applied).collect())
+                .amount_written;
+        }
+        assert_eq!(written, 2 * u128::from(u64::MAX));
+        assert!(pending.is_empty());
+    }
+}

@@ -1,0 +1,110 @@
+//! Counters the flusher keeps and anyone can read: relaxed atomics, so reading is cheap.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Written by the flusher task only; read by [`Engine::stats`](super::Engine::stats).
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) sweeps: AtomicU64,
+    pub(crate) sessions_ended: AtomicU64,
+    pub(crate) amount_swept: AtomicU64,
+    pub(crate) amount_discarded: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) batches_written: AtomicU64,
+    pub(crate) duplicate_batches: AtomicU64,
+    pub(crate) keys_written: AtomicU64,
+    pub(crate) amount_written: AtomicU64,
+    pub(crate) keys_rejected: AtomicU64,
+    pub(crate) amount_rejected: AtomicU64,
+    pub(crate) write_failures: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) pending_amount: AtomicU64,
+    pub(crate) pending_keys: AtomicU64,
+    pub(crate) sink_commands: AtomicU64,
+    pub(crate) last_flush_micros: AtomicU64,
+}
+
+/// A point-in-time copy of the engine's counters. Amounts are in the unit of `add` (saturating).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Sweeps of all slots (periodic, bucket boundaries, `flush_now`, shutdown).
+    pub sweeps: u64,
+    /// Sessions whose end the flusher has collected.
+    pub sessions_ended: u64,
+    /// Everything collected from the ledger: every `add` that reached a sweep.
+    pub amount_swept: u64,
+    /// Collected while the engine was disabled, and therefore not written.
+    pub amount_discarded: u64,
+    /// Write rounds started (a round sends every pending batch, pipelined).
+    pub flushes: u64,
+    /// Batches the sink acknowledged.
+    pub batches_written: u64,
+    /// Of those, batches the sink had already applied (a retry after a lost reply).
+    pub duplicate_batches: u64,
+    /// Key increments acknowledged.
+    pub keys_written: u64,
+    /// Amount acknowledged.
+    pub amount_written: u64,
+    /// Increments the sink refused for good (e.g. the key holds a non-integer).
+    pub keys_rejected: u64,
+    /// Amount of those increments.
+    pub amount_rejected: u64,
+    /// Write rounds that failed (sink unavailable, error or timeout).
+    pub write_failures: u64,
+    /// Write rounds that re-sent unacknowledged batches.
+    pub retries: u64,
+    /// Amount swept and not yet acknowledged.
+    pub pending_amount: u64,
+    /// Keys with such an amount.
+    pub pending_keys: u64,
+    /// Commands the sink sent (for Redis: `EVALSHA`/`SCRIPT LOAD` calls).
+    pub sink_commands: u64,
+    /// How long the last write round took, from send to answer, in microseconds.
+    pub last_flush_micros: u64,
+    /// Session slots in use (open, or ended and not yet collected).
+    pub slots_in_use: u64,
+    /// Amount dropped because a session's total in one shard reached `u64::MAX`.
+    pub saturated_amount: u64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, amount: u128) {
+        let amount = u64::try_from(amount).unwrap_or(u64::MAX);
+        // Relaxed: a statistic; nothing else is ordered by it.
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+            Some(total.saturating_add(amount))
+        });
+    }
+
+    pub(crate) fn set(counter: &AtomicU64, value: u128) {
+        // Relaxed: a statistic.
+        counter.store(u64::try_from(value).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        // Relaxed: each counter is read on its own; a snapshot is not a consistent cut.
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sweeps: read(&self.sweeps),
+            sessions_ended: read(&self.sessions_ended),
+            amount_swept: read(&self.amount_swept),
+            amount_discarded: read(&self.amount_discarded),
+            flushes: read(&self.flushes),
+            batches_written: read(&self.batches_written),
+            duplicate_batches: read(&self.duplicate_batches),
+            keys_written: read(&self.keys_written),
+            amount_written: read(&self.amount_written),
+            keys_rejected: read(&self.keys_rejected),
+            amount_rejected: read(&self.amount_rejected),
+            write_failures: read(&self.write_failures),
+            retries: read(&self.retries),
+            pending_amount: read(&self.pending_amount),
+            pending_keys: read(&self.pending_keys),
+            sink_commands: read(&self.sink_commands),
+            last_flush_micros: read(&self.last_flush_micros),
+            slots_in_use: 0,
+            saturated_amount: 0,
+        }
+    }
+}

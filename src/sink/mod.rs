@@ -1,0 +1,113 @@
+//! Sinks: where flushed totals go.
+//!
+//! The flusher hands a sink [`Batch`]es of [`Increment`]s (a key, an amount, a TTL). It knows
+//! nothing of how they are written; a sink knows nothing of sessions, shards or buckets.
+//!
+//! # The contract that makes flushes exactly-once
+//!
+//! - A batch is applied **atomically**: all of its increments or none.
+//! - A batch is applied **at most once per [`BatchId`]**, for at least the sink's dedup window:
+//!   the flusher retries a batch whose outcome it does not know (an error, a timeout, a dropped
+//!   connection) with the same id and the same increments, and a sink that sees an id again
+//!   answers [`BatchOutcome::AlreadyApplied`] without applying it twice.
+//! - An increment the target refuses for good (a key holding a non-integer, an overflow) is a
+//!   [`KeyOutcome::Rejected`] for that key alone; the others still apply.
+//!
+//! [`MemorySink`] keeps totals in memory; `RedisSink` (feature `redis`) writes to Redis.
+
+mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+pub use memory::MemorySink;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Identifies a batch for deduplication: the writing engine's random id and a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    /// Random per engine instance, so two engines (or two runs) never share ids.
+    pub writer: u64,
+    /// Increases by one per batch of that writer.
+    pub sequence: u64,
+}
+
+impl std::fmt::Display for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}-{}", self.writer, self.sequence)
+    }
+}
+
+/// Add `amount` to `key`, and make `key` expire `ttl` from now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    /// The full key, as the engine's key scheme built it.
+    pub key: String,
+    /// Always 1 to `i64::MAX`: the flusher splits larger amounts over later batches.
+    pub amount: u64,
+    /// Never zero.
+    pub ttl: Duration,
+}
+
+/// A set of increments applied together, at most once per id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Reused unchanged by every retry of this batch.
+    pub id: BatchId,
+    /// At most one increment per key.
+    pub increments: Vec<Increment>,
+}
+
+/// What a sink did with one batch it reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Applied now; one outcome per increment, in order.
+    Applied(Vec<KeyOutcome>),
+    /// This id was applied by an earlier attempt (whose reply was lost); nothing changed now.
+    AlreadyApplied,
+}
+
+/// What happened to one increment of an applied batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOutcome {
+    /// Added; `total` is the key's new value, including every other writer's additions.
+    Added {
+        /// The key's value after the increment.
+        total: i64,
+    },
+    /// Refused for good (e.g. the key holds a non-integer); retrying cannot help.
+    Rejected {
+        /// The target's reason, for logs and reports.
+        reason: String,
+    },
+}
+
+/// A batch whose outcome is unknown: it may or may not have been applied, and is retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The target could not be reached or dropped the connection.
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
+    /// No reply within the time allowed.
+    #[error("sink did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The target answered with an error for the whole batch.
+    #[error("sink error: {0}")]
+    Failed(String),
+}
+
+/// Where the flusher writes. Implementations must keep the contract in the module docs.
+pub trait Sink: Send + Sync + 'static {
+    /// Writes `batches`, pipelined as the sink sees fit; returns one result per batch, in order.
+    fn write(
+        &self,
+        batches: &[Batch],
+    ) -> impl Future<Output = Vec<Result<BatchOutcome, SinkError>>> + Send;
+
+    /// Commands sent to the target so far, for sinks that speak a wire protocol (0 otherwise).
+    fn commands_sent(&self) -> u64 {
+        0
+    }
+}

@@ -1,0 +1,442 @@
+//! The engine's flusher against the in-process sink: scheduling, attribution, retries,
+//! enable/disable and shutdown. Redis behaviour is tested against a real server in
+//! `engine_redis.rs`; here the sink is `MemorySink`, sometimes behind a wrapper that fails.
+
+use shardmeter::sink::{Batch, BatchOutcome, Sink, SinkError};
+use shardmeter::{Bucket, Clock, Engine, EngineError, KeyScheme, MemorySink, Ttl};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Waits (on tokio's clock) until `done` holds; panics after a generous limit.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_threads_and_sessions_flush_exact_totals() {
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_millis(20))
+        .session_end_delay(Duration::from_millis(5))
+        .batch_size(7)
+        .keys(KeyScheme::new("exact"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+
+    let threads: Vec<_> = (0..4u64)
+        .map(|thread| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                if thread % 2 == 0 {
+                    shardmeter::register_worker_thread().unwrap();
+                }
+                let mut expected: HashMap<String, u64> = HashMap::new();
+                let mut seed = thread * 7919 + 1;
+                for round in 0..200u64 {
+                    let account = format!("user-{}", (thread + round) % 13);
+                    let session = engine.open_session(&account).unwrap();
+                    let channel = session.clone();
+                    for _ in 0..50 {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let amount = seed % 40;
+                        if seed % 2 == 0 {
+                            session.add(amount)
+                        } else {
+                            channel.add(amount)
+                        }
+                        *expected.entry(account.clone()).or_default() += amount;
+                    }
+                }
+                expected
+            })
+        })
+        .collect();
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    for thread in threads {
+        for (account, amount) in thread.join().unwrap() {
+            *expected.entry(format!("exact:{{{account}}}")).or_default() += amount as i64;
+        }
+    }
+    let report = engine.shutdown().await.unwrap();
+    assert!(report.is_complete(), "{report:?}");
+    expected.retain(|_, amount| *amount > 0);
+    assert_eq!(sink.totals(), expected);
+    let stats = engine.stats();
+    assert_eq!(stats.sessions_ended, 800);
+    assert_eq!(u128::from(stats.amount_written), report.amount_written);
+    assert_eq!(stats.pending_amount, 0);
+    for key in expected.keys() {
+        assert!(sink.ttl(key).unwrap() > Duration::from_secs(29 * 86_400));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ended_session_is_flushed_within_the_session_end_delay() {
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(3600))
+        .session_end_delay(Duration::from_millis(50))
+        .keys(KeyScheme::new("ended"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let session = engine.open_session("u").unwrap();
+    let channel = session.clone();
+    session.add(20);
+    channel.add(20);
+    drop(session);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        sink.total("ended:{u}"),
+        None,
+        "a channel is still open: nothing ended yet"
+    );
+    drop(channel);
+    let ended_at = tokio::time::Instant::now();
+    eventually("the remainder", || sink.total("ended:{u}") == Some(40)).await;
+    // Paused time only moves when every task waits, so this measures the flusher's schedule.
+    assert!(
+        ended_at.elapsed() < Duration::from_secs(1),
+        "flushed by the interval, not the end"
+    );
+    assert_eq!(engine.stats().flushes, 1);
+
+    engine.record("offline", 45 * 60 * 1000).unwrap();
+    eventually("the one-shot record", || {
+        sink.total("ended:{offline}") == Some(2_700_000)
+    })
+    .await;
+    assert!(engine.shutdown().await.unwrap().is_complete());
+}
+
+#[tokio::test]
+async fn zero_amounts_and_idle_engines_write_nothing() {
+    let sink = CountingSink::default();
+    let engine = Engine::builder().sink(sink.clone()).build().unwrap();
+    let session = engine.open_session("u").unwrap();
+    session.add(0);
+    drop(session);
+    engine.flush_now().await.unwrap();
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    assert_eq!(sink.calls(), 0);
+}
+
+#[tokio::test]
+async fn switching_off_keeps_what_was_recorded_and_records_nothing_after() {
+    let sink = CountingSink::default();
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("switch"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let session = engine.open_session("u").unwrap();
+    session.add(30);
+    engine.set_enabled(false).await.unwrap();
+    assert!(!engine.is_enabled());
+    session.add(1000);
+    engine.flush_now().await.unwrap();
+    assert_eq!(
+        sink.memory.total("switch:{u}"),
+        Some(30),
+        "recorded before the switch: written"
+    );
+    let calls_while_off = sink.calls();
+    session.add(1000);
+    engine.flush_now().await.unwrap();
+    assert_eq!(sink.calls(), calls_while_off, "no sink call while off");
+    engine.set_enabled(true).await.unwrap();
+    session.add(5);
+    drop(session);
+    let report = engine.shutdown().await.unwrap();
+    assert!(report.is_complete());
+    assert_eq!(sink.memory.total("switch:{u}"), Some(35));
+    assert_eq!(engine.stats().amount_discarded, 2000);
+
+    let sink = CountingSink::default();
+    let engine = Engine::builder()
+        .enabled(false)
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    engine.open_session("u").unwrap().add(10);
+    engine.record("v", 10).unwrap();
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    assert_eq!(sink.calls(), 0, "a disabled engine never calls its sink");
+}
+
+/// A clock that reads tokio's (paused) clock, started at a chosen wall time.
+struct TokioClock {
+    wall: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.wall + self.start.elapsed()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn usage_lands_in_the_utc_day_it_was_added_in() {
+    // 2026-11-29T23:59:58Z.
+    let before_midnight = UNIX_EPOCH + Duration::from_secs(1_795_996_798);
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(60))
+        .keys(KeyScheme::daily_utc("fair_use:dg_budget"))
+        .clock(TokioClock {
+            wall: before_midnight,
+            start: tokio::time::Instant::now(),
+        })
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let session = engine.open_session("uid-42").unwrap();
+    session.add(100); // 23:59:58
+    tokio::time::sleep(Duration::from_millis(2500)).await; // 00:00:00.5, past the boundary
+    session.add(7);
+    // The periodic flush would only come at 00:00:58: the boundary sweep already split the day.
+    engine.flush_now().await.unwrap();
+    assert_eq!(
+        sink.total("fair_use:dg_budget:{uid-42}:20261129"),
+        Some(100)
+    );
+    assert_eq!(sink.total("fair_use:dg_budget:{uid-42}:20261130"), Some(7));
+    // Yesterday's key lives until an hour after its midnight, which is about now + 1 h.
+    let ttl = sink.ttl("fair_use:dg_budget:{uid-42}:20261129").unwrap();
+    assert!(
+        ttl <= Duration::from_secs(3600) && ttl > Duration::from_secs(3500),
+        "{ttl:?}"
+    );
+    assert!(engine.shutdown().await.unwrap().is_complete());
+}
+
+#[tokio::test(start_paused = true)]
+async fn hourly_buckets_split_at_every_boundary() {
+    let start = UNIX_EPOCH + Duration::from_secs(3600 * 1000 - 10);
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(86_400))
+        .keys(
+            KeyScheme::new("h")
+                .bucket(Bucket::Every(Duration::from_secs(3600)))
+                .ttl(Ttl::Fixed(Duration::from_secs(60))),
+        )
+        .clock(TokioClock {
+            wall: start,
+            start: tokio::time::Instant::now(),
+        })
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let session = engine.open_session("u").unwrap();
+    for hour in 0..3u64 {
+        session.add(hour + 1);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    drop(session);
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    let totals = sink.totals();
+    assert_eq!(totals.get("h:{u}:3596400"), Some(&1));
+    assert_eq!(totals.get("h:{u}:3600000"), Some(&2));
+    assert_eq!(totals.get("h:{u}:3603600"), Some(&3));
+}
+
+/// A sink that counts calls and forwards to a `MemorySink`.
+#[derive(Clone, Default)]
+struct CountingSink {
+    memory: MemorySink,
+    calls: Arc<AtomicUsize>,
+}
+
+impl CountingSink {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Sink for CountingSink {
+    async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.memory.write(batches).await
+    }
+}
+
+/// A sink whose writes fail while `failing` is set. With `apply_then_fail`, a failing write is
+/// applied first and then reported as lost (a reply lost on the way back).
+#[derive(Clone, Default)]
+struct FlakySink {
+    memory: MemorySink,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    apply_then_fail: bool,
+    writes: Arc<AtomicUsize>,
+}
+
+impl Sink for FlakySink {
+    async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if !self.failing.load(Ordering::SeqCst) {
+            return self.memory.write(batches).await;
+        }
+        if self.apply_then_fail {
+            self.memory.write(batches).await;
+        }
+        batches
+            .iter()
+            .map(|_| Err(SinkError::Unavailable("connection reset".into())))
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_writes_are_retried_with_the_same_ids_and_nothing_doubles() {
+    for apply_then_fail in [false, true] {
+        let sink = FlakySink {
+            apply_then_fail,
+            ..FlakySink::default()
+        };
+        sink.failing.store(true, Ordering::SeqCst);
+        let engine = Engine::builder()
+            .flush_interval(Duration::from_millis(100))
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(200))
+            .batch_size(3)
+            .keys(KeyScheme::new("flaky"))
+            .sink(sink.clone())
+            .build()
+            .unwrap();
+        let sessions: Vec<_> = (0..10)
+            .map(|i| engine.open_session(&format!("u{i}")).unwrap())
+            .collect();
+        for _ in 0..50 {
+            for session in &sessions {
+                session.add(3);
+            }
+            tokio::time::sleep(Duration::from_millis(37)).await;
+        }
+        let err = engine.flush_now().await.unwrap_err();
+        assert!(
+            matches!(err, EngineError::Sink(SinkError::Unavailable(_))),
+            "{err}"
+        );
+        let stats = engine.stats();
+        assert!(stats.write_failures >= 5 && stats.retries >= 5, "{stats:?}");
+        assert_eq!(stats.pending_amount, 1500, "nothing lost while failing");
+        assert_eq!(
+            stats.pending_keys, 10,
+            "pending memory is per key, not per flush"
+        );
+
+        sink.failing.store(false, Ordering::SeqCst);
+        engine.flush_now().await.unwrap();
+        drop(sessions);
+        assert!(engine.shutdown().await.unwrap().is_complete());
+        let totals = sink.memory.totals();
+        assert_eq!(totals.len(), 10);
+        assert!(
+            totals.values().all(|&total| total == 150),
+            "{totals:?} apply_then_fail={apply_then_fail}"
+        );
+        if apply_then_fail {
+            assert!(engine.stats().duplicate_batches > 0);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_reports_exactly_what_could_not_be_written() {
+    let sink = FlakySink::default();
+    sink.failing.store(true, Ordering::SeqCst);
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("down"))
+        .shutdown_timeout(Duration::from_secs(2))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let a = engine.open_session("a").unwrap();
+    let b = engine.open_session("b").unwrap();
+    a.add(11);
+    b.add(22);
+    b.add(u64::MAX - 10); // 12 over: the cell saturates at u64::MAX
+    drop(a);
+    let report = engine.shutdown().await.unwrap();
+    assert_eq!(
+        report.unwritten,
+        vec![
+            ("down:{a}".to_string(), 11),
+            ("down:{b}".to_string(), u128::from(u64::MAX))
+        ]
+    );
+    assert_eq!(report.amount_written, 0);
+    assert_eq!(engine.stats().saturated_amount, 12);
+    assert!(matches!(
+        engine.open_session("c"),
+        Err(EngineError::ShutDown)
+    ));
+    assert!(matches!(
+        engine.shutdown().await,
+        Err(EngineError::ShutDown)
+    ));
+    assert!(
+        sink.writes.load(Ordering::SeqCst) > 1,
+        "shutdown retried before giving up"
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_is_a_typed_error() {
+    let build = |builder: shardmeter::EngineBuilder<MemorySink>| builder.build().unwrap_err();
+    let base = || Engine::builder().sink(MemorySink::new());
+    let errors = [
+        build(base().flush_interval(Duration::ZERO)),
+        build(base().flush_interval(Duration::from_secs(86_401))),
+        build(base().batch_size(0)),
+        build(base().write_timeout(Duration::ZERO)),
+        build(base().session_end_delay(Duration::from_secs(120))),
+        build(base().retry_backoff(Duration::from_secs(2), Duration::from_secs(1))),
+        build(base().capacity(0)),
+        build(base().keys(KeyScheme::new("p").ttl(Ttl::Fixed(Duration::ZERO)))),
+        build(base().keys(KeyScheme::new(""))),
+    ];
+    for error in &errors {
+        assert!(
+            matches!(
+                error,
+                EngineError::InvalidConfig(_) | EngineError::KeyScheme(_) | EngineError::Ledger(_)
+            ),
+            "{error}"
+        );
+        assert!(!error.to_string().is_empty());
+    }
+    let engine = base().capacity(1).build().unwrap();
+    let _held = engine.open_session("a").unwrap();
+    assert!(matches!(
+        engine.open_session("b"),
+        Err(EngineError::Ledger(shardmeter::LedgerError::Full {
+            capacity: 1
+        }))
+    ));
+    assert!(matches!(
+        engine.open_session(""),
+        Err(EngineError::Ledger(shardmeter::LedgerError::EmptyAccount))
+    ));
+}
+
+#[test]
+fn building_outside_a_runtime_is_a_typed_error() {
+    let error = Engine::builder()
+        .sink(MemorySink::new())
+        .build()
+        .unwrap_err();
+    assert!(matches!(error, EngineError::NoRuntime), "{error}");
+}
