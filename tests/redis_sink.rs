@@ -1,0 +1,650 @@
+//! `RedisSink` against real Redis servers: totals and TTLs, deduplication by batch id, lost
+//! replies (through a fault-injecting proxy) contrasted with a plain `INCRBY` pipeline and a
+//! `MULTI`/`EXEC`, refused keys, `NOSCRIPT`, start-up errors, a killed and a paused Redis.
+//!
+//! Tests that only write their own keys use the shared Redis on 127.0.0.1:6379 under a unique
+//! prefix; tests that count commands, kill, pause or need a password start their own
+//! `redis-server` (see `support/mod.rs`).
+
+mod support;
+
+use fred::prelude::{
+    Builder, ClientLike, Config, KeysInterface, ReconnectPolicy, TransactionInterface,
+};
+use shardmeter::sink::redis::{RedisSink, RedisSinkError};
+use shardmeter::sink::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, Sink, SinkError};
+use std::time::Duration;
+use support::{
+    shared_redis, shared_redis_url, unique_u64, until_ok, Keyspace, Proxy, RedisServer, Reply,
+    RespClient,
+};
+
+/// Deadline for anything that waits on a reconnect.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn batch(writer: u64, sequence: u64, increments: &[(&str, u64, Duration)]) -> Batch {
+    Batch {
+        id: BatchId { writer, sequence },
+        increments: increments
+            .iter()
+            .map(|(key, amount, ttl)| Increment {
+                key: (*key).to_owned(),
+                amount: *amount,
+                ttl: *ttl,
+            })
+            .collect(),
+    }
+}
+
+async fn write_one(sink: &RedisSink, batch: &Batch) -> Result<BatchOutcome, SinkError> {
+    let mut results = sink.write(std::slice::from_ref(batch)).await;
+    assert_eq!(results.len(), 1);
+    results.remove(0)
+}
+
+/// A sink on `url` whose markers live under `keyspace`.
+async fn sink_on(url: &str, keyspace: &Keyspace, timeout: Duration) -> RedisSink {
+    RedisSink::builder()
+        .marker_prefix(keyspace.key("batch"))
+        .dedup_window(Duration::from_secs(600))
+        .command_timeout(timeout)
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+fn added(total: i64) -> KeyOutcome {
+    KeyOutcome::Added { total }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_applied_with_totals_and_ttls() {
+    let addr = shared_redis();
+    let keys = Keyspace::new(addr, "applied");
+    let sink = sink_on(&shared_redis_url(), &keys, Duration::from_secs(3)).await;
+    let mut redis = RespClient::connect(addr).unwrap();
+
+    let day = keys.key("{uid-42}:20261129");
+    let hour = keys.key("{uid-42}:1764374400");
+    // Keys are opaque: spaces, `%XX` escapes, `:` and non-ASCII are just bytes.
+    let odd = keys.key("{uid%20%7B42%7D}:day one é");
+    redis.set(&day, "1000"); // another gateway's usage: totals include it
+
+    let b = batch(
+        unique_u64(),
+        1,
+        &[
+            (&day, 20, Duration::from_secs(3600)),
+            (&hour, 30, MINUTE),
+            (&odd, 5_000, Duration::from_millis(1500)),
+        ],
+    );
+    let outcome = write_one(&sink, &b).await.expect("write");
+    assert_eq!(
+        outcome,
+        BatchOutcome::Applied(vec![added(1020), added(30), added(5000)])
+    );
+
+    // The reported totals are what Redis holds.
+    assert_eq!(redis.get_i64(&day), Some(1020));
+    assert_eq!(redis.get_i64(&hour), Some(30));
+    assert_eq!(redis.get_i64(&odd), Some(5000));
+    // TTLs in whole seconds, sub-second parts rounded up (1.5 s -> 2 s).
+    assert!(
+        (3598..=3600).contains(&redis.ttl(&day)),
+        "ttl {}",
+        redis.ttl(&day)
+    );
+    assert!((58..=60).contains(&redis.ttl(&hour)));
+    assert!((1..=2).contains(&redis.ttl(&odd)));
+
+    // The marker carries the first key's hash tag and lives for the dedup window.
+    let marker = sink.marker_key(&b).unwrap();
+    assert_eq!(marker, format!("{}:{{uid-42}}:{}", keys.key("batch"), b.id));
+    assert!(redis.exists(&marker));
+    assert!((598..=600).contains(&redis.ttl(&marker)));
+    assert!(sink.commands_sent() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_batch_id_is_applied_once() {
+    let addr = shared_redis();
+    let keys = Keyspace::new(addr, "dedup");
+    let sink = sink_on(&shared_redis_url(), &keys, Duration::from_secs(3)).await;
+    let mut redis = RespClient::connect(addr).unwrap();
+    let (a, b) = (keys.key("{a}"), keys.key("{a}:2"));
+    let writer = unique_u64();
+    let first = batch(writer, 1, &[(&a, 7, MINUTE), (&b, 11, MINUTE)]);
+
+    assert_eq!(
+        write_one(&sink, &first).await,
+        Ok(BatchOutcome::Applied(vec![added(7), added(11)]))
+    );
+    assert_eq!(
+        write_one(&sink, &first).await,
+        Ok(BatchOutcome::AlreadyApplied)
+    );
+    assert_eq!((redis.get_i64(&a), redis.get_i64(&b)), (Some(7), Some(11)));
+
+    // Twice in one pipelined write: Redis runs them in order, the second finds the marker.
+    let second = batch(writer, 2, &[(&a, 100, MINUTE)]);
+    let results = sink.write(&[second.clone(), second.clone()]).await;
+    assert_eq!(
+        results,
+        vec![
+            Ok(BatchOutcome::Applied(vec![added(107)])),
+            Ok(BatchOutcome::AlreadyApplied)
+        ]
+    );
+    assert_eq!(redis.get_i64(&a), Some(107));
+
+    // Deduplication is by id, not by content: another id with the same increments applies.
+    let third = batch(writer, 3, &[(&a, 100, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &third).await,
+        Ok(BatchOutcome::Applied(vec![added(207)]))
+    );
+
+    // A batch without increments sends nothing and is trivially applied.
+    let sent = sink.commands_sent();
+    assert_eq!(
+        write_one(&sink, &batch(writer, 4, &[])).await,
+        Ok(BatchOutcome::Applied(vec![]))
+    );
+    assert_eq!(sink.commands_sent(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_leave_the_rest_of_the_batch_applied() {
+    let addr = shared_redis();
+    let keys = Keyspace::new(addr, "refused");
+    let sink = sink_on(&shared_redis_url(), &keys, Duration::from_secs(3)).await;
+    let mut redis = RespClient::connect(addr).unwrap();
+
+    let text = keys.key("{u}:text");
+    let hash = keys.key("{u}:hash");
+    let full = keys.key("{u}:full");
+    let huge = keys.key("{u}:huge");
+    let fine = keys.key("{u}:fine");
+    let wild = keys.key("{u}:wild");
+    redis.set(&text, "hello");
+    assert_eq!(
+        redis.command(&["HSET", &hash, "f", "1"]).unwrap(),
+        Reply::Integer(1)
+    );
+    redis.set(&full, &(i64::MAX - 10).to_string());
+    redis.set(&huge, &(i64::MAX - 100).to_string());
+
+    let b = batch(
+        unique_u64(),
+        1,
+        &[
+            (&text, 5, MINUTE),
+            (&fine, 5, MINUTE),
+            (&hash, 5, MINUTE),
+            (&full, 20, MINUTE),
+            (&huge, 3, MINUTE),
+            // Outside the contract (amount > i64::MAX): refused, no panic.
+            (&wild, u64::MAX, MINUTE),
+        ],
+    );
+    let BatchOutcome::Applied(outcomes) = write_one(&sink, &b).await.expect("write") else {
+        panic!("not applied");
+    };
+    let reason = |i: usize| match &outcomes[i] {
+        KeyOutcome::Rejected { reason } => reason.clone(),
+        other => panic!("key {i}: {other:?}"),
+    };
+    assert!(reason(0).contains("not an integer"), "{}", reason(0));
+    assert_eq!(outcomes[1], added(5));
+    assert!(reason(2).starts_with("WRONGTYPE"), "{}", reason(2));
+    assert!(reason(3).contains("overflow"), "{}", reason(3));
+    // Beyond 2^53 a Lua number is inexact: the total is read back exactly.
+    assert_eq!(outcomes[4], added(i64::MAX - 97));
+    assert!(reason(5).contains("not an integer"), "{}", reason(5));
+
+    // Refused keys are untouched (no value change, no TTL); the others are applied.
+    assert_eq!(redis.get(&text).as_deref(), Some("hello"));
+    assert_eq!(redis.ttl(&text), -1);
+    assert_eq!(
+        redis.command(&["TYPE", &hash]).unwrap(),
+        Reply::Status("hash".into())
+    );
+    assert_eq!(redis.ttl(&hash), -1);
+    assert_eq!(redis.get_i64(&full), Some(i64::MAX - 10));
+    assert_eq!(redis.ttl(&full), -1);
+    assert!(!redis.exists(&wild));
+    assert_eq!(redis.get_i64(&fine), Some(5));
+    assert!(redis.ttl(&fine) > 0);
+    assert_eq!(redis.get_i64(&huge), Some(i64::MAX - 97));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noscript_after_script_flush_reloads_and_commands_match_commandstats() {
+    let server = RedisServer::start();
+    let keys = Keyspace::new(server.addr(), "noscript");
+    let sink = sink_on(&server.url(), &keys, Duration::from_secs(3)).await;
+    let k = |i: usize| keys.key(&format!("{{acct}}:{i}"));
+    let writer = unique_u64();
+
+    // First use: EVALSHA -> NOSCRIPT, SCRIPT LOAD, EVALSHA.
+    let b1 = batch(writer, 1, &[(&k(0), 1, MINUTE), (&k(1), 2, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &b1).await,
+        Ok(BatchOutcome::Applied(vec![added(1), added(2)]))
+    );
+    assert_eq!(sink.commands_sent(), 3);
+
+    // The script cache is emptied (as by a restart or failover): reloaded once, still applied.
+    assert_eq!(
+        server.client().command(&["SCRIPT", "FLUSH"]).unwrap(),
+        Reply::Status("OK".into())
+    );
+    let b2 = batch(writer, 2, &[(&k(0), 10, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &b2).await,
+        Ok(BatchOutcome::Applied(vec![added(11)]))
+    );
+    assert_eq!(sink.commands_sent(), 6);
+
+    // Ten batches of five keys in one write: ten EVALSHA, pipelined, nothing else on the wire.
+    let many: Vec<Batch> = (0..10)
+        .map(|i| {
+            let increments: Vec<(String, u64, Duration)> =
+                (0..5).map(|j| (k(100 + i * 5 + j), 1, MINUTE)).collect();
+            let refs: Vec<(&str, u64, Duration)> = increments
+                .iter()
+                .map(|(key, a, t)| (key.as_str(), *a, *t))
+                .collect();
+            batch(writer, 10 + i as u64, &refs)
+        })
+        .collect();
+    let results = sink.write(&many).await;
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, Ok(BatchOutcome::Applied(o)) if o.len() == 5)));
+    assert_eq!(sink.commands_sent(), 16);
+
+    // What Redis saw agrees: every EVALSHA and SCRIPT LOAD the sink counted reached it, and
+    // inside the 12 applied batches ran 1 SET each and INCRBY + EXPIRE per key (2 + 1 + 50).
+    let stats = server.commandstats();
+    assert_eq!(
+        stats.received("evalsha") + stats.calls("script|load"),
+        sink.commands_sent()
+    );
+    assert_eq!(stats.calls("script|load"), 2);
+    assert_eq!(stats.calls("set"), 12);
+    assert_eq!(stats.calls("incrby"), 53);
+    assert_eq!(stats.calls("expire"), 53);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_evalsha_reply_is_applied_once() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.addr()).await;
+    let keys = Keyspace::new(server.addr(), "lost");
+    let sink = sink_on(&proxy.url(), &keys, Duration::from_secs(3)).await;
+    sink.load_script().await.unwrap();
+    let (a, b) = (keys.key("{acct}:a"), keys.key("{acct}:b"));
+    let before = server.commandstats();
+
+    // The script runs in Redis, then the connection is cut before its reply arrives.
+    proxy.lose_replies_to("EVALSHA", 1);
+    let lost = batch(unique_u64(), 1, &[(&a, 100, MINUTE), (&b, 5, MINUTE)]);
+    let first = write_one(&sink, &lost).await;
+    // fred re-sends the EVALSHA after reconnecting (then the sink answers Ok), or gives up
+    // (then the sink answers an error and the flusher retries): either way, retry until Ok.
+    let (outcome, _) = match first.clone() {
+        Ok(outcome) => (outcome, 0),
+        Err(_) => until_ok("retry", PATIENCE, || write_one(&sink, &lost)).await,
+    };
+    eprintln!("first answer after the lost reply: {first:?}");
+
+    assert_eq!(proxy.faults_fired(), 1);
+    // The first run applied it; the re-send or retry found the marker.
+    assert_eq!(outcome, BatchOutcome::AlreadyApplied);
+    assert_eq!(server.get(&a).as_deref(), Some("100"));
+    assert_eq!(server.get(&b).as_deref(), Some("5"));
+    let after = server.commandstats();
+    assert_eq!(
+        after.calls("incrby") - before.calls("incrby"),
+        2,
+        "INCRBY ran once per key"
+    );
+    assert!(after.received("evalsha") - before.received("evalsha") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_beyond_freds_attempts_are_errors_and_the_retry_is_deduplicated() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.addr()).await;
+    let keys = Keyspace::new(server.addr(), "lost2");
+    let sink = sink_on(&proxy.url(), &keys, Duration::from_secs(3)).await;
+    sink.load_script().await.unwrap();
+    let a = keys.key("{acct}");
+
+    // Two lost replies: the first send and fred's one re-send. The sink must say it does not
+    // know the outcome.
+    proxy.lose_replies_to("EVALSHA", 2);
+    let lost = batch(unique_u64(), 1, &[(&a, 250, MINUTE)]);
+    let first = write_one(&sink, &lost).await;
+    assert!(
+        matches!(
+            first,
+            Err(SinkError::Unavailable(_) | SinkError::Timeout(_))
+        ),
+        "{first:?}"
+    );
+    let (outcome, _) = until_ok("retry", PATIENCE, || write_one(&sink, &lost)).await;
+    assert_eq!(proxy.faults_fired(), 2);
+    assert_eq!(outcome, BatchOutcome::AlreadyApplied);
+    assert_eq!(server.get(&a).as_deref(), Some("250"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_lost_replies_never_change_the_totals() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.addr()).await;
+    let keys = Keyspace::new(server.addr(), "random");
+    let sink = sink_on(&proxy.url(), &keys, Duration::from_secs(3)).await;
+    sink.load_script().await.unwrap();
+    proxy.lose_replies_randomly("EVALSHA", 0.3, 0x5eed);
+
+    let writer = unique_u64();
+    let mut expected = [0i64; 4];
+    for sequence in 0..30u64 {
+        let increments: Vec<(String, u64, Duration)> = (0..4)
+            .map(|i| {
+                (
+                    keys.key(&format!("{{acct}}:{i}")),
+                    sequence * 4 + i as u64 + 1,
+                    MINUTE,
+                )
+            })
+            .collect();
+        for (i, (_, amount, _)) in increments.iter().enumerate() {
+            expected[i] += *amount as i64;
+        }
+        let refs: Vec<(&str, u64, Duration)> = increments
+            .iter()
+            .map(|(k, a, t)| (k.as_str(), *a, *t))
+            .collect();
+        let b = batch(writer, sequence, &refs);
+        until_ok("write", PATIENCE, || write_one(&sink, &b)).await;
+    }
+    assert!(
+        proxy.faults_fired() > 0,
+        "the fault never fired: the test proves nothing"
+    );
+    for (i, total) in expected.iter().enumerate() {
+        let key = keys.key(&format!("{{acct}}:{i}"));
+        assert_eq!(server.get(&key), Some(total.to_string()), "{key}");
+    }
+}
+
+/// The trap the marker exists for: a plain pipeline (as the reference gateway wrote) and a
+/// MULTI/EXEC through the same fault count twice, and the caller sees success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_marker_the_same_fault_double_counts() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.addr()).await;
+    let keys = Keyspace::new(server.addr(), "trap");
+
+    // fred's defaults (3 attempts per command) with a reconnect policy, as a gateway has.
+    let client = Builder::from_config(Config::from_url(&proxy.url()).unwrap())
+        .set_policy(ReconnectPolicy::new_constant(0, 100))
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+
+    let pipelined = keys.key("{acct}:pipeline");
+    proxy.lose_replies_to("INCRBY", 1);
+    let pipeline = client.pipeline();
+    let _: () = pipeline.incr_by(&pipelined, 100).await.unwrap();
+    let _: () = pipeline.expire(&pipelined, 60, None).await.unwrap();
+    let replies: Result<(i64, bool), _> = pipeline.all().await;
+    assert_eq!(proxy.faults_fired(), 1);
+    // fred re-sent the pipeline after reconnecting: the caller sees success...
+    let (total, _) = replies.expect("fred re-sends and reports success");
+    // ...and the counter holds twice what was sent.
+    assert_eq!(total, 200);
+    assert_eq!(server.get(&pipelined).as_deref(), Some("200"));
+
+    // MULTI/EXEC re-sends the whole transaction, even with a single attempt per command.
+    let transaction_client = Builder::from_config(Config::from_url(&proxy.url()).unwrap())
+        .set_policy(ReconnectPolicy::new_constant(0, 100))
+        .with_connection_config(|c| c.max_command_attempts = 1)
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
+        .build()
+        .unwrap();
+    transaction_client.init().await.unwrap();
+    let transacted = keys.key("{acct}:multi");
+    proxy.lose_replies_to("EXEC", 1);
+    let transaction = transaction_client.multi();
+    let _: () = transaction.incr_by(&transacted, 100).await.unwrap();
+    let _: () = transaction.expire(&transacted, 60, None).await.unwrap();
+    let replies: Result<(i64, bool), _> = transaction.exec(true).await;
+    assert_eq!(proxy.faults_fired(), 2);
+    assert_eq!(replies.expect("fred re-sends the transaction").0, 200);
+    assert_eq!(server.get(&transacted).as_deref(), Some("200"));
+
+    let _ = client.quit().await;
+    let _ = transaction_client.quit().await;
+}
+
+#[tokio::test]
+async fn bad_urls_and_settings_are_typed_errors() {
+    for url in [
+        "",
+        "not a url",
+        "127.0.0.1:6379",
+        "redis://127.0.0.1:notaport",
+        "redis://127.0.0.1:70000",
+        "redis://",
+        "http://127.0.0.1:6379",
+        // TLS without a TLS feature in fred: refused rather than silently sent in clear text.
+        "rediss://127.0.0.1:6379",
+    ] {
+        match RedisSink::connect(url).await {
+            Err(RedisSinkError::InvalidUrl(_)) => {}
+            other => panic!("{url:?}: {other:?}"),
+        }
+    }
+    // The error never repeats a password from the URL.
+    let error = RedisSink::connect("redis://user:hunter2@127.0.0.1:99999")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RedisSinkError::InvalidUrl(_)), "{error:?}");
+    assert!(!error.to_string().contains("hunter2"), "{error}");
+
+    for builder in [
+        RedisSink::builder().marker_prefix(""),
+        RedisSink::builder().marker_prefix("batch:{x}"),
+        RedisSink::builder().dedup_window(Duration::from_millis(999)),
+        RedisSink::builder().dedup_window(Duration::MAX),
+        RedisSink::builder().command_timeout(Duration::ZERO),
+    ] {
+        match builder.connect(&shared_redis_url()).await {
+            Err(RedisSinkError::InvalidConfig(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_an_error_at_connect() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let port = server.port();
+
+    let wrong = RedisSink::connect(&format!("redis://:wrong@127.0.0.1:{port}")).await;
+    assert!(matches!(wrong, Err(RedisSinkError::Auth(_))), "{wrong:?}");
+    let wrong_user = RedisSink::connect(&format!("redis://nobody:s3cret@127.0.0.1:{port}")).await;
+    assert!(
+        matches!(wrong_user, Err(RedisSinkError::Auth(_))),
+        "{wrong_user:?}"
+    );
+    let missing = RedisSink::connect(&server.url()).await;
+    assert!(
+        matches!(missing, Err(RedisSinkError::Auth(_))),
+        "{missing:?}"
+    );
+
+    let sink = RedisSink::connect(&format!("redis://:s3cret@127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let key = "{acct}:authenticated";
+    let b = batch(unique_u64(), 1, &[(key, 3, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &b).await,
+        Ok(BatchOutcome::Applied(vec![added(3)]))
+    );
+    assert_eq!(server.get(key).as_deref(), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_down_at_start_up_is_unavailable_until_it_comes_up() {
+    let port = support::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+
+    // Starting a gateway while Redis is down is not an error...
+    let sink = tokio::time::timeout(PATIENCE, RedisSink::connect(&url))
+        .await
+        .expect("connect does not hang")
+        .expect("a Redis that is down is not a start-up error");
+    // ...writes say the outcome is unknown, at once...
+    let key = "{acct}:late";
+    let b = batch(unique_u64(), 1, &[(key, 9, MINUTE)]);
+    let early = tokio::time::timeout(PATIENCE, write_one(&sink, &b))
+        .await
+        .expect("no hang");
+    assert!(matches!(early, Err(SinkError::Unavailable(_))), "{early:?}");
+
+    // ...and succeed once Redis is there, without touching the sink.
+    let server = RedisServer::start_on(port, &[]);
+    let (outcome, _) = until_ok("first write", PATIENCE, || write_one(&sink, &b)).await;
+    assert_eq!(outcome, BatchOutcome::Applied(vec![added(9)]));
+    assert_eq!(server.get(key).as_deref(), Some("9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_fails_writes_until_it_is_back() {
+    // AOF on, so what was acknowledged (markers included) survives the SIGKILL.
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let keys = Keyspace::new(server.addr(), "killed");
+    let sink = sink_on(&server.url(), &keys, Duration::from_secs(2)).await;
+    let key = keys.key("{acct}");
+    let writer = unique_u64();
+    let before = batch(writer, 1, &[(&key, 10, MINUTE)]);
+    let during = batch(writer, 2, &[(&key, 20, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &before).await,
+        Ok(BatchOutcome::Applied(vec![added(10)]))
+    );
+
+    server.kill();
+    let failed = tokio::time::timeout(PATIENCE, write_one(&sink, &during))
+        .await
+        .expect("no hang");
+    assert!(
+        matches!(
+            failed,
+            Err(SinkError::Unavailable(_) | SinkError::Timeout(_))
+        ),
+        "{failed:?}"
+    );
+    // Still down: still an error, still no hang.
+    let again = tokio::time::timeout(PATIENCE, write_one(&sink, &during))
+        .await
+        .expect("no hang");
+    assert!(again.is_err(), "{again:?}");
+
+    server.restart();
+    let (outcome, _) = until_ok("write after restart", PATIENCE, || {
+        write_one(&sink, &during)
+    })
+    .await;
+    assert_eq!(outcome, BatchOutcome::Applied(vec![added(30)]));
+    // The first batch's marker survived the restart: a late retry of it is recognised.
+    assert_eq!(
+        write_one(&sink, &before).await,
+        Ok(BatchOutcome::AlreadyApplied)
+    );
+    assert_eq!(server.get(&key).as_deref(), Some("30"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_times_out_and_the_retry_applies_once() {
+    let server = RedisServer::start();
+    let keys = Keyspace::new(server.addr(), "paused");
+    let timeout = Duration::from_millis(500);
+    let sink = sink_on(&server.url(), &keys, timeout).await;
+    sink.load_script().await.unwrap();
+    let key = keys.key("{acct}");
+    let b = batch(unique_u64(), 1, &[(&key, 42, MINUTE)]);
+
+    server.pause();
+    let stalled = tokio::time::timeout(PATIENCE, write_one(&sink, &b))
+        .await
+        .expect("no hang");
+    server.resume();
+    // The EVALSHA was written before the pause was noticed: its outcome is unknown.
+    assert!(
+        matches!(stalled, Err(SinkError::Timeout(t)) if t == timeout),
+        "{stalled:?}"
+    );
+
+    // Whichever of the stalled command and the retry runs first applies; the other is a
+    // duplicate.
+    let (outcome, _) = until_ok("retry", PATIENCE, || write_one(&sink, &b)).await;
+    assert!(
+        matches!(
+            &outcome,
+            BatchOutcome::AlreadyApplied | BatchOutcome::Applied(_)
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(server.get(&key).as_deref(), Some("42"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_fred_client_can_be_passed_in() {
+    let addr = shared_redis();
+    let keys = Keyspace::new(addr, "passed");
+    let client = Builder::from_config(Config::from_url(&shared_redis_url()).unwrap())
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let sink = RedisSink::builder()
+        .marker_prefix(keys.key("batch"))
+        .build(client.clone())
+        .unwrap();
+    let key = keys.key("{acct}");
+    let b = batch(unique_u64(), 1, &[(&key, 4, MINUTE)]);
+    assert_eq!(
+        write_one(&sink, &b).await,
+        Ok(BatchOutcome::Applied(vec![added(4)]))
+    );
+
+    // The gateway keeps using its client; the sink does not close it when dropped.
+    drop(sink);
+    let total: i64 = client.get(&key).await.unwrap();
+    assert_eq!(total, 4);
+
+    // A client that is not connected: writes are unavailable, not hung.
+    let idle = Builder::from_config(Config::from_url(&shared_redis_url()).unwrap())
+        .build()
+        .unwrap();
+    let sink = RedisSink::new(idle);
+    let result = tokio::time::timeout(PATIENCE, write_one(&sink, &b))
+        .await
+        .expect("no hang");
+    assert!(
+        matches!(result, Err(SinkError::Unavailable(_))),
+        "{result:?}"
+    );
+    let _ = client.quit().await;
+}
