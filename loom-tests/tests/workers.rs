@@ -1,6 +1,8 @@
 //! Worker index hand-over: the registry's claim (`Acquire`) / release (`Release`) pair.
 #![cfg(shardmeter_loom)]
 
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::Arc;
 use shardmeter::{register_worker_thread, unregister_worker_thread, Ledger};
 use shardmeter_loom_tests::{expected, run_model, spawn, totals, Seen};
 
@@ -48,4 +50,33 @@ fn worker_index_handover() {
         "worker_index_handover",
         &["indexes [0, 0]", "indexes [0, 1]", "indexes [1, 0]"],
     );
+}
+
+/// The worker registry is a process-wide static (a `loom::lazy_static` under the cfg) and the
+/// worker index a thread-local: both must start afresh in every loom iteration, or iterations
+/// would leak indexes into each other. Here neither thread unregisters (under loom a thread's
+/// exit does not give its index back: loom drops all of a thread's locals at once, so the exit
+/// hook finds the index already gone). With a fresh registry and fresh thread-locals, the two
+/// threads hold indexes 0 and 1 in every iteration; a registry that outlived an iteration would
+/// hand out 2 and 3 in the next, and a thread-local that did would give both threads index 0.
+#[test]
+fn registry_starts_afresh_in_every_iteration() {
+    let iterations = run_model("registry_starts_afresh_in_every_iteration", || {
+        // A race of the model's own, so that loom runs several iterations whatever the registry
+        // is made of.
+        let turn = Arc::new(AtomicUsize::new(0));
+        let other = {
+            let turn = turn.clone();
+            spawn("other", move || {
+                turn.fetch_add(1, Ordering::Relaxed);
+                register_worker_thread().unwrap()
+            })
+        };
+        turn.fetch_add(1, Ordering::Relaxed);
+        let mine = register_worker_thread().unwrap();
+        let mut indexes = [mine, other.join().unwrap()];
+        indexes.sort_unstable();
+        assert_eq!(indexes, [0, 1]);
+    });
+    assert!(iterations > 1, "loom ran {iterations} iteration(s)");
 }
