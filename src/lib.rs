@@ -82,5 +82,7 @@ pub use engine::{
 pub use ledger::{
     register_worker_thread, unregister_worker_thread, Ledger, LedgerError, Session, Sweeper, Usage,
 };
+#[cfg(feature = "redis")]
+pub use sink::redis::RedisSink;
 #[cfg(feature = "engine")]
 pub use sink::{MemorySink, Sink};
