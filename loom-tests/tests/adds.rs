@@ -54,7 +54,7 @@ fn worker_adds_racing_sweeps() {
         // Both threads wrote private shards (0 and 1, or 0 twice after a hand-over).
         assert!(main_index < 2 && worker_index < 2);
 
-        sweeper.sweep(&mut usage);
+        assert_eq!(sweeper.sweep(&mut usage), 0, "no session has ended yet");
         assert_eq!(totals(&usage), expected(&[("a", 13), ("b", 2)]));
         assert!(usage.iter().all(|record| !record.session_ended));
         SEEN.note(format!("first sweep {first:?}"));

@@ -47,11 +47,8 @@ fn clones_drop_on_different_threads() {
         let sweeps = spawn("sweeper", move || {
             let mut sweeper = sweeper;
             let mut usage = Vec::new();
-            sweeper.sweep(&mut usage);
+            let mut ended = sweeper.sweep(&mut usage);
             let swept = totals(&usage);
-            // `sweep` collects ended sessions first but does not count them: a session that had
-            // already ended shows as its remainder (here all 3, as nothing was swept before).
-            let mut ended = usage.iter().filter(|record| record.session_ended).count();
             ended += sweeper.collect_ended(&mut usage);
             (sweeper, usage, swept, ended)
         });
@@ -124,15 +121,15 @@ fn reused_slot_racing_late_sweep() {
         old.add(1);
         // The sweeper has seen the old session's cell at 1 before the race starts.
         let mut early = Vec::new();
-        sweeper.sweep(&mut early);
+        assert_eq!(sweeper.sweep(&mut early), 0);
         assert_eq!(totals(&early), expected(&[("old", 1)]));
 
         let sweeps = spawn("sweeper", move || {
             let mut sweeper = sweeper;
             let mut usage = Vec::new();
-            sweeper.sweep(&mut usage);
-            sweeper.sweep(&mut usage);
-            (sweeper, usage)
+            let mut ended = sweeper.sweep(&mut usage);
+            ended += sweeper.sweep(&mut usage);
+            (sweeper, usage, ended)
         });
 
         old.add(2);
@@ -145,14 +142,17 @@ fn reused_slot_racing_late_sweep() {
             Err(LedgerError::Full { .. }) => None,
             Err(error) => panic!("unexpected {error}"),
         };
-        let (mut sweeper, mut usage) = sweeps.join().unwrap();
+        let (mut sweeper, mut usage, mut ended) = sweeps.join().unwrap();
         let late = totals(&usage).get("new").copied();
         usage.extend(early);
-        sweeper.sweep(&mut usage);
+        ended += sweeper.sweep(&mut usage);
         let reopened = new.is_some();
         drop(new);
-        sweeper.collect_ended(&mut usage);
+        ended += sweeper.collect_ended(&mut usage);
         unregister_worker_thread();
+
+        // Each session ends once: the old one, and the new one if it opened.
+        assert_eq!(ended, 1 + usize::from(reopened));
 
         if reopened {
             assert_eq!(totals(&usage), expected(&[("old", 3), ("new", 4)]));
