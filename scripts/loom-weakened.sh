@@ -24,8 +24,8 @@ weakenings="$(
   cat <<'EOF'
 open-release	src/ledger/slots.rs	s/state\.store\(OPEN, Ordering::Release\)/state.store(OPEN, Ordering::Relaxed)/	lifetime	reused_slot_racing_late_sweep	Causality violation
 account-acquire	src/ledger/slots.rs	s/state\.load\(Ordering::Acquire\) != OPEN/state.load(Ordering::Relaxed) != OPEN/	lifetime	reused_slot_racing_late_sweep	Causality violation
-claim-acquire	src/ledger/worker.rs	s/(bits \| \(1 << bit\),\s*)Ordering::Acquire,/${1}Ordering::Relaxed,/	workers	worker_index_handover	assertion `left == right` failed
-release-release	src/ledger/worker.rs	s/\(index % 64\)\), Ordering::Release\)/(index % 64)), Ordering::Relaxed)/	workers	worker_index_handover	assertion `left == right` failed
+claim-acquire	src/ledger/worker.rs	s/(bits \| \(1 << bit\),\s*)Ordering::Acquire,/${1}Ordering::Relaxed,/	workers	worker_handoff	assertion `left == right` failed
+release-release	src/ledger/worker.rs	s/\(index % 64\)\), Ordering::Release\)/(index % 64)), Ordering::Relaxed)/	workers	worker_handoff	assertion `left == right` failed
 striped-no-rmw	src/ledger/shard.rs	s/let previous = cell\s*\.fetch_update\(.*?\.unwrap_or_else\(\|value\| value\);/let previous = cell.load(Ordering::Relaxed);\n        cell.store(previous.saturating_add(amount), Ordering::Relaxed);/s	adds	striped_adds_share_a_shard	assertion `left == right` failed
 no-reset-on-free	src/ledger/mod.rs	s/shards\.reset\(shard, slot\);/let _ = shards;/	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
 keep-seen-on-free	src/ledger/mod.rs	s/\*seen = 0;/let _ = &seen;/	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed

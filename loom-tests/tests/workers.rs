@@ -12,9 +12,9 @@ use shardmeter_loom_tests::{expected, run_model, spawn, totals, Seen};
 /// plain `load` + `store` on the very cell the first wrote. That load must see the first
 /// thread's store, or its add overwrites it: the registry's release/claim pair orders them.
 #[test]
-fn worker_index_handover() {
+fn worker_handoff() {
     static SEEN: Seen = Seen::new();
-    run_model("worker_index_handover", || {
+    run_model("worker_handoff", || {
         let (ledger, mut sweeper) = Ledger::builder()
             .capacity(1)
             .worker_shards(1)
@@ -47,12 +47,12 @@ fn worker_index_handover() {
     });
     // The model is about the hand-over (both got index 0): make sure loom explored it.
     SEEN.assert_reached(
-        "worker_index_handover",
+        "worker_handoff",
         &["indexes [0, 0]", "indexes [0, 1]", "indexes [1, 0]"],
     );
 }
 
-/// The worker registry is a process-wide static (a `loom::lazy_static` under the cfg) and the
+/// Model 7. The worker registry is a process-wide static (a `loom::lazy_static` under the cfg) and the
 /// worker index a thread-local: both must start afresh in every loom iteration, or iterations
 /// would leak indexes into each other. Here neither thread unregisters (under loom a thread's
 /// exit does not give its index back: loom drops all of a thread's locals at once, so the exit
