@@ -37,7 +37,9 @@ log "loom models (LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:=2})"
 export LOOM_MAX_PREEMPTIONS
 RUSTFLAGS="--cfg shardmeter_loom" CARGO_TARGET_DIR=target/loom \
   cargo clippy -p shardmeter-loom-tests --tests -- -D warnings
+# Release for speed, with the ledger's debug assertions kept on.
 RUSTFLAGS="--cfg shardmeter_loom" CARGO_TARGET_DIR=target/loom \
+  CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \
   cargo test -p shardmeter-loom-tests --release
 
 log "benches (smoke: cargo bench -- --test)"
