@@ -1,0 +1,221 @@
+//! End-to-end runs of the `shardmeter-sim` binary (feature `sim`), checked through its `--json`
+//! output: both modes against a private `redis-server` the sim starts itself (so `REDIS_URL` is
+//! removed from its environment), the no-Redis fallback, and bad arguments.
+//!
+//! The assertions are on counts — chunks, milliseconds, Redis' own command counters — never on
+//! how long anything took.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+const SIM: &str = env!("CARGO_BIN_EXE_shardmeter-sim");
+
+/// Runs the sim with `args` plus `--json - --no-live`; returns its output.
+fn sim(args: &[&str], configure: impl FnOnce(&mut Command)) -> Output {
+    let mut command = Command::new(SIM);
+    command
+        .args(args)
+        .args(["--json", "-", "--no-live"])
+        .env_remove("REDIS_URL");
+    configure(&mut command);
+    command.output().expect("run shardmeter-sim")
+}
+
+fn json_of(output: &Output) -> Value {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "shardmeter-sim failed ({}):\n{stderr}",
+        output.status
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}); stderr:\n{stderr}"))
+}
+
+fn u64_at(value: &Value, pointer: &str) -> u64 {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no integer at {pointer} in {value:#}"))
+}
+
+/// Totals in the store equal chunks × 20 ms, and the chunks are those planned.
+fn assert_totals_exact(report: &Value, mode: &str) {
+    let base = format!("/modes/{mode}");
+    let chunks = u64_at(report, &format!("{base}/chunks_sent"));
+    assert!(chunks > 0, "{mode}: no chunks sent");
+    assert_eq!(
+        u64_at(report, &format!("{base}/totals/sent_ms")),
+        chunks * 20
+    );
+    assert_eq!(
+        u64_at(report, &format!("{base}/totals/stored_ms")),
+        chunks * 20,
+        "{mode}: the store does not hold the audio sent"
+    );
+    assert_eq!(u64_at(report, &format!("{base}/totals/wrong_uids")), 0);
+    assert_eq!(
+        report.pointer(&format!("{base}/ok")),
+        Some(&Value::Bool(true))
+    );
+}
+
+#[test]
+fn both_modes_store_exactly_the_audio_and_shardmeter_sends_far_fewer_commands() {
+    let output = sim(
+        &[
+            "--sessions",
+            "20",
+            "--seconds",
+            "3",
+            "--flush-interval",
+            "1",
+        ],
+        |_| {},
+    );
+    let report = json_of(&output);
+    assert_eq!(report["ok"], Value::Bool(true));
+    assert_eq!(report["redis"]["private"], Value::Bool(true), "{report:#}");
+    assert_totals_exact(&report, "per_chunk");
+    assert_totals_exact(&report, "shardmeter");
+
+    // Per-chunk: exactly one INCRBY and one EXPIRE per chunk reached this private Redis.
+    let chunks = u64_at(&report, "/modes/per_chunk/chunks_sent");
+    assert_eq!(
+        u64_at(&report, "/modes/per_chunk/redis/by_command/incrby"),
+        chunks
+    );
+    assert_eq!(
+        u64_at(&report, "/modes/per_chunk/redis/by_command/expire"),
+        chunks
+    );
+    let per_chunk_commands = u64_at(&report, "/modes/per_chunk/redis/commands");
+    assert_eq!(per_chunk_commands, 2 * chunks);
+
+    // Shardmeter: a few EVALSHAs, and inside them one INCRBY per key the engine wrote.
+    let shardmeter_commands = u64_at(&report, "/modes/shardmeter/redis/commands");
+    assert!(shardmeter_commands >= 1);
+    assert_eq!(
+        u64_at(&report, "/modes/shardmeter/redis/by_command/incrby"),
+        u64_at(&report, "/modes/shardmeter/engine/keys_written"),
+        "Redis ran a different number of INCRBYs than the engine wrote keys"
+    );
+    // One EVALSHA per batch, plus the first one if it met NOSCRIPT (then re-sent after a
+    // SCRIPT LOAD).
+    let evalsha = u64_at(&report, "/modes/shardmeter/redis/by_command/evalsha");
+    let batches = u64_at(&report, "/modes/shardmeter/engine/batches_written");
+    let loads = report
+        .pointer("/modes/shardmeter/redis/by_command/script|load")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        (batches..=batches + loads).contains(&evalsha),
+        "{evalsha} EVALSHA for {batches} batches and {loads} SCRIPT LOADs"
+    );
+    // Same load, same length of run: compare Redis' own counts directly. 20 sessions × 3 s
+    // × 50 chunks × 2 = 6,000 commands against one EVALSHA per flush (about five).
+    assert!(
+        per_chunk_commands >= 100 * shardmeter_commands,
+        "per-chunk sent {per_chunk_commands} commands, shardmeter {shardmeter_commands}"
+    );
+    let per_chunk_calls = u64_at(
+        &report,
+        "/modes/per_chunk/redis/calls_including_script_internal",
+    );
+    let shardmeter_calls = u64_at(
+        &report,
+        "/modes/shardmeter/redis/calls_including_script_internal",
+    );
+    assert!(
+        per_chunk_calls >= 10 * shardmeter_calls,
+        "calls incl. script-internal: per-chunk {per_chunk_calls}, shardmeter {shardmeter_calls}"
+    );
+    assert!(report["reduction"]["commands_per_second"].as_f64().unwrap() > 1.0);
+
+    // Both modes' keys (20 uids each, one day) and the batch markers were deleted.
+    assert!(u64_at(&report, "/keys_deleted") >= 40);
+    // The hot path was measured in both modes.
+    assert!(u64_at(&report, "/modes/per_chunk/hot_path_ns/samples") == chunks);
+    assert!(u64_at(&report, "/modes/shardmeter/hot_path_ns/samples") > 0);
+    // The table went to stderr beside the JSON.
+    let table = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        table.contains("reduction:") && table.contains("result: OK"),
+        "{table}"
+    );
+}
+
+#[test]
+fn churn_and_channels_keep_every_millisecond() {
+    let report = json_of(&sim(
+        &[
+            "--mode",
+            "shardmeter",
+            "--sessions",
+            "30",
+            "--seconds",
+            "3",
+            "--churn",
+            "--channels",
+            "3",
+            "--ramp-up",
+            "1",
+            "--flush-interval",
+            "500ms",
+        ],
+        |_| {},
+    ));
+    assert_totals_exact(&report, "shardmeter");
+    assert!(report["modes"].get("per_chunk").is_none());
+    let started = u64_at(&report, "/modes/shardmeter/sessions_started");
+    assert!(started > 30, "churn started only {started} sessions");
+    // Every session ended (during the run or at its end) and the engine collected each end.
+    assert_eq!(
+        u64_at(&report, "/modes/shardmeter/engine/sessions_ended"),
+        started
+    );
+    // Three channels: three adds per session per tick.
+    assert_eq!(u64_at(&report, "/modes/shardmeter/chunks_sent") % 3, 0);
+}
+
+#[test]
+fn without_redis_shardmeter_mode_runs_on_a_memory_sink() {
+    let empty = std::env::temp_dir().join(format!("shardmeter-sim-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let report = json_of(&sim(&["--sessions", "5", "--seconds", "1"], |command| {
+        command.env("PATH", &empty);
+    }));
+    assert_eq!(report["redis"], Value::Null);
+    assert_eq!(report["modes"]["shardmeter"]["sink"], "memory");
+    assert!(report["modes"].get("per_chunk").is_none());
+    assert!(
+        report["notes"][0]
+            .as_str()
+            .is_some_and(|note| note.contains("needs Redis")),
+        "{report:#}"
+    );
+    assert_totals_exact(&report, "shardmeter");
+    let _ = std::fs::remove_dir(&empty);
+}
+
+#[test]
+fn bad_requests_fail_with_a_message() {
+    let empty = std::env::temp_dir().join(format!("shardmeter-sim-none-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let output = sim(&["--mode", "per-chunk", "--seconds", "1"], |command| {
+        command.env("PATH", &empty);
+    });
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("per-chunk mode needs Redis"));
+    let _ = std::fs::remove_dir(&empty);
+
+    for args in [
+        &["--sessions", "0"][..],
+        &["--seconds", "soon"],
+        &["--mode", "sideways"],
+    ] {
+        let output = sim(args, |_| {});
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(!output.stderr.is_empty(), "{args:?}: no message");
+    }
+}
