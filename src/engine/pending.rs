@@ -244,7 +244,7 @@ mod tests {
                 sequence: 1
             }
         );
-        assert_eq!(pending.amount(), 15);
+        assert_eq!(pending.amount(), 20, "a: 5 + 5, b: 5, c: 5");
         assert_eq!(
             pending.unwritten(),
             vec![("a".into(), 10), ("b".into(), 5), ("c".into(), 5)]
