@@ -165,6 +165,9 @@ pub(crate) struct Flusher<S> {
     write: Option<WriteFuture>,
     batches_in_write: usize,
     failures_in_a_row: u32,
+    /// `failures_in_a_row` when the current backoff schedule started: 0, or its value when the
+    /// shutdown began (the shutdown restarts the backoff from `retry_initial`).
+    backoff_since: u32,
     retry_at: Option<Instant>,
     ended_due: Option<Instant>,
     waiters: Vec<FlushWaiter>,
@@ -199,6 +202,7 @@ impl<S: Sink> Flusher<S> {
             write: None,
             batches_in_write: 0,
             failures_in_a_row: 0,
+            backoff_since: 0,
             retry_at: None,
             ended_due: None,
             waiters: Vec::new(),
@@ -410,6 +414,7 @@ impl<S: Sink> Flusher<S> {
                     tracing::info!(failed_rounds = self.failures_in_a_row, "sink recovered");
                 }
                 self.failures_in_a_row = 0;
+                self.backoff_since = 0;
                 self.answer_waiters(None);
             }
         }
@@ -440,9 +445,11 @@ impl<S: Sink> Flusher<S> {
     }
 
     /// Exponential backoff with jitter: a random delay in the upper half of
-    /// `initial * 2^(failures - 1)`, capped at `max`.
+    /// `initial * 2^(failures - 1)`, capped at `max`, counting the failures since the schedule
+    /// started (see `backoff_since`).
     fn backoff(&mut self) -> Duration {
-        let exponent = self.failures_in_a_row.saturating_sub(1).min(20);
+        let failures = self.failures_in_a_row - self.backoff_since;
+        let exponent = failures.saturating_sub(1).min(20);
         let ceiling = self
             .config
             .retry_initial
@@ -461,6 +468,15 @@ impl<S: Sink> Flusher<S> {
     async fn shutdown(&mut self) -> ShutdownReport {
         let deadline = Instant::now() + self.config.shutdown_timeout;
         self.sweep_all();
+        // A backoff scheduled before the shutdown can end after its deadline (after a long
+        // outage it reaches `retry_max`, 30 s by default, vs a 10 s timeout), and the shutdown
+        // would then report everything unwritten without one attempt. So attempt at once, as
+        // `flush_now` does, and restart the backoff from `retry_initial`, so that the deadline
+        // leaves room for retries.
+        if self.write.is_none() {
+            self.retry_at = None;
+        }
+        self.backoff_since = self.failures_in_a_row;
         loop {
             self.start_write_if_due();
             if self.write.is_none() && self.pending.is_empty() {
