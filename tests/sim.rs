@@ -131,6 +131,7 @@ fn both_modes_store_exactly_the_audio_and_shardmeter_sends_far_fewer_commands() 
         "calls incl. script-internal: per-chunk {per_chunk_calls}, shardmeter {shardmeter_calls}"
     );
     assert!(report["reduction"]["commands_per_second"].as_f64().unwrap() > 1.0);
+    assert!(report["reduction"]["commands_per_chunk"].as_f64().unwrap() >= 100.0);
 
     // Both modes' keys (20 uids each, one day) and the batch markers were deleted.
     assert!(u64_at(&report, "/keys_deleted") >= 40);

@@ -72,6 +72,20 @@ impl Report {
         self.modes.iter().find(|report| report.mode == mode)
     }
 
+    /// per-chunk ÷ shardmeter, in client commands per chunk sent: the same ratio as the rates
+    /// when both modes sent every chunk, and still meaningful when per-chunk fell behind.
+    pub(crate) fn reduction_per_chunk(&self) -> Option<f64> {
+        let per_chunk = self.mode(Mode::PerChunk)?;
+        let shardmeter = self.mode(Mode::Shardmeter)?;
+        let per = |r: &ModeReport| {
+            r.commands
+                .as_ref()
+                .map(|c| c.client_commands() as f64 / r.load.chunks.max(1) as f64)
+        };
+        let (a, b) = (per(per_chunk)?, per(shardmeter)?);
+        Some(if b > 0.0 { a / b } else { f64::INFINITY })
+    }
+
     /// per-chunk ÷ shardmeter, for (client commands/s, calls incl. script-internal/s).
     pub(crate) fn reduction(&self) -> Option<(f64, f64)> {
         let per_chunk = self.mode(Mode::PerChunk)?;
@@ -206,6 +220,13 @@ impl Report {
                  {} fewer calls/s including script-internal",
                 factor(commands),
                 factor(calls)
+            );
+        }
+        if let Some(per_chunk) = self.reduction_per_chunk() {
+            let _ = writeln!(
+                out,
+                "           {} fewer client-issued commands per chunk sent",
+                factor(per_chunk)
             );
         }
         let _ = writeln!(out);
@@ -356,6 +377,7 @@ impl Report {
             "reduction": self.reduction().map(|(commands, calls)| json!({
                 "commands_per_second": finite(commands),
                 "calls_including_script_internal_per_second": finite(calls),
+                "commands_per_chunk": self.reduction_per_chunk().map(finite),
             })),
             "keys_deleted": self.keys_deleted,
         })
