@@ -86,3 +86,8 @@ pub use ledger::{
 pub use sink::redis::RedisSink;
 #[cfg(feature = "engine")]
 pub use sink::{MemorySink, Sink};
+
+/// Compiles the README's examples as doctests, so they cannot drift from the API.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
