@@ -26,12 +26,14 @@ fi
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy (all targets, -D warnings)"
-cargo clippy --workspace --all-targets -- -D warnings
+log "cargo clippy (all targets, all features, -D warnings)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+# The ledger alone (no tokio, no fred) must build for embedders that want only the core.
+cargo clippy --lib --no-default-features -- -D warnings
 
-log "cargo test (unit, integration, doc)"
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+log "cargo test (unit, integration, fault, doc)"
+cargo test --workspace --all-targets --all-features
+cargo test --workspace --doc --all-features
 
 log "loom models (LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:=2})"
 export LOOM_MAX_PREEMPTIONS
@@ -43,4 +45,4 @@ RUSTFLAGS="--cfg shardmeter_loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p shardmeter-loom-tests --release
 
 log "benches (smoke: cargo bench -- --test)"
-cargo bench --workspace -- --test
+cargo bench --workspace --all-features -- --test
