@@ -1,0 +1,276 @@
+//! Flush throughput to Redis in accounts per second, against the server's own limit for the
+//! same writes, in one run.
+//!
+//! | id | what one iteration times (N accounts, one element each) |
+//! | --- | --- |
+//! | `engine/N` | `Engine::flush_now` with N dirty accounts: sweep, per-key totals, batches of 500, one `EVALSHA` per batch through `RedisSink` (inside: `SET` marker, `INCRBY` + `EXPIRE` per key), replies parsed |
+//! | `sink/N` | `RedisSink::write` of N increments in batches of 500, built beforehand: the sink alone, without the engine's sweep |
+//! | `fred_pipeline/N` | one fred pipeline of N × (`INCRBY`, `EXPIRE`), as the reference gateway wrote: no marker, no script, no exactly-once |
+//! | `server_incrby_expire/N` | the server's limit for the same writes: N × (`INCRBY`, `EXPIRE`) encoded beforehand and written on one raw socket while the replies are counted — what `redis-benchmark -P` measures, with the flush's commands and keys |
+//! | `server_incrby/N` | the same with `INCRBY` alone (cf. `redis-benchmark -P 1000 -t incr`) |
+//!
+//! Before each timed flush every account gets one `add` (outside the timed span), so every
+//! flush writes N keys; each iteration checks that it did. Sessions stay open and the interval is
+//! an hour, so only `flush_now` flushes. All contenders write N distinct keys of the same shape
+//! (`<prefix>:{acct-<i>}`) with a one-hour TTL.
+//!
+//! Needs the Redis on 127.0.0.1:6379 and fails with a clear message without it. Every key lives
+//! under a unique prefix and is deleted at the end.
+//!
+//! Run: `cargo bench --bench flush`; smoke (one iteration each): `cargo bench --bench flush --
+//! --test`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use fred::prelude::{Builder, ClientLike, Config, KeysInterface, Value};
+use shardmeter::sink::redis::RedisSink;
+use shardmeter::sink::{Batch, BatchId, Increment, Sink};
+use shardmeter::{Engine, KeyScheme, Session, Ttl};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const ACCOUNTS: [usize; 3] = [1_000, 10_000, 100_000];
+const BATCH_SIZE: usize = 500;
+const TTL: Duration = Duration::from_secs(3600);
+const AMOUNT: u64 = 30;
+
+fn flush_to_redis(c: &mut Criterion) {
+    let addr = support::shared_redis();
+    let url = format!("redis://{addr}");
+    let keyspace = support::Keyspace::new(addr, "bench-flush");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+
+    let mut group = c.benchmark_group("flush_to_redis");
+    // A flush of 100k accounts takes a fraction of a second: few samples of one iteration.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(4));
+
+    for accounts in ACCOUNTS {
+        group.throughput(Throughput::Elements(accounts as u64));
+        let keys = |name: &str| -> Vec<String> {
+            let prefix = keyspace.key(&format!("{name}{accounts}"));
+            (0..accounts)
+                .map(|i| format!("{prefix}:{{acct-{i}}}"))
+                .collect()
+        };
+
+        // The engine with the Redis sink.
+        let (engine, sessions) = runtime.block_on(engine_with_sessions(&url, &keyspace, accounts));
+        group.bench_function(BenchmarkId::new("engine", accounts), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    for session in &sessions {
+                        session.add(AMOUNT);
+                    }
+                    let start = Instant::now();
+                    let report = runtime.block_on(engine.flush_now()).expect("flush");
+                    timed += start.elapsed();
+                    assert_eq!(report.keys_written, accounts as u64, "every key written");
+                }
+                timed
+            })
+        });
+        drop(sessions);
+        let report = runtime.block_on(engine.shutdown()).expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
+
+        // The sink alone.
+        let sink = runtime.block_on(redis_sink(&url, &keyspace));
+        let sink_keys = keys("sink");
+        let writer = support::unique_u64();
+        let mut sequence = 0;
+        group.bench_function(BenchmarkId::new("sink", accounts), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let batches = batches(&sink_keys, writer, &mut sequence);
+                    let start = Instant::now();
+                    let results = runtime.block_on(sink.write(&batches));
+                    timed += start.elapsed();
+                    assert!(results.iter().all(Result::is_ok), "a batch failed");
+                }
+                timed
+            })
+        });
+        drop(sink);
+
+        // The reference gateway's pipeline, with fred's defaults.
+        let client = runtime.block_on(async {
+            let client = Builder::from_config(Config::from_url(&url).expect("url"))
+                .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(60))
+                .build()
+                .expect("client");
+            client.init().await.expect("connect");
+            client
+        });
+        let pipeline = client.pipeline();
+        runtime.block_on(async {
+            for key in keys("fred") {
+                let _: () = pipeline.incr_by(&key, AMOUNT as i64).await.expect("queue");
+                let _: () = pipeline
+                    .expire(&key, TTL.as_secs() as i64, None)
+                    .await
+                    .expect("queue");
+            }
+        });
+        group.bench_function(BenchmarkId::new("fred_pipeline", accounts), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    // fred copies the queued commands on every send.
+                    let start = Instant::now();
+                    let replies: Vec<Result<Value, _>> = runtime.block_on(pipeline.try_all());
+                    timed += start.elapsed();
+                    assert_eq!(replies.len(), 2 * accounts);
+                    assert!(replies.iter().all(Result::is_ok), "a command failed");
+                }
+                timed
+            })
+        });
+        runtime.block_on(async {
+            let _ = client.quit().await;
+        });
+
+        // The server's limit.
+        for (name, with_expire) in [("server_incrby_expire", true), ("server_incrby", false)] {
+            let raw = RawPipeline::new(addr, &keys(name), with_expire);
+            group.bench_function(BenchmarkId::new(name, accounts), |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| raw.run()).sum())
+            });
+        }
+    }
+    group.finish();
+    drop(keyspace); // deletes every key of the run
+}
+
+/// A sink on `url` with its markers under `keyspace` and the script loaded.
+async fn redis_sink(url: &str, keyspace: &support::Keyspace) -> RedisSink {
+    let sink = RedisSink::builder()
+        .marker_prefix(keyspace.key("batch"))
+        .command_timeout(Duration::from_secs(60))
+        .connect(url)
+        .await
+        .expect("RedisSink::connect");
+    sink.load_script().await.expect("SCRIPT LOAD");
+    sink
+}
+
+/// An engine flushing to `url` only on `flush_now`, and one open session per account.
+async fn engine_with_sessions(
+    url: &str,
+    keyspace: &support::Keyspace,
+    accounts: usize,
+) -> (Engine, Vec<Session>) {
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(3600))
+        .capacity(accounts.next_power_of_two().max(1024))
+        .batch_size(BATCH_SIZE)
+        .write_timeout(Duration::from_secs(60))
+        .keys(KeyScheme::new(keyspace.key(&format!("engine{accounts}"))).ttl(Ttl::Fixed(TTL)))
+        .sink(redis_sink(url, keyspace).await)
+        .build()
+        .expect("engine");
+    let sessions = (0..accounts)
+        .map(|i| engine.open_session(&format!("acct-{i}")).expect("session"))
+        .collect();
+    (engine, sessions)
+}
+
+/// Batches of `BATCH_SIZE` increments of `keys`, with fresh ids.
+fn batches(keys: &[String], writer: u64, sequence: &mut u64) -> Vec<Batch> {
+    keys.chunks(BATCH_SIZE)
+        .map(|chunk| {
+            *sequence += 1;
+            Batch {
+                id: BatchId {
+                    writer,
+                    sequence: *sequence,
+                },
+                increments: chunk
+                    .iter()
+                    .map(|key| Increment {
+                        key: key.clone(),
+                        amount: AMOUNT,
+                        ttl: TTL,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Commands encoded once, written on one raw connection while the replies are counted: close
+/// to what the server can do, with almost no client cost.
+struct RawPipeline {
+    stream: TcpStream,
+    request: Vec<u8>,
+    replies: usize,
+}
+
+impl RawPipeline {
+    fn new(addr: SocketAddr, keys: &[String], with_expire: bool) -> Self {
+        let amount = AMOUNT.to_string();
+        let ttl = TTL.as_secs().to_string();
+        let mut request = Vec::new();
+        for key in keys {
+            encode(&mut request, &["INCRBY", key, &amount]);
+            if with_expire {
+                encode(&mut request, &["EXPIRE", key, &ttl]);
+            }
+        }
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let replies = keys.len() * if with_expire { 2 } else { 1 };
+        Self {
+            stream,
+            request,
+            replies,
+        }
+    }
+
+    /// Sends everything and waits for every reply; returns the time taken.
+    fn run(&self) -> Duration {
+        let mut reader = &self.stream;
+        let mut writer = &self.stream;
+        let mut buffer = vec![0u8; 1 << 16];
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            // Write from another thread, so neither side's socket buffer fills up and stalls.
+            let request = &self.request;
+            scope.spawn(move || writer.write_all(request).expect("write"));
+            // Every reply is an integer (`:<n>\r\n`): one line each.
+            let mut lines = 0;
+            while lines < self.replies {
+                let n = reader.read(&mut buffer).expect("read");
+                assert!(n > 0, "connection closed");
+                assert!(!buffer[..n].contains(&b'-'), "an error reply");
+                lines += buffer[..n].iter().filter(|&&b| b == b'\n').count();
+            }
+        });
+        start.elapsed()
+    }
+}
+
+fn encode(out: &mut Vec<u8>, args: &[&str]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+    }
+}
+
+criterion_group!(benches, flush_to_redis);
+criterion_main!(benches);
