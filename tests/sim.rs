@@ -78,6 +78,9 @@ fn both_modes_store_exactly_the_audio_and_shardmeter_sends_far_fewer_commands() 
     assert_eq!(report["redis"]["private"], Value::Bool(true), "{report:#}");
     assert_totals_exact(&report, "per_chunk");
     assert_totals_exact(&report, "shardmeter");
+    // The private server saw nothing but this run.
+    assert_eq!(report["modes"]["per_chunk"]["interference"], Value::Null);
+    assert_eq!(report["modes"]["shardmeter"]["interference"], Value::Null);
 
     // Per-chunk: exactly one INCRBY and one EXPIRE per chunk reached this private Redis.
     let chunks = u64_at(&report, "/modes/per_chunk/chunks_sent");

@@ -162,6 +162,9 @@ impl Report {
                     by_name(commands)
                 );
             }
+            if let Some(note) = interference(report) {
+                let _ = writeln!(out, "{:<11} note: {note}", report.mode.name());
+            }
             if report.mode == Mode::Shardmeter {
                 let indices: Vec<String> = (0..64)
                     .filter(|i| report.load.worker_indices & (1u64 << i) != 0)
@@ -401,6 +404,7 @@ fn mode_json(r: &ModeReport) -> Value {
         "first_error": r.load.first_error,
         "max_tick_lag_ms": r.load.max_lag.as_secs_f64() * 1e3,
         "worker_indices_mask": r.load.worker_indices,
+        "interference": interference(r),
         "totals": {
             "ok": r.totals.ok(),
             "sent_ms": r.totals.expected_ms,
@@ -448,6 +452,59 @@ fn mode_json(r: &ModeReport) -> Value {
             "unwritten_ms": e.report.unwritten_amount() as u64,
         })),
     })
+}
+
+/// Signs that other clients used the Redis during `r`'s window, which makes its counts include
+/// theirs: commands the mode never sends, or counts that disagree with what the mode did.
+fn interference(r: &ModeReport) -> Option<String> {
+    let commands = r.commands.as_ref()?;
+    let calls = |name: &str| commands.by_command.get(name).copied().unwrap_or(0);
+    let mut signs = Vec::new();
+    let (own, expected): (&[&str], Vec<(&str, u64)>) = match (r.mode, &r.engine) {
+        (Mode::PerChunk, _) => (
+            &["incrby", "expire"],
+            if r.load.write_errors == 0 {
+                vec![("incrby", r.load.chunks), ("expire", r.load.chunks)]
+            } else {
+                Vec::new()
+            },
+        ),
+        (Mode::Shardmeter, Some(engine)) => (
+            &[
+                "evalsha", "eval", "script", "set", "incrby", "expire", "quit",
+            ],
+            vec![(
+                "incrby",
+                engine.stats.keys_written + engine.stats.keys_rejected,
+            )],
+        ),
+        (Mode::Shardmeter, None) => return None,
+    };
+    for (name, calls) in &commands.by_command {
+        let command = name.split('|').next().unwrap_or(name);
+        if !own.contains(&command) {
+            signs.push(format!("{name} {}", thousands(*calls)));
+        }
+    }
+    for (name, want) in expected {
+        if calls(name) != want {
+            signs.push(format!(
+                "{name} {} where this mode ran {}",
+                thousands(calls(name)),
+                thousands(want)
+            ));
+        }
+    }
+    if signs.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "other clients used this Redis during the {} window ({}): its counts include theirs; \
+             leave out --redis/REDIS_URL for a private server",
+            r.mode.name(),
+            signs.join(", ")
+        ))
+    }
 }
 
 fn finite(value: f64) -> Value {
