@@ -349,41 +349,6 @@ impl<S: Sink> EngineBuilder<S> {
     }
 }
 
-/// Reading what the engine writes: readers (a budget check, a status endpoint) and writers outside
-/// the engine must name keys exactly as the flusher does.
-impl KeyScheme {
-    /// The key that usage of `account` added at `at` is written to, e.g.
-    /// `fair_use:dg_budget:{uid-42}:20261129` for [`KeyScheme::daily_utc`]: what a budget check
-    /// `GET`s. The flusher may write a moment's usage to the previous bucket's key (see
-    /// `flusher`'s *Attribution*), never to a later one.
-    ///
-    /// ```
-    /// use shardmeter::KeyScheme;
-    /// use std::time::{Duration, UNIX_EPOCH};
-    ///
-    /// let scheme = KeyScheme::daily_utc("fair_use:dg_budget");
-    /// let at = UNIX_EPOCH + Duration::from_secs(1_795_996_799); // 2026-11-29T23:59:59Z
-    /// assert_eq!(scheme.key_at("uid-42", at), "fair_use:dg_budget:{uid-42}:20261129");
-    /// let midnight = UNIX_EPOCH + Duration::from_secs(1_795_996_800);
-    /// assert_eq!(scheme.bucket_end(at), Some(midnight));
-    /// assert_eq!(scheme.write_ttl(at), Duration::from_secs(1 + 3600)); // to midnight, plus 1 h
-    /// ```
-    pub fn key_at(&self, account: &str, at: std::time::SystemTime) -> String {
-        self.key(account, &self.span(at))
-    }
-
-    /// The time-to-live the flusher sets on that key when it writes it at `at`.
-    pub fn write_ttl(&self, at: std::time::SystemTime) -> Duration {
-        self.ttl_at(&self.span(at), at)
-    }
-
-    /// When the bucket holding `at` ends, i.e. when a per-bucket budget resets; `None` for a
-    /// scheme without time buckets.
-    pub fn bucket_end(&self, at: std::time::SystemTime) -> Option<std::time::SystemTime> {
-        self.span(at).end()
-    }
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
