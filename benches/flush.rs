@@ -17,6 +17,13 @@
 //! Needs the Redis on 127.0.0.1:6379 and fails with a clear message without it. Every key lives
 //! under a unique prefix and is deleted at the end.
 //!
+//! Wall-clock rates on a shared 2-core machine swing with whatever else runs. So after the
+//! criterion groups (not with `--test`), a CPU pass runs each 100k-account contender 5 times
+//! against a `redis-server` of its own and prints the CPU time each costs per account: the
+//! server's (`INFO cpu`) and this process' (`/proc/self/stat`). A pipelined contender cannot go
+//! faster than one account per max(server, client) CPU time; the engine adds its sweep, which runs
+//! before its write.
+//!
 //! Run: `cargo bench --bench flush`; smoke (one iteration each): `cargo bench --bench flush --
 //! --test`.
 
@@ -272,5 +279,94 @@ fn encode(out: &mut Vec<u8>, args: &[&str]) {
     }
 }
 
+/// CPU time per account of each contender at 100k accounts (see the module docs).
+fn cpu_per_account() {
+    if std::env::args().any(|arg| arg == "--test" || arg == "--list") {
+        return;
+    }
+    const N: usize = 100_000;
+    const ROUNDS: u32 = 5;
+    let server = support::RedisServer::start();
+    let url = server.url();
+    let keyspace = support::Keyspace::new(server.addr(), "cpu");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let keys = |name: &str| -> Vec<String> {
+        (0..N)
+            .map(|i| keyspace.key(&format!("{name}:{{acct-{i}}}")))
+            .collect()
+    };
+    let measure = |name: &str, run: &mut dyn FnMut() -> Duration| {
+        run(); // warm-up: keys created, script loaded
+        let (server_before, client_before) = (server_cpu(&server), client_cpu());
+        let wall: Duration = (0..ROUNDS).map(|_| run()).sum();
+        let server_cpu = server_cpu(&server) - server_before;
+        let client_cpu = client_cpu() - client_before;
+        let per = |seconds: f64| seconds * 1e6 / f64::from(ROUNDS) / N as f64;
+        eprintln!(
+            "cpu/{name:<22} wall {:6.2} us/account ({:4.0}k/s)   server CPU {:5.2} us/account   client CPU {:5.2} us/account",
+            per(wall.as_secs_f64()),
+            f64::from(ROUNDS) * N as f64 / wall.as_secs_f64() / 1e3,
+            per(server_cpu),
+            per(client_cpu),
+        );
+    };
+
+    let (engine, sessions) = runtime.block_on(engine_with_sessions(&url, &keyspace, N));
+    measure("engine", &mut || {
+        sessions.iter().for_each(|session| session.add(AMOUNT));
+        let start = Instant::now();
+        runtime.block_on(engine.flush_now()).expect("flush");
+        start.elapsed()
+    });
+    drop(sessions);
+    runtime.block_on(engine.shutdown()).expect("shutdown");
+
+    let sink = runtime.block_on(redis_sink(&url, &keyspace));
+    let sink_keys = keys("sink");
+    let (writer, mut sequence) = (support::unique_u64(), 0);
+    measure("sink", &mut || {
+        let batches = batches(&sink_keys, writer, &mut sequence);
+        let start = Instant::now();
+        let results = runtime.block_on(sink.write(&batches));
+        assert!(results.iter().all(Result::is_ok), "a batch failed");
+        start.elapsed()
+    });
+
+    let raw = RawPipeline::new(server.addr(), &keys("raw"), true);
+    measure("server_incrby_expire", &mut || raw.run());
+}
+
+/// CPU seconds the server has used (`INFO cpu`).
+fn server_cpu(server: &support::RedisServer) -> f64 {
+    let info = match server.client().command(&["INFO", "cpu"]) {
+        Ok(support::Reply::Bulk(Some(text))) => String::from_utf8_lossy(&text).into_owned(),
+        other => panic!("INFO cpu: {other:?}"),
+    };
+    info.lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| *name == "used_cpu_sys" || *name == "used_cpu_user")
+        .map(|(_, value)| value.trim().parse::<f64>().expect("a number"))
+        .sum()
+}
+
+/// CPU seconds this process has used (utime + stime of `/proc/self/stat`, in 1/100 s).
+fn client_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields[i].parse::<f64>().expect("ticks");
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 criterion_group!(benches, flush_to_redis);
-criterion_main!(benches);
+criterion_main!(benches, cpu_per_account);
