@@ -33,7 +33,8 @@ mod support;
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use fred::prelude::{Builder, ClientLike, Config, KeysInterface, Value};
+use fred::clients::Pipeline;
+use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface, Value};
 use shardmeter::sink::redis::RedisSink;
 use shardmeter::sink::{Batch, BatchId, Increment, Sink};
 use shardmeter::{Engine, KeyScheme, Session, Ttl};
@@ -114,24 +115,8 @@ fn flush_to_redis(c: &mut Criterion) {
         drop(sink);
 
         // The reference gateway's pipeline, with fred's defaults.
-        let client = runtime.block_on(async {
-            let client = Builder::from_config(Config::from_url(&url).expect("url"))
-                .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(60))
-                .build()
-                .expect("client");
-            client.init().await.expect("connect");
-            client
-        });
-        let pipeline = client.pipeline();
-        runtime.block_on(async {
-            for key in keys("fred") {
-                let _: () = pipeline.incr_by(&key, AMOUNT as i64).await.expect("queue");
-                let _: () = pipeline
-                    .expire(&key, TTL.as_secs() as i64, None)
-                    .await
-                    .expect("queue");
-            }
-        });
+        let client = runtime.block_on(fred_client(&url));
+        let pipeline = runtime.block_on(fred_pipeline(&client, &keys("fred")));
         group.bench_function(BenchmarkId::new("fred_pipeline", accounts), |b| {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
@@ -172,6 +157,29 @@ async fn redis_sink(url: &str, keyspace: &support::Keyspace) -> RedisSink {
         .expect("RedisSink::connect");
     sink.load_script().await.expect("SCRIPT LOAD");
     sink
+}
+
+/// A fred client with default settings (and a generous timeout for 200k-command pipelines).
+async fn fred_client(url: &str) -> Client {
+    let client = Builder::from_config(Config::from_url(url).expect("url"))
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(60))
+        .build()
+        .expect("client");
+    client.init().await.expect("connect");
+    client
+}
+
+/// A pipeline of `INCRBY` + `EXPIRE` per key, queued once and sent by each `try_all`.
+async fn fred_pipeline(client: &Client, keys: &[String]) -> Pipeline<Client> {
+    let pipeline = client.pipeline();
+    for key in keys {
+        let _: () = pipeline.incr_by(key, AMOUNT as i64).await.expect("queue");
+        let _: () = pipeline
+            .expire(key, TTL.as_secs() as i64, None)
+            .await
+            .expect("queue");
+    }
+    pipeline
 }
 
 /// An engine flushing to `url` only on `flush_now`, and one open session per account.
@@ -334,6 +342,18 @@ fn cpu_per_account() {
         let results = runtime.block_on(sink.write(&batches));
         assert!(results.iter().all(Result::is_ok), "a batch failed");
         start.elapsed()
+    });
+
+    let client = runtime.block_on(fred_client(&url));
+    let pipeline = runtime.block_on(fred_pipeline(&client, &keys("fred")));
+    measure("fred_pipeline", &mut || {
+        let start = Instant::now();
+        let replies: Vec<Result<Value, _>> = runtime.block_on(pipeline.try_all());
+        assert!(replies.iter().all(Result::is_ok), "a command failed");
+        start.elapsed()
+    });
+    runtime.block_on(async {
+        let _ = client.quit().await;
     });
 
     let raw = RawPipeline::new(server.addr(), &keys("raw"), true);
