@@ -47,8 +47,8 @@
 //! The marker is `<marker prefix>:{<hash tag>}:<batch id>`, for example
 //! `shardmeter:batch:{uid-42}:00c0ffee00c0ffee-17`, where the hash tag is that of the batch's first
 //! key (see *Redis Cluster* below). One marker per batch lives for the dedup window: with a
-//! flush every 60 s and batches of 500 keys, a gateway keeps about 1,440 markers × its batches
-//! per flush, some 100 bytes each.
+//! flush every 60 s, a gateway keeps at least 1,440 × (its batches per flush) markers (more with
+//! session-end flushes), about 100 bytes each.
 //!
 //! # Commands per batch
 //!
@@ -91,9 +91,10 @@
 //! key, so a batch whose keys share one tag works on Cluster as on a single node. A batch that
 //! mixes hash slots cannot run as one script: on a clustered client the sink detects it before
 //! sending and answers [`SinkError::Failed`] (the flusher keeps retrying it, so the amounts are
-//! not lost, but they are not written either). Splitting batches by slot
-//! (`fred::util::redis_keyslot`) is future work; single-node Redis and single-slot batches are
-//! what this sink supports now.
+//! not lost, but they are not written either). The engine's batches mix accounts, so on
+//! Cluster nearly every batch would be refused today: splitting batches by slot
+//! (`fred::util::redis_keyslot`) is future work, and single-node Redis (or single-slot batches)
+//! is what this sink supports now.
 //!
 //! # Totals
 //!
