@@ -148,6 +148,8 @@ struct FlushWaiter {
     reply: oneshot::Sender<Result<FlushReport, EngineError>>,
     keys_before: u64,
     amount_before: u128,
+    /// The write round that carries everything pending at the call.
+    round: u64,
 }
 
 pub(crate) struct Flusher<S> {
@@ -327,6 +329,7 @@ impl<S: Sink> Flusher<S> {
             reply,
             keys_before: self.keys_written,
             amount_before: self.amount_written,
+            round: self.pending.round_carrying_pending(),
         });
         self.answer_waiters(None);
     }
@@ -422,21 +425,26 @@ impl<S: Sink> Flusher<S> {
     }
 
     /// Answers `flush_now` callers: with the error of a failed round, or with what was written
-    /// once nothing is pending.
+    /// once the round carrying what was pending at their call is acknowledged. (Not once nothing
+    /// is pending: under steady session churn something always is, and a caller would wait for
+    /// good whenever a round takes longer than the session-end delay.)
     fn answer_waiters(&mut self, failure: Option<SinkError>) {
-        if failure.is_none() && !self.pending.is_empty() {
-            return;
-        }
+        let mut still_waiting = Vec::new();
         for waiter in self.waiters.drain(..) {
             let answer = match &failure {
                 Some(error) => Err(EngineError::Sink(error.clone())),
-                None => Ok(FlushReport {
+                None if self.pending.round_done(waiter.round) => Ok(FlushReport {
                     keys_written: self.keys_written - waiter.keys_before,
                     amount_written: self.amount_written - waiter.amount_before,
                 }),
+                None => {
+                    still_waiting.push(waiter);
+                    continue;
+                }
             };
             let _ = waiter.reply.send(answer);
         }
+        self.waiters = still_waiting;
     }
 
     fn publish_pending(&self) {

@@ -163,8 +163,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Sweeps now and waits until everything pending is written, or the first write fails (the
-    /// amounts then stay pending and are retried with backoff).
+    /// Sweeps now and waits until everything pending at the call (what this sweep collects
+    /// included) is written, or the first write fails (the amounts then stay pending and are
+    /// retried with backoff). Amounts collected while it waits are not necessarily waited for.
     pub async fn flush_now(&self) -> Result<FlushReport, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::FlushNow(reply)).await?;

@@ -25,6 +25,8 @@ pub(crate) struct Pending {
     in_flight: Vec<Batch>,
     writer: u64,
     next_sequence: u64,
+    /// Rounds of batches started so far.
+    rounds: u64,
     batch_size: usize,
 }
 
@@ -57,6 +59,7 @@ impl Pending {
             in_flight: Vec::new(),
             writer,
             next_sequence: 0,
+            rounds: 0,
             batch_size,
         }
     }
@@ -87,6 +90,7 @@ impl Pending {
     }
 
     fn start_round(&mut self) {
+        self.rounds += 1;
         let mut increments = Vec::with_capacity(self.waiting.len());
         self.waiting.retain(|key, waiting| {
             let amount = waiting.amount.min(MAX_INCREMENT);
@@ -110,6 +114,23 @@ impl Pending {
             self.in_flight.push(Batch { id, increments });
             increments = rest;
         }
+    }
+
+    /// The round that carries everything pending now: the next one if amounts wait, else the
+    /// one in flight, else the last one (already acknowledged). An amount above `i64::MAX` for
+    /// one key spans several rounds; this is the first of them.
+    pub(crate) fn round_carrying_pending(&self) -> u64 {
+        if self.waiting.is_empty() {
+            self.rounds
+        } else {
+            self.rounds + 1
+        }
+    }
+
+    /// Whether round `round` is fully acknowledged. A round starts only once the previous one
+    /// is, so a later round having started means it was.
+    pub(crate) fn round_done(&self, round: u64) -> bool {
+        self.rounds > round || (self.rounds == round && self.in_flight.is_empty())
     }
 
     /// Applies the sink's answers (one per batch of the last `batches_to_send`, in order):
@@ -270,6 +291,33 @@ mod tests {
         let second = pending.batches_to_send().to_vec();
         assert_eq!(second[0].id.sequence, 1);
         assert_eq!(second[0].increments[0].amount, 3);
+    }
+
+    #[test]
+    fn a_round_carries_what_was_pending_and_later_amounts_wait_for_the_next() {
+        let mut pending = Pending::new(1, 10);
+        assert!(
+            pending.round_done(pending.round_carrying_pending()),
+            "nothing pending"
+        );
+        pending.add("a".into(), 1, TTL);
+        let round = pending.round_carrying_pending();
+        assert!(!pending.round_done(round));
+        let first = pending.batches_to_send().to_vec();
+        pending.add("b".into(), 2, TTL);
+        assert_eq!(pending.round_carrying_pending(), round + 1);
+        pending.settle(vec![Err(SinkError::Timeout(TTL))]);
+        assert!(!pending.round_done(round), "a failed round is not done");
+        pending.batches_to_send();
+        pending.settle(vec![applied(&first[0])]);
+        assert!(
+            pending.round_done(round),
+            "b came later: it does not hold round {round} up"
+        );
+        assert!(!pending.round_done(round + 1));
+        let second = pending.batches_to_send().to_vec();
+        pending.settle(vec![applied(&second[0])]);
+        assert!(pending.round_done(round + 1) && pending.is_empty());
     }
 
     #[test]
