@@ -375,6 +375,53 @@ impl RedisServer {
     pub fn ttl(&self, key: &str) -> i64 {
         self.client().ttl(key)
     }
+
+    /// The server's log so far (all of its runs: [`restart`](Self::restart) appends).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Rewrites the AOF from memory (`BGREWRITEAOF`) and waits until the rewrite is done.
+    ///
+    /// Needed after restarting a server whose AOF a kill cut inside a `MULTI`/`EXEC` block (how
+    /// a script's effects are logged): Redis 7.0 with `aof-load-truncated yes` (the default)
+    /// truncates such a file at the last complete command rather than before the `MULTI`, and
+    /// the dangling `MULTI` swallows the next transaction at the following load, replaying the
+    /// cut one (Valkey fixed this in valkey-io/valkey#4342). A rewrite replaces that file with
+    /// one made from memory: same data, no dangling `MULTI`.
+    pub fn rewrite_aof(&self) {
+        let mut client = self.client();
+        let deadline = Instant::now() + START_TIMEOUT;
+        let rewrites = |client: &mut RespClient| client.info("persistence")["aof_rewrites"].clone();
+        let before = rewrites(&mut client);
+        loop {
+            assert!(Instant::now() < deadline, "BGREWRITEAOF did not start");
+            match client.command(&["BGREWRITEAOF"]) {
+                Ok(Reply::Status(_)) => break,
+                // One already running may have started before the data it must cover: wait for
+                // it to end, then ask again.
+                Ok(Reply::Error(error)) if error.contains("in progress") => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => panic!("BGREWRITEAOF: {other:?}"),
+            }
+        }
+        loop {
+            let info = client.info("persistence");
+            if info["aof_rewrites"] != before
+                && info["aof_rewrite_in_progress"] == "0"
+                && info["aof_rewrite_scheduled"] == "0"
+            {
+                assert_eq!(info["aof_last_bgrewrite_status"], "ok", "{info:?}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BGREWRITEAOF did not finish: {info:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for RedisServer {
@@ -568,6 +615,18 @@ impl RespClient {
             if cursor == "0" {
                 return keys;
             }
+        }
+    }
+
+    /// `INFO <section>` as its `field:value` lines.
+    pub fn info(&mut self, section: &str) -> HashMap<String, String> {
+        match self.expect(&["INFO", section]) {
+            Reply::Bulk(Some(text)) => String::from_utf8_lossy(&text)
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .map(|(field, value)| (field.to_owned(), value.trim().to_owned()))
+                .collect(),
+            other => panic!("INFO {section}: {other:?}"),
         }
     }
 
