@@ -154,7 +154,7 @@ impl ModeReport {
             && self
                 .engine
                 .as_ref()
-                .map_or(true, |engine| engine.report.is_complete())
+                .is_none_or(|engine| engine.report.is_complete())
     }
 }
 
