@@ -338,7 +338,7 @@ impl<S: Sink> Flusher<S> {
         if self.write.is_some() || self.retry_at.is_some() {
             return;
         }
-        let batches = self.pending.batches_to_send().to_vec();
+        let batches = self.pending.batches_to_send();
         if batches.is_empty() {
             return;
         }

@@ -8,6 +8,7 @@
 
 use crate::sink::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, SinkError};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The most one increment may carry: Redis counters are signed 64-bit.
@@ -22,7 +23,10 @@ struct Waiting {
 #[derive(Debug)]
 pub(crate) struct Pending {
     waiting: HashMap<String, Waiting>,
-    in_flight: Vec<Batch>,
+    /// Shared with the write future that sends it, so a send or a re-send copies no key.
+    in_flight: Arc<Vec<Batch>>,
+    /// Sum of everything in `waiting` and `in_flight`.
+    amount: u128,
     writer: u64,
     next_sequence: u64,
     /// Rounds of batches started so far.
@@ -56,7 +60,8 @@ impl Pending {
     pub(crate) fn new(writer: u64, batch_size: usize) -> Self {
         Self {
             waiting: HashMap::new(),
-            in_flight: Vec::new(),
+            in_flight: Arc::default(),
+            amount: 0,
             writer,
             next_sequence: 0,
             rounds: 0,
@@ -75,6 +80,7 @@ impl Pending {
             .or_insert(Waiting { amount: 0, ttl });
         waiting.amount += u128::from(amount);
         waiting.ttl = ttl;
+        self.amount += u128::from(amount);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -82,38 +88,58 @@ impl Pending {
     }
 
     /// The batches to send now: the unacknowledged ones, or else a new round from `waiting`.
-    pub(crate) fn batches_to_send(&mut self) -> &[Batch] {
+    pub(crate) fn batches_to_send(&mut self) -> Arc<Vec<Batch>> {
         if self.in_flight.is_empty() && !self.waiting.is_empty() {
             self.start_round();
         }
-        &self.in_flight
+        self.in_flight.clone()
     }
 
+    /// Moves every waiting amount (up to `i64::MAX` per key) into new batches. Keys move, not
+    /// copy; batches fill one after another, so building a round is linear in its keys.
     fn start_round(&mut self) {
         self.rounds += 1;
-        let mut increments = Vec::with_capacity(self.waiting.len());
-        self.waiting.retain(|key, waiting| {
+        let batch_size = self.batch_size;
+        let mut filled = Vec::with_capacity(self.waiting.len().div_ceil(batch_size));
+        let mut increments = Vec::with_capacity(batch_size.min(self.waiting.len()));
+        let mut over_max = Vec::new();
+        for (key, mut waiting) in self.waiting.drain() {
             let amount = waiting.amount.min(MAX_INCREMENT);
+            waiting.amount -= amount;
+            if waiting.amount > 0 {
+                // What is over `i64::MAX` waits for a later round.
+                over_max.push((key.clone(), waiting.amount, waiting.ttl));
+            }
             increments.push(Increment {
-                key: key.clone(),
+                key,
                 amount: amount as u64,
                 ttl: waiting.ttl,
             });
-            waiting.amount -= amount;
-            // What is over `i64::MAX` waits for a later round.
-            waiting.amount > 0
-        });
-        let batch_size = self.batch_size;
-        while !increments.is_empty() {
-            let rest = increments.split_off(increments.len().min(batch_size));
-            let id = BatchId {
-                writer: self.writer,
-                sequence: self.next_sequence,
-            };
-            self.next_sequence += 1;
-            self.in_flight.push(Batch { id, increments });
-            increments = rest;
+            if increments.len() == batch_size {
+                filled.push(std::mem::replace(
+                    &mut increments,
+                    Vec::with_capacity(batch_size),
+                ));
+            }
         }
+        if !increments.is_empty() {
+            filled.push(increments);
+        }
+        for (key, amount, ttl) in over_max {
+            self.waiting.insert(key, Waiting { amount, ttl });
+        }
+        let writer = self.writer;
+        let first_sequence = self.next_sequence;
+        self.next_sequence += filled.len() as u64;
+        self.in_flight = Arc::new(
+            (first_sequence..)
+                .zip(filled)
+                .map(|(sequence, increments)| Batch {
+                    id: BatchId { writer, sequence },
+                    increments,
+                })
+                .collect(),
+        );
     }
 
     /// The round that carries everything pending now: the next one if amounts wait, else the
@@ -138,7 +164,9 @@ impl Pending {
     pub(crate) fn settle(&mut self, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
         let mut settlement = Settlement::default();
         let mut results = results.into_iter();
-        self.in_flight.retain(|batch| {
+        let mut acknowledged = 0u128;
+        // The write future that shared these batches is done, so this copies nothing.
+        Arc::make_mut(&mut self.in_flight).retain(|batch| {
             let result = results.next().unwrap_or_else(|| {
                 Err(SinkError::Failed(
                     "the sink returned fewer results than batches".into(),
@@ -168,17 +196,15 @@ impl Pending {
                             }),
                         }
                     }
+                    acknowledged += batch_amount(batch);
                     false
                 }
                 Ok(BatchOutcome::AlreadyApplied) => {
                     settlement.batches_written += 1;
                     settlement.duplicate_batches += 1;
                     settlement.keys_written += batch.increments.len() as u64;
-                    settlement.amount_written += batch
-                        .increments
-                        .iter()
-                        .map(|i| u128::from(i.amount))
-                        .sum::<u128>();
+                    settlement.amount_written += batch_amount(batch);
+                    acknowledged += batch_amount(batch);
                     false
                 }
                 Err(error) => {
@@ -187,24 +213,25 @@ impl Pending {
                 }
             }
         });
+        self.amount -= acknowledged;
         settlement
     }
 
     /// Total amount not yet acknowledged.
     pub(crate) fn amount(&self) -> u128 {
-        let waiting: u128 = self.waiting.values().map(|w| w.amount).sum();
-        let in_flight: u128 = self
+        self.amount
+    }
+
+    /// Distinct keys with an unacknowledged amount (no allocation: this is read after every
+    /// sweep).
+    pub(crate) fn keys(&self) -> usize {
+        let only_in_flight = self
             .in_flight
             .iter()
             .flat_map(|batch| &batch.increments)
-            .map(|increment| u128::from(increment.amount))
-            .sum();
-        waiting + in_flight
-    }
-
-    /// Distinct keys with an unacknowledged amount.
-    pub(crate) fn keys(&self) -> usize {
-        self.unwritten().len()
+            .filter(|increment| !self.waiting.contains_key(&increment.key))
+            .count();
+        self.waiting.len() + only_in_flight
     }
 
     /// Every key with its unacknowledged amount, sorted by key.
@@ -223,6 +250,14 @@ impl Pending {
         unwritten.sort();
         unwritten
     }
+}
+
+fn batch_amount(batch: &Batch) -> u128 {
+    batch
+        .increments
+        .iter()
+        .map(|increment| u128::from(increment.amount))
+        .sum()
 }
 
 #[cfg(test)]
@@ -281,8 +316,8 @@ mod tests {
         assert!(settlement.failure.is_some());
         pending.add("a".into(), 3, TTL);
         assert_eq!(
-            pending.batches_to_send(),
-            &first[..],
+            *pending.batches_to_send(),
+            first,
             "a retry re-sends the same batch"
         );
         assert_eq!(pending.amount(), 8);
@@ -369,6 +404,8 @@ mod tests {
                 break;
             }
             assert!(batches[0].increments[0].amount <= i64::MAX as u64);
+            let unwritten: u128 = pending.unwritten().iter().map(|(_, amount)| amount).sum();
+            assert_eq!(pending.amount(), unwritten, "the running total matches");
             written += pending
                 .settle(batches.iter().map(applied).collect())
                 .amount_written;
