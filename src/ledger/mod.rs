@@ -305,7 +305,8 @@ pub struct Usage {
 /// only it frees slots: that is what lets sweeps read slots without locks.
 pub struct Sweeper {
     shared: Arc<Shared>,
-    /// What this sweeper last read from each cell, shard-major (`shard * capacity + slot`).
+    /// What this sweeper last read from each cell, slot-major (`slot * shard_count + shard`):
+    /// a slot's readings sit together, where the cells themselves are a whole shard apart.
     last_seen: Box<[u64]>,
 }
 
@@ -331,11 +332,20 @@ impl Sweeper {
     pub fn sweep(&mut self, out: &mut Vec<Usage>) -> usize {
         let ended = self.collect_ended(out);
         for slot in 0..self.shared.slots.capacity() {
-            let Some(account) = self.shared.slots.account(slot) else {
+            // A slot that looks free has nothing to collect (its cells and readings were reset
+            // when it was freed); a new session there is collected by the next sweep.
+            if !self.shared.slots.is_open(slot) {
                 continue;
-            };
+            }
             let total = self.take_delta(slot, false);
-            push_usage(out, account, total, false);
+            if total == 0 {
+                // No account clone, so no refcount traffic, for slots idle since the last sweep.
+                continue;
+            }
+            // Some: the slot was seen open above and only this sweeper frees slots.
+            if let Some(account) = self.shared.slots.account(slot) {
+                push_usage(out, account, total, false);
+            }
         }
         ended
     }
@@ -350,11 +360,11 @@ impl Sweeper {
     /// Sums `slot`'s growth over all shards since the last read, and remembers the new values;
     /// with `reset`, zeroes the cells instead (the slot has no session).
     fn take_delta(&mut self, slot: usize, reset: bool) -> u128 {
-        let capacity = self.shared.slots.capacity();
         let shards = &self.shared.shards;
+        let shard_count = shards.count();
         let mut total = 0u128;
-        for shard in 0..shards.count() {
-            let seen = &mut self.last_seen[shard * capacity + slot];
+        for shard in 0..shard_count {
+            let seen = &mut self.last_seen[slot * shard_count + shard];
             let current = shards.read(shard, slot);
             // Cells only grow while the slot is held, and this thread's reads never go back.
             debug_assert!(
@@ -375,14 +385,22 @@ impl Sweeper {
 }
 
 fn push_usage(out: &mut Vec<Usage>, account: Account, mut total: u128, session_ended: bool) {
-    while total > 0 {
-        let amount = total.min(u128::from(u64::MAX)) as u64;
+    let max = u128::from(u64::MAX);
+    while total > max {
         out.push(Usage {
             account: account.clone(),
-            amount,
+            amount: u64::MAX,
             session_ended,
         });
-        total -= u128::from(amount);
+        total -= max;
+    }
+    if total > 0 {
+        // The last record takes the caller's reference rather than a clone of it.
+        out.push(Usage {
+            account,
+            amount: total as u64,
+            session_ended,
+        });
     }
 }
 

@@ -11,6 +11,8 @@
 //! - The sweeper reads `state` with `Acquire` before it reads the account, so it sees the account
 //!   that was published with it. Only the sweeper frees slots, so a slot it sees open cannot be
 //!   reopened (its account rewritten) while the sweeper reads it.
+//! - `is_open` lets the sweeper skip free slots before reading cells; it is `Relaxed` because it
+//!   publishes nothing: the sweeper reads the account only through `account` and its `Acquire`.
 //! - `free` (sweeper only) takes the account and stores `FREE` (`Relaxed`: only the sweeper reads
 //!   `state` after an opener has published it, and it reads its own store in program order); the
 //!   free queue's push/pop then hands the slot, account cleared, to the next opener.
@@ -92,6 +94,16 @@ impl Slots {
     /// Sweeper only: the next slot whose session has ended.
     pub(super) fn next_ended(&self) -> Option<u32> {
         self.ended.pop()
+    }
+
+    /// Sweeper only: whether `slot` looks open, so that the caller may read its cells. Reads no
+    /// account; call [`Slots::account`] for that.
+    pub(super) fn is_open(&self, slot: usize) -> bool {
+        // Relaxed: a filter, not a publication. The caller reads only cells after it (atomics,
+        // whose values need no ordering, see `shard.rs`), and takes the account through
+        // `account`, whose own `Acquire` load sees this `OPEN` or a later state (coherence; and
+        // only the caller frees slots, so it is this `OPEN`).
+        self.meta[slot].state.load(Ordering::Relaxed) == OPEN
     }
 
     /// Sweeper only: the account of an open slot, or `None` if the slot is (or looks) free.
