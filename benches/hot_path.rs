@@ -31,8 +31,9 @@
 //! `black_box`ed reference, so LLVM cannot fold or delete the loops. Checked in the disassembly:
 //! `floor_load_store` compiles to one `add %reg,(%mem)` per operation (LLVM fuses the load and
 //! the store; the loop is unrolled 4x), `floor_via_handle` adds one load of the address, and
-//! `session_add_worker` is a TLS load, two compares and branches, an `imul`, four loads of the
-//! session's fields, then the cell's load, `add` and store.
+//! `session_add_worker` is about 13 instructions: loads of the session's `Arc` and of four of its
+//! handle's fields (one of them only for the cold paths), a TLS load of the worker index, a
+//! compare and branch, an `imul`, then the cell's load, `add`, overflow branch and store.
 //!
 //! Run: `cargo bench --bench hot_path`; smoke: `cargo bench --bench hot_path -- --test`.
 
