@@ -165,7 +165,6 @@ pub(crate) struct Flusher<S> {
     /// When the interval that the next sweep closes began (the last full sweep).
     interval_start: SystemTime,
     write: Option<WriteFuture>,
-    batches_in_write: usize,
     failures_in_a_row: u32,
     /// `failures_in_a_row` when the current backoff schedule started: 0, or its value when the
     /// shutdown began (the shutdown restarts the backoff from `retry_initial`).
@@ -202,7 +201,6 @@ impl<S: Sink> Flusher<S> {
             stats,
             usage: Vec::new(),
             write: None,
-            batches_in_write: 0,
             failures_in_a_row: 0,
             backoff_since: 0,
             retry_at: None,
@@ -346,7 +344,6 @@ impl<S: Sink> Flusher<S> {
         if self.failures_in_a_row > 0 {
             Stats::add(&self.stats.retries, 1);
         }
-        self.batches_in_write = batches.len();
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
         self.write = Some(Box::pin(async move {
@@ -363,7 +360,8 @@ impl<S: Sink> Flusher<S> {
         Stats::set(&self.stats.last_flush_micros, took.as_micros());
         Stats::set(&self.stats.sink_commands, self.sink.commands_sent().into());
         let timeout = SinkError::Timeout(self.config.write_timeout);
-        let results = results.unwrap_or_else(|| vec![Err(timeout); self.batches_in_write]);
+        let results =
+            results.unwrap_or_else(|| vec![Err(timeout); self.pending.batches_in_flight()]);
         let settlement = self.pending.settle(results);
 
         self.keys_written += settlement.keys_written;

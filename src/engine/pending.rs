@@ -142,6 +142,11 @@ impl Pending {
         );
     }
 
+    /// How many batches the last `batches_to_send` returned and are not yet settled.
+    pub(crate) fn batches_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// The round that carries everything pending now: the next one if amounts wait, else the
     /// one in flight, else the last one (already acknowledged). An amount above `i64::MAX` for
     /// one key spans several rounds; this is the first of them.
