@@ -76,7 +76,7 @@ pub mod sink;
 
 #[cfg(feature = "engine")]
 pub use engine::{
-    Bucket, Clock, Engine, EngineBuilder, EngineError, FlushReport, KeyScheme, ShutdownReport,
+    Bucket, BucketLabel, Clock, Engine, EngineBuilder, EngineError, FlushReport, KeyScheme, ShutdownReport,
     StatsSnapshot, SystemClock, Ttl,
 };
 pub use ledger::{

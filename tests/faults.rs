@@ -89,19 +89,10 @@ impl Rng {
     }
 }
 
-/// The key the engine writes `account` to, computed independently of the engine: the account
-/// id with every byte other than an ASCII letter, digit or one of `-_.@+=/` written as `%XX`
-/// (`docs/operations.md`, *Keys*).
+/// The key the engine writes `account` to, computed independently of the engine: the account id
+/// exactly as given after the prefix (`docs/operations.md`, *Keys*).
 fn key_of(account: &str) -> String {
-    let mut escaped = String::new();
-    for byte in account.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.@+=/".contains(&byte) {
-            escaped.push(byte as char);
-        } else {
-            escaped.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    format!("{PREFIX}:{{{escaped}}}")
+    format!("{PREFIX}:{account}")
 }
 
 /// A sink with short timeouts writing to `url`, markers under [`MARKERS`].

@@ -20,7 +20,7 @@
 //!
 //! let report = engine.shutdown().await?; // drains and flushes everything
 //! assert!(report.is_complete());
-//! assert_eq!(sink.total("usage:{uid-42}"), Some(20));
+//! assert_eq!(sink.total("usage:uid-42"), Some(20));
 //! # Ok(())
 //! # }
 //! ```
@@ -35,7 +35,7 @@ mod pending;
 mod stats;
 
 pub use clock::{Clock, SystemClock};
-pub use keys::{Bucket, KeyScheme, KeySchemeError, Ttl};
+pub use keys::{Bucket, BucketLabel, KeyScheme, KeySchemeError, Ttl};
 pub use pending::Rejection;
 pub use stats::StatsSnapshot;
 
