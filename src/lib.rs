@@ -76,11 +76,14 @@ pub mod sink;
 
 #[cfg(feature = "engine")]
 pub use engine::{
-    Bucket, BucketLabel, Clock, Engine, EngineBuilder, EngineError, FlushReport, KeyScheme, ShutdownReport,
-    StatsSnapshot, SystemClock, Ttl,
+    AccountUsage, Bucket, BucketLabel, BudgetStatus, Budgets, Clock, Engine, EngineBuilder,
+    EngineError, FlushReport, KeyScheme, Session, ShutdownReport, StatsSnapshot, SystemClock, Ttl,
 };
+/// Without the engine, the ledger's session (with it, [`engine::Session`] wraps one).
+#[cfg(not(feature = "engine"))]
+pub use ledger::Session;
 pub use ledger::{
-    register_worker_thread, unregister_worker_thread, Ledger, LedgerError, Session, Sweeper, Usage,
+    register_worker_thread, unregister_worker_thread, Ledger, LedgerError, Sweeper, Usage,
 };
 #[cfg(feature = "redis")]
 pub use sink::redis::RedisSink;

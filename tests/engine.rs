@@ -208,10 +208,7 @@ async fn usage_lands_in_the_utc_day_it_was_added_in() {
     session.add(7);
     // The periodic flush would only come at 00:00:58: the boundary sweep already split the day.
     engine.flush_now().await.unwrap();
-    assert_eq!(
-        sink.total("fair_use:dg_budget:uid-42:20261129"),
-        Some(100)
-    );
+    assert_eq!(sink.total("fair_use:dg_budget:uid-42:20261129"), Some(100));
     assert_eq!(sink.total("fair_use:dg_budget:uid-42:20261130"), Some(7));
     // Yesterday's key lives until an hour after its midnight, which is about now + 1 h.
     let ttl = sink.ttl("fair_use:dg_budget:uid-42:20261129").unwrap();
@@ -271,6 +268,10 @@ impl Sink for CountingSink {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.memory.write(batches).await
     }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        self.memory.read_totals(keys).await
+    }
 }
 
 /// A sink whose writes fail while `failing` is set. With `apply_then_fail`, a failing write is
@@ -296,6 +297,13 @@ impl Sink for FlakySink {
             .iter()
             .map(|_| Err(SinkError::Unavailable("connection reset".into())))
             .collect()
+    }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(SinkError::Unavailable("connection reset".into()));
+        }
+        self.memory.read_totals(keys).await
     }
 }
 

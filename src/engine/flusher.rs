@@ -21,6 +21,7 @@
 //! after an exponential backoff with jitter; amounts swept meanwhile wait, merged per key, for
 //! the next round. See `pending.rs` for why memory stays bounded.
 
+use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
 use super::keys::KeyScheme;
 use super::pending::{Pending, Rejection};
 use super::stats::Stats;
@@ -40,6 +41,8 @@ const MAX_REPORTED_REJECTIONS: usize = 10_000;
 pub(crate) enum Command {
     FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
     SetEnabled(bool, oneshot::Sender<()>),
+    SetFlushInterval(Duration, oneshot::Sender<()>),
+    SetBudgets(Budgets, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<ShutdownReport>),
 }
 
@@ -53,6 +56,7 @@ pub(crate) struct FlusherConfig {
     pub(crate) retry_initial: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) keys: KeyScheme,
+    pub(crate) budgets: Budgets,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -67,6 +71,7 @@ impl Default for FlusherConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             keys: KeyScheme::new("shardmeter"),
+            budgets: Budgets::unlimited(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -74,6 +79,7 @@ impl Default for FlusherConfig {
 
 impl FlusherConfig {
     pub(crate) fn validate(&self) -> Result<(), EngineError> {
+        validate_flush_interval(self.flush_interval)?;
         let check = |ok: bool, message: String| {
             if ok {
                 Ok(())
@@ -81,11 +87,6 @@ impl FlusherConfig {
                 Err(EngineError::InvalidConfig(message))
             }
         };
-        let interval = self.flush_interval;
-        check(
-            (Duration::from_millis(10)..=Duration::from_secs(86_400)).contains(&interval),
-            format!("flush_interval must be 10 ms to 24 h, got {interval:?}"),
-        )?;
         check(
             self.session_end_delay <= Duration::from_secs(60),
             format!(
@@ -137,12 +138,26 @@ impl std::fmt::Debug for FlusherConfig {
             .field("retry_initial", &self.retry_initial)
             .field("retry_max", &self.retry_max)
             .field("keys", &self.keys)
+            .field("budgets", &self.budgets)
             .finish_non_exhaustive()
+    }
+}
+
+/// Checks a flush interval (at build time and when it is changed at run time).
+pub(crate) fn validate_flush_interval(interval: Duration) -> Result<(), EngineError> {
+    if (Duration::from_millis(10)..=Duration::from_secs(86_400)).contains(&interval) {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidConfig(format!(
+            "flush_interval must be 10 ms to 24 h, got {interval:?}"
+        )))
     }
 }
 
 type WriteResults = Vec<Result<BatchOutcome, SinkError>>;
 type WriteFuture = Pin<Box<dyn Future<Output = (Option<WriteResults>, Duration)> + Send>>;
+type ReadResults = Result<Vec<Option<i64>>, SinkError>;
+type ReadFuture = Pin<Box<dyn Future<Output = (ReadRequest, ReadResults)> + Send>>;
 
 struct FlushWaiter {
     reply: oneshot::Sender<Result<FlushReport, EngineError>>,
@@ -160,6 +175,13 @@ pub(crate) struct Flusher<S> {
     session_ended: Arc<Notify>,
     commands: mpsc::Receiver<Command>,
     stats: Arc<Stats>,
+    /// Where sessions find their account's state; the flusher forgets unused ones there.
+    registry: Arc<Registry>,
+    /// Accounts whose first session just opened.
+    new_accounts: mpsc::UnboundedReceiver<Arc<AccountState>>,
+    /// The read side: per-account usage, published to sessions.
+    book: AccountBook,
+    read: Option<ReadFuture>,
     usage: Vec<Usage>,
     pending: Pending,
     /// When the interval that the next sweep closes began (the last full sweep).
@@ -178,19 +200,38 @@ pub(crate) struct Flusher<S> {
     jitter_state: u64,
 }
 
+/// What the engine's handles, sessions and ledger tell the flusher.
+pub(crate) struct Inbox {
+    pub(crate) commands: mpsc::Receiver<Command>,
+    /// Woken when a session's last handle drops.
+    pub(crate) session_ended: Arc<Notify>,
+    /// Accounts whose first session just opened.
+    pub(crate) new_accounts: mpsc::UnboundedReceiver<Arc<AccountState>>,
+}
+
 impl<S: Sink> Flusher<S> {
     pub(crate) fn new(
         config: FlusherConfig,
         enabled: bool,
         sweeper: Sweeper,
         sink: S,
-        session_ended: Arc<Notify>,
-        commands: mpsc::Receiver<Command>,
+        inbox: Inbox,
         stats: Arc<Stats>,
+        registry: Arc<Registry>,
     ) -> Self {
+        let Inbox {
+            commands,
+            session_ended,
+            new_accounts,
+        } = inbox;
         let writer = random_u64();
+        let now = config.clock.now();
         Self {
-            interval_start: config.clock.now(),
+            interval_start: now,
+            book: AccountBook::new(config.keys.clone(), config.budgets.clone(), now),
+            registry,
+            new_accounts,
+            read: None,
             pending: Pending::new(writer, config.batch_size),
             config,
             enabled,
@@ -214,9 +255,7 @@ impl<S: Sink> Flusher<S> {
     }
 
     pub(crate) async fn run(mut self) {
-        let interval = self.config.flush_interval;
-        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ticker = flush_ticker(self.config.flush_interval);
         loop {
             let boundary = self.next_boundary();
             let session_ended = self.session_ended.clone();
@@ -226,6 +265,16 @@ impl<S: Sink> Flusher<S> {
                     Some(Command::FlushNow(reply)) => self.flush_now(reply),
                     Some(Command::SetEnabled(enabled, reply)) => {
                         self.set_enabled(enabled);
+                        let _ = reply.send(());
+                    }
+                    Some(Command::SetFlushInterval(interval, reply)) => {
+                        self.config.flush_interval = interval;
+                        ticker = flush_ticker(interval);
+                        tracing::info!(?interval, "flush interval changed");
+                        let _ = reply.send(());
+                    }
+                    Some(Command::SetBudgets(budgets, reply)) => {
+                        self.book.set_budgets(budgets);
                         let _ = reply.send(());
                     }
                     Some(Command::Shutdown(reply)) => {
@@ -244,12 +293,24 @@ impl<S: Sink> Flusher<S> {
                         return;
                     }
                 },
+                Some(state) = self.new_accounts.recv() => {
+                    // Everything announced meanwhile joins the same pipelined read.
+                    self.book.track(state);
+                    while let Ok(state) = self.new_accounts.try_recv() {
+                        self.book.track(state);
+                    }
+                    self.publish_tracked();
+                }
                 output = next_write(&mut self.write) => self.settle(output),
+                (request, values) = next_read(&mut self.read) => {
+                    self.read = None;
+                    self.book.read_done(request, values, self.config.clock.now());
+                }
                 _ = ticker.tick() => self.sweep_all(),
                 _ = sleep_until(boundary) => self.sweep_all(),
                 _ = session_ended.notified(), if self.ended_due.is_none() => {
                     // Never later than the periodic sweep would collect it anyway.
-                    let delay = self.config.session_end_delay.min(interval);
+                    let delay = self.config.session_end_delay.min(self.config.flush_interval);
                     self.ended_due = Some(Instant::now() + delay);
                 }
                 _ = sleep_until(self.ended_due) => {
@@ -259,6 +320,7 @@ impl<S: Sink> Flusher<S> {
                 _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
             }
             self.start_write_if_due();
+            self.start_read_if_due();
         }
     }
 
@@ -279,6 +341,8 @@ impl<S: Sink> Flusher<S> {
         Stats::add(&self.stats.sessions_ended, ended as u128);
         self.absorb(now);
         self.interval_start = now;
+        self.book.after_full_sweep(now, &self.registry);
+        self.publish_tracked();
     }
 
     fn collect_ended(&mut self) {
@@ -297,8 +361,12 @@ impl<S: Sink> Flusher<S> {
         for usage in self.usage.drain(..) {
             Stats::add(&self.stats.amount_swept, usage.amount.into());
             if self.enabled {
-                self.pending
-                    .add(keys.key(&usage.account, &span), usage.amount, ttl);
+                let key = match self.book.current_key(&usage.account, &span) {
+                    Some(key) => key.to_owned(),
+                    None => keys.key(&usage.account, &span),
+                };
+                self.book.swept(&usage.account, &span, usage.amount);
+                self.pending.add(key, usage.amount, ttl);
             } else {
                 Stats::add(&self.stats.amount_discarded, usage.amount.into());
             }
@@ -362,7 +430,11 @@ impl<S: Sink> Flusher<S> {
         let timeout = SinkError::Timeout(self.config.write_timeout);
         let results =
             results.unwrap_or_else(|| vec![Err(timeout); self.pending.batches_in_flight()]);
-        let settlement = self.pending.settle(results);
+        let now = self.config.clock.now();
+        let book = &mut self.book;
+        let settlement = self.pending.settle(results, |increment, total| {
+            book.acknowledged(&increment.key, increment.amount, total, now);
+        });
 
         self.keys_written += settlement.keys_written;
         self.amount_written += settlement.amount_written;
@@ -445,6 +517,29 @@ impl<S: Sink> Flusher<S> {
         self.waiters = still_waiting;
     }
 
+    /// Starts reading the global totals the read side wants, unless a read is in flight.
+    fn start_read_if_due(&mut self) {
+        if self.read.is_some() {
+            return;
+        }
+        let Some(request) = self.book.take_reads() else {
+            return;
+        };
+        Stats::add(&self.stats.account_reads, request.keys.len() as u128);
+        let sink = self.sink.clone();
+        let timeout = self.config.write_timeout;
+        self.read = Some(Box::pin(async move {
+            let values = tokio::time::timeout(timeout, sink.read_totals(&request.keys))
+                .await
+                .unwrap_or(Err(SinkError::Timeout(timeout)));
+            (request, values)
+        }));
+    }
+
+    fn publish_tracked(&self) {
+        Stats::set(&self.stats.tracked_accounts, self.book.len() as u128);
+    }
+
     fn publish_pending(&self) {
         Stats::set(&self.stats.pending_amount, self.pending.amount());
         Stats::set(&self.stats.pending_keys, self.pending.keys() as u128);
@@ -519,6 +614,21 @@ async fn next_write(write: &mut Option<WriteFuture>) -> (Option<WriteResults>, D
         Some(future) => future.await,
         None => std::future::pending().await,
     }
+}
+
+/// The in-flight read's output; never ready when there is none.
+async fn next_read(read: &mut Option<ReadFuture>) -> (ReadRequest, ReadResults) {
+    match read {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ticks every `interval`, the first tick one interval from now.
+fn flush_ticker(interval: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }
 
 /// Sleeps until `at`; never wakes when there is no deadline.

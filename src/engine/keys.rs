@@ -425,10 +425,7 @@ mod tests {
             deployment_key("team:ops"),
             "fair_use:dg_budget:team:ops:20261129"
         );
-        assert_eq!(
-            deployment_key("a{b}c"),
-            "fair_use:dg_budget:a{b}c:20261129"
-        );
+        assert_eq!(deployment_key("a{b}c"), "fair_use:dg_budget:a{b}c:20261129");
         assert_eq!(
             deployment_key("José 東京"),
             "fair_use:dg_budget:José 東京:20261129"
@@ -535,7 +532,10 @@ mod tests {
             refused(KeyScheme::new("a{b").hash_tag(true)),
             KeySchemeError::BraceBeforeHashTag("a{b".into())
         );
-        assert!(KeyScheme::new("a{b").validate().is_ok(), "no tag: any prefix");
+        assert!(
+            KeyScheme::new("a{b").validate().is_ok(),
+            "no tag: any prefix"
+        );
         assert_eq!(
             refused(KeyScheme::new("p").ttl(Ttl::Fixed(Duration::ZERO))),
             KeySchemeError::TtlTooShort(Duration::ZERO)
@@ -554,9 +554,8 @@ mod tests {
 
     #[test]
     fn schemes_that_could_share_a_key_are_refused() {
-        let ambiguous = |scheme: KeyScheme| {
-            matches!(scheme.validate(), Err(KeySchemeError::Ambiguous(_)))
-        };
+        let ambiguous =
+            |scheme: KeyScheme| matches!(scheme.validate(), Err(KeySchemeError::Ambiguous(_)));
         let unix = || KeyScheme::daily_utc("p").bucket_label(BucketLabel::UnixSeconds);
         // No separator and a label of varying length: ("u1", "7200") vs ("u", "17200").
         assert!(ambiguous(unix().separator("")));

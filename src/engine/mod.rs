@@ -28,20 +28,25 @@
 //! How the flusher schedules sweeps, attributes usage to time buckets, retries and shuts down is
 //! described in the `flusher` module and in `docs/operations.md`.
 
+mod accounts;
 mod clock;
 mod flusher;
 mod keys;
 mod pending;
+mod session;
 mod stats;
 
+pub use accounts::{AccountUsage, BudgetStatus, Budgets};
 pub use clock::{Clock, SystemClock};
 pub use keys::{Bucket, BucketLabel, KeyScheme, KeySchemeError, Ttl};
 pub use pending::Rejection;
+pub use session::Session;
 pub use stats::StatsSnapshot;
 
-use crate::ledger::{Ledger, LedgerError, Session};
+use crate::ledger::{Ledger, LedgerError};
 use crate::sink::{Sink, SinkError};
-use flusher::{Command, Flusher, FlusherConfig};
+use accounts::Registry;
+use flusher::{validate_flush_interval, Command, Flusher, FlusherConfig, Inbox};
 use stats::Stats;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -117,6 +122,7 @@ pub struct Engine {
 
 struct EngineShared {
     ledger: Ledger,
+    registry: Arc<Registry>,
     commands: mpsc::Sender<Command>,
     stats: Arc<Stats>,
     enabled: AtomicBool,
@@ -147,13 +153,16 @@ impl Engine {
         }
     }
 
-    /// Opens a session for `account`. See [`Ledger::open_session`].
+    /// Opens a session for `account` (see [`Ledger::open_session`]). The first session of an
+    /// account not tracked yet also starts tracking its usage: one read of its total in the
+    /// sink, in the background (see [`Session::synced`]).
     pub fn open_session(&self, account: &str) -> Result<Session, EngineError> {
         // Relaxed: a courtesy check; a session opened during shutdown is still swept by it.
         if self.shared.shut_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShutDown);
         }
-        Ok(self.shared.ledger.open_session(account)?)
+        let session = self.shared.ledger.open_session(account)?;
+        Ok(Session::new(session, self.shared.registry.open(account)))
     }
 
     /// Charges `amount` to `account` once, without a session (an offline upload): flushed like
@@ -170,6 +179,47 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         self.send(Command::FlushNow(reply)).await?;
         answer.await.map_err(|_| EngineError::ShutDown)?
+    }
+
+    /// The usage of `account` in the current bucket, all processes included, as this engine
+    /// knows it; `None` for an account it does not track (no session open, none ended since the
+    /// last full sweep). Reads published state; never asks the sink.
+    pub fn usage(&self, account: &str) -> Option<AccountUsage> {
+        Some(self.shared.registry.get(account)?.usage())
+    }
+
+    /// `account` against its budget (the deployment's `get_dg_budget_status`); `None` when the
+    /// engine does not track it or it has no limit.
+    pub fn status(&self, account: &str) -> Option<BudgetStatus> {
+        self.shared.registry.get(account)?.status()
+    }
+
+    /// Whether `account` has used its budget (the deployment's `is_dg_budget_exhausted`);
+    /// `false` for an account the engine does not track. Per chunk, ask the session instead
+    /// ([`Session::is_exhausted`]): this one looks the account up by name.
+    pub fn is_exhausted(&self, account: &str) -> bool {
+        self.shared
+            .registry
+            .get(account)
+            .is_some_and(|state| state.is_exhausted())
+    }
+
+    /// Replaces the budget limits at run time; every tracked account is re-evaluated before
+    /// this returns (sessions see the new verdict at once).
+    pub async fn set_budgets(&self, budgets: Budgets) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SetBudgets(budgets, reply)).await?;
+        answer.await.map_err(|_| EngineError::ShutDown)
+    }
+
+    /// Changes the flush interval at run time (10 ms to 24 h); the next periodic sweep comes one
+    /// new interval from now. Sessions and pending amounts are untouched.
+    pub async fn set_flush_interval(&self, interval: Duration) -> Result<(), EngineError> {
+        validate_flush_interval(interval)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SetFlushInterval(interval, reply))
+            .await?;
+        answer.await.map_err(|_| EngineError::ShutDown)
     }
 
     /// Switches metering on or off at run time (the fair-use-off switch). Switching off first
@@ -273,6 +323,13 @@ impl<S> EngineBuilder<S> {
         self
     }
 
+    /// Budget limits per account per bucket (default: none). Change them at run time with
+    /// [`Engine::set_budgets`].
+    pub fn budgets(mut self, budgets: Budgets) -> Self {
+        self.config.budgets = budgets;
+        self
+    }
+
     /// The wall clock used for time buckets (tests inject one).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.config.clock = Arc::new(clock);
@@ -327,20 +384,27 @@ impl<S: Sink> EngineBuilder<S> {
             .on_session_end(move || hook.notify_one())
             .build()?;
         let stats = Arc::new(Stats::default());
+        let (registry, new_accounts) = Registry::new();
+        let registry = Arc::new(registry);
         let (commands, receiver) = mpsc::channel(64);
         let flusher = Flusher::new(
             self.config,
             self.enabled,
             sweeper,
             self.sink,
-            session_ended,
-            receiver,
+            Inbox {
+                commands: receiver,
+                session_ended,
+                new_accounts,
+            },
             stats.clone(),
+            registry.clone(),
         );
         runtime.spawn(flusher.run());
         Ok(Engine {
             shared: Arc::new(EngineShared {
                 ledger,
+                registry,
                 commands,
                 stats,
                 enabled: AtomicBool::new(self.enabled),

@@ -165,8 +165,14 @@ impl Pending {
     }
 
     /// Applies the sink's answers (one per batch of the last `batches_to_send`, in order):
-    /// acknowledged batches leave, the others stay to be re-sent unchanged.
-    pub(crate) fn settle(&mut self, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
+    /// acknowledged batches leave, the others stay to be re-sent unchanged. `acknowledged` hears
+    /// of every increment that left: with the key's new total when the sink gave one (not for a
+    /// batch it had already applied, nor for a refused increment).
+    pub(crate) fn settle(
+        &mut self,
+        results: Vec<Result<BatchOutcome, SinkError>>,
+        mut acknowledged_increment: impl FnMut(&Increment, Option<i64>),
+    ) -> Settlement {
         let mut settlement = Settlement::default();
         let mut results = results.into_iter();
         let mut acknowledged = 0u128;
@@ -183,28 +189,36 @@ impl Pending {
                     let mut outcomes = outcomes.into_iter();
                     for increment in &batch.increments {
                         match outcomes.next() {
-                            Some(KeyOutcome::Added { .. }) => {
+                            Some(KeyOutcome::Added { total }) => {
+                                acknowledged_increment(increment, Some(total));
                                 settlement.keys_written += 1;
                                 settlement.amount_written += u128::from(increment.amount);
                             }
                             Some(KeyOutcome::Rejected { reason }) => {
+                                acknowledged_increment(increment, None);
                                 settlement.rejections.push(Rejection {
                                     key: increment.key.clone(),
                                     amount: increment.amount,
                                     reason,
                                 });
                             }
-                            None => settlement.rejections.push(Rejection {
-                                key: increment.key.clone(),
-                                amount: increment.amount,
-                                reason: "the sink returned no outcome for this key".into(),
-                            }),
+                            None => {
+                                acknowledged_increment(increment, None);
+                                settlement.rejections.push(Rejection {
+                                    key: increment.key.clone(),
+                                    amount: increment.amount,
+                                    reason: "the sink returned no outcome for this key".into(),
+                                });
+                            }
                         }
                     }
                     acknowledged += batch_amount(batch);
                     false
                 }
                 Ok(BatchOutcome::AlreadyApplied) => {
+                    for increment in &batch.increments {
+                        acknowledged_increment(increment, None);
+                    }
                     settlement.batches_written += 1;
                     settlement.duplicate_batches += 1;
                     settlement.keys_written += batch.increments.len() as u64;
@@ -271,6 +285,10 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(60);
 
+    fn settle(pending: &mut Pending, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
+        pending.settle(results, |_, _| {})
+    }
+
     fn applied(batch: &Batch) -> Result<BatchOutcome, SinkError> {
         Ok(BatchOutcome::Applied(
             batch
@@ -317,7 +335,7 @@ mod tests {
         let mut pending = Pending::new(1, 10);
         pending.add("a".into(), 5, TTL);
         let first = pending.batches_to_send().to_vec();
-        let settlement = pending.settle(vec![Err(SinkError::Timeout(TTL))]);
+        let settlement = settle(&mut pending, vec![Err(SinkError::Timeout(TTL))]);
         assert!(settlement.failure.is_some());
         pending.add("a".into(), 3, TTL);
         assert_eq!(
@@ -326,7 +344,7 @@ mod tests {
             "a retry re-sends the same batch"
         );
         assert_eq!(pending.amount(), 8);
-        let settlement = pending.settle(vec![applied(&first[0])]);
+        let settlement = settle(&mut pending, vec![applied(&first[0])]);
         assert_eq!((settlement.keys_written, settlement.amount_written), (1, 5));
         let second = pending.batches_to_send().to_vec();
         assert_eq!(second[0].id.sequence, 1);
@@ -346,17 +364,17 @@ mod tests {
         let first = pending.batches_to_send().to_vec();
         pending.add("b".into(), 2, TTL);
         assert_eq!(pending.round_carrying_pending(), round + 1);
-        pending.settle(vec![Err(SinkError::Timeout(TTL))]);
+        settle(&mut pending, vec![Err(SinkError::Timeout(TTL))]);
         assert!(!pending.round_done(round), "a failed round is not done");
         pending.batches_to_send();
-        pending.settle(vec![applied(&first[0])]);
+        settle(&mut pending, vec![applied(&first[0])]);
         assert!(
             pending.round_done(round),
             "b came later: it does not hold round {round} up"
         );
         assert!(!pending.round_done(round + 1));
         let second = pending.batches_to_send().to_vec();
-        pending.settle(vec![applied(&second[0])]);
+        settle(&mut pending, vec![applied(&second[0])]);
         assert!(pending.round_done(round + 1) && pending.is_empty());
     }
 
@@ -376,7 +394,7 @@ mod tests {
                 },
             })
             .collect();
-        let settlement = pending.settle(vec![Ok(BatchOutcome::Applied(outcomes))]);
+        let settlement = settle(&mut pending, vec![Ok(BatchOutcome::Applied(outcomes))]);
         assert_eq!(settlement.amount_written, 5);
         assert_eq!(
             settlement.rejections,
@@ -390,7 +408,7 @@ mod tests {
 
         pending.add("a".into(), 1, TTL);
         pending.batches_to_send();
-        let settlement = pending.settle(vec![Ok(BatchOutcome::AlreadyApplied)]);
+        let settlement = settle(&mut pending, vec![Ok(BatchOutcome::AlreadyApplied)]);
         assert_eq!(
             (settlement.duplicate_batches, settlement.amount_written),
             (1, 1)
@@ -411,9 +429,7 @@ mod tests {
             assert!(batches[0].increments[0].amount <= i64::MAX as u64);
             let unwritten: u128 = pending.unwritten().iter().map(|(_, amount)| amount).sum();
             assert_eq!(pending.amount(), unwritten, "the running total matches");
-            written += pending
-                .settle(batches.iter().map(applied).collect())
-                .amount_written;
+            written += settle(&mut pending, batches.iter().map(applied).collect()).amount_written;
         }
         assert_eq!(written, 2 * u128::from(u64::MAX));
         assert!(pending.is_empty());

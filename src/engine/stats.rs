@@ -22,6 +22,8 @@ pub(crate) struct Stats {
     pub(crate) pending_keys: AtomicU64,
     pub(crate) sink_commands: AtomicU64,
     pub(crate) last_flush_micros: AtomicU64,
+    pub(crate) account_reads: AtomicU64,
+    pub(crate) tracked_accounts: AtomicU64,
 }
 
 /// A point-in-time copy of the engine's counters. Amounts are in the unit of `add` (saturating).
@@ -62,6 +64,12 @@ pub struct StatsSnapshot {
     pub sink_commands: u64,
     /// How long the last write round took, from send to answer, in microseconds.
     pub last_flush_micros: u64,
+    /// Global totals read for the read side (one per account: its first session in a bucket,
+    /// or a full sweep that had nothing of it to write).
+    pub account_reads: u64,
+    /// Accounts whose usage the read side tracks: those with an open session, and those whose
+    /// last session ended since the last full sweep.
+    pub tracked_accounts: u64,
     /// Session slots in use (open, or ended and not yet collected).
     pub slots_in_use: u64,
     /// Amount dropped because a session's total in one shard reached `u64::MAX`.
@@ -103,6 +111,8 @@ impl Stats {
             pending_keys: read(&self.pending_keys),
             sink_commands: read(&self.sink_commands),
             last_flush_micros: read(&self.last_flush_micros),
+            account_reads: read(&self.account_reads),
+            tracked_accounts: read(&self.tracked_accounts),
             slots_in_use: 0,
             saturated_amount: 0,
         }

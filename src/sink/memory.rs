@@ -97,4 +97,12 @@ impl Sink for MemorySink {
     async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
         batches.iter().map(|batch| Ok(self.apply(batch))).collect()
     }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        let store = self.lock();
+        Ok(keys
+            .iter()
+            .map(|key| store.totals.get(key).copied())
+            .collect())
+    }
 }

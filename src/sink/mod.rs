@@ -13,6 +13,8 @@
 //! - An increment the target refuses for good (a key holding a non-integer, an overflow) is a
 //!   [`KeyOutcome::Rejected`] for that key alone; the others still apply.
 //!
+//! Sinks also answer reads of current totals ([`Sink::read_totals`]), for the engine's read side.
+//!
 //! [`MemorySink`] keeps totals in memory; `RedisSink` (feature `redis`) writes to Redis.
 
 mod memory;
@@ -105,6 +107,14 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         batches: &[Batch],
     ) -> impl Future<Output = Vec<Result<BatchOutcome, SinkError>>> + Send;
+
+    /// Reads the current totals of `keys`, in order: `None` for a key that does not exist (or
+    /// holds no integer). The engine's read side calls it for accounts whose total it has not
+    /// seen in the current bucket; writes already return totals. One result for the whole call.
+    fn read_totals(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<Option<i64>>, SinkError>> + Send;
 
     /// Commands sent to the target so far, for sinks that speak a wire protocol (0 otherwise).
     fn commands_sent(&self) -> u64 {

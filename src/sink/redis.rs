@@ -104,7 +104,7 @@
 use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError};
 use fred::clients::{Client, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
-use fred::interfaces::{ClientLike, EventInterface, LuaInterface};
+use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
 use fred::types::config::{Config, Options, ReconnectPolicy};
 use fred::types::scripts::Script;
 use fred::types::{Builder, Key, Value};
@@ -623,6 +623,29 @@ impl Sink for RedisSink {
                 // Still missing right after a load: someone flushes scripts in a loop.
                 Reply::NoScript(message) => Err(SinkError::Failed(message)),
                 Reply::Failed(error) => Err(error),
+            })
+            .collect()
+    }
+
+    /// Pipelined `GET`s (fred sends concurrent commands back to back on one connection; on a
+    /// cluster each goes to its key's node).
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        if !self.client.is_connected() {
+            return Err(SinkError::Unavailable(format!(
+                "not connected to Redis (client state: {:?})",
+                self.client.state()
+            )));
+        }
+        // Relaxed: a statistic, read without ordering against anything else.
+        self.commands_sent
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let replies = join_all(keys.iter().map(|key| self.client.get::<Value, _>(key))).await;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Ok(Value::Integer(total)) => Ok(Some(total)),
+                Ok(value) => Ok(value.as_string().and_then(|text| text.parse().ok())),
+                Err(error) => Err(self.sink_error(&error)),
             })
             .collect()
     }

@@ -1,0 +1,669 @@
+//! The read side: what each account has used in the current time bucket and whether it is over
+//! its budget, answered in process, so that a per-chunk budget check never reads Redis.
+//!
+//! # Where the numbers come from
+//!
+//! An account's usage in the current bucket is `global + local pending`:
+//!
+//! - **global** is the key's total in the sink, all gateway processes included, as last seen by
+//!   this engine. Every acknowledged write carries the key's new total (`INCRBY`'s reply). An
+//!   account the engine has not seen in this bucket is read once when its first session opens
+//!   (the reads of sessions that open together share one pipelined round), and an account with
+//!   nothing to write at a full sweep is read again then, so that other processes' usage shows
+//!   up. If a read fails the global part stays unknown and the account is not held back (fail
+//!   open, as the deployment's readers do).
+//! - **local pending** is what this process swept and the sink has not acknowledged yet.
+//!
+//! So this process's own usage is seen within one sweep (adds not yet swept are not counted),
+//! and other processes' within their flush interval plus this engine's.
+//!
+//! # Synchronization
+//!
+//! The flusher is the only writer of every [`AccountState`]: it keeps the numbers in its private
+//! [`AccountBook`] and publishes them as an immutable [`AccountView`] through arc-swap, then the
+//! `exhausted` flag, then wakes waiters. Readers (sessions, the engine, any thread) load the view
+//! without a lock; the per-chunk check [`AccountState::is_exhausted`] is one atomic load.
+//! Accounts are found by name in a [`Registry`] of a few mutex-guarded maps, touched when a
+//! session opens and by the flusher, never per chunk.
+
+use super::keys::{BucketSpan, KeyScheme};
+use crate::ledger::Account;
+use arc_swap::ArcSwap;
+use std::collections::hash_map::{Entry, RandomState};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+use tokio::sync::{mpsc, Notify};
+
+/// Budget limits, in the unit of `add`, per account per time bucket (per UTC day for
+/// [`KeyScheme::daily_utc`]). An account's limit is its override, else what the lookup says,
+/// else the default; without any, it has no limit and is never exhausted.
+///
+/// ```
+/// use shardmeter::Budgets;
+///
+/// let budgets = Budgets::per_bucket(1_800_000) // 30 min of audio a day
+///     .limit_for("uid-vip", 7_200_000)
+///     .lookup(|account| account.starts_with("trial-").then_some(300_000));
+/// assert_eq!(budgets.limit_of("uid-42"), Some(1_800_000));
+/// assert_eq!(budgets.limit_of("uid-vip"), Some(7_200_000));
+/// assert_eq!(budgets.limit_of("trial-7"), Some(300_000));
+/// ```
+#[derive(Clone, Default)]
+pub struct Budgets {
+    default_limit: Option<u64>,
+    overrides: HashMap<String, u64>,
+    lookup: Option<BudgetLookup>,
+}
+
+/// A gateway's own source of limits; see [`Budgets::lookup`].
+type BudgetLookup = Arc<dyn Fn(&str) -> Option<u64> + Send + Sync>;
+
+impl Budgets {
+    /// No limits: usage is tracked, nothing is ever exhausted.
+    pub fn unlimited() -> Self {
+        Self::default()
+    }
+
+    /// The same limit for every account.
+    pub fn per_bucket(limit: u64) -> Self {
+        Self {
+            default_limit: Some(limit),
+            ..Self::default()
+        }
+    }
+
+    /// A limit for one account, over the lookup and the default.
+    pub fn limit_for(mut self, account: impl Into<String>, limit: u64) -> Self {
+        self.overrides.insert(account.into(), limit);
+        self
+    }
+
+    /// A lookup the gateway provides (say, from the user's plan), asked for accounts without an
+    /// override; `None` falls back to the default. The flusher calls it when it starts tracking
+    /// an account and again for every tracked account at each full sweep, so a changed answer
+    /// takes effect within one flush interval. It runs on the flusher task: it must be quick and
+    /// must not block (read a map the gateway keeps up to date, not a database).
+    pub fn lookup(mut self, lookup: impl Fn(&str) -> Option<u64> + Send + Sync + 'static) -> Self {
+        self.lookup = Some(Arc::new(lookup));
+        self
+    }
+
+    /// The limit of `account`.
+    pub fn limit_of(&self, account: &str) -> Option<u64> {
+        if let Some(&limit) = self.overrides.get(account) {
+            return Some(limit);
+        }
+        self.lookup
+            .as_ref()
+            .and_then(|lookup| lookup(account))
+            .or(self.default_limit)
+    }
+}
+
+impl std::fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budgets")
+            .field("default_limit", &self.default_limit)
+            .field("overrides", &self.overrides.len())
+            .field("lookup", &self.lookup.is_some())
+            .finish()
+    }
+}
+
+/// An account's usage in the current time bucket, as this engine knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccountUsage {
+    /// `global` (0 while unknown) plus `local_pending`.
+    pub used: u64,
+    /// The account's total in the sink, all processes included, as last seen; `None` until a
+    /// write or a read has told it (or when that read failed).
+    pub global: Option<u64>,
+    /// When `global` was seen (the engine's clock): its age bounds how stale it is.
+    pub global_as_of: Option<SystemTime>,
+    /// Swept by this process, not yet acknowledged by the sink.
+    pub local_pending: u64,
+    /// When the current bucket ends (the budget resets); `None` for a scheme without buckets.
+    pub bucket_end: Option<SystemTime>,
+}
+
+/// An account against its budget: the deployment's `get_dg_budget_status`, answered locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStatus {
+    /// The limit for the current bucket.
+    pub limit: u64,
+    /// [`AccountUsage::used`].
+    pub used: u64,
+    /// `limit - used`, never negative.
+    pub remaining: u64,
+    /// `used >= limit`.
+    pub exhausted: bool,
+    /// When the bucket ends and the budget resets; `None` for a scheme without buckets.
+    pub resets_at: Option<SystemTime>,
+}
+
+/// What the flusher publishes for one account: replaced whole, never changed in place.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AccountView {
+    usage: AccountUsage,
+    limit: Option<u64>,
+    /// The global part has been read, or its read has failed: nothing more will come soon.
+    synced: bool,
+}
+
+impl AccountView {
+    fn exhausted(&self) -> bool {
+        self.limit.is_some_and(|limit| self.usage.used >= limit)
+    }
+}
+
+/// One account's published state, shared by its sessions, the registry and the flusher.
+pub(crate) struct AccountState {
+    account: Account,
+    view: ArcSwap<AccountView>,
+    /// A copy of `view.exhausted()`, so the per-chunk check is one load.
+    exhausted: AtomicBool,
+    changed: Notify,
+}
+
+impl AccountState {
+    fn new(account: Account) -> Self {
+        Self {
+            account,
+            view: ArcSwap::from_pointee(AccountView::default()),
+            exhausted: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    pub(crate) fn account(&self) -> &str {
+        &self.account
+    }
+
+    pub(crate) fn is_exhausted(&self) -> bool {
+        // Acquire pairs with the flusher's Release store; on x86 and ARMv8 it costs what a
+        // plain load does. The flag carries no other data, but `wait_exhausted` relies on
+        // seeing a store that happened before the wake-up it missed.
+        self.exhausted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn usage(&self) -> AccountUsage {
+        self.view.load().usage.clone()
+    }
+
+    pub(crate) fn status(&self) -> Option<BudgetStatus> {
+        let view = self.view.load();
+        let limit = view.limit?;
+        let used = view.usage.used;
+        Some(BudgetStatus {
+            limit,
+            used,
+            remaining: limit.saturating_sub(used),
+            exhausted: used >= limit,
+            resets_at: view.usage.bucket_end,
+        })
+    }
+
+    /// Resolves once the account is exhausted (at once if it is).
+    pub(crate) async fn wait_exhausted(&self) {
+        self.wait_until(|state| state.is_exhausted()).await;
+    }
+
+    /// Resolves once the global part is known or could not be read.
+    pub(crate) async fn wait_synced(&self) {
+        self.wait_until(|state| state.view.load().synced).await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            // A `Notified` receives every `notify_waiters` issued after its creation, even
+            // before it is polled (tokio's documented guarantee): create it, then check, so a
+            // publication between the check and the await is not missed.
+            let notified = self.changed.notified();
+            if done(self) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Replaces the view; only the flusher calls this.
+    fn publish(&self, view: AccountView) {
+        let exhausted = view.exhausted();
+        self.view.store(Arc::new(view));
+        // Release: a reader that sees the flag sees the view stored before it.
+        self.exhausted.store(exhausted, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for AccountState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountState")
+            .field("account", &self.account)
+            .field("view", &self.view.load())
+            .finish()
+    }
+}
+
+/// Shards of the registry: enough that sessions opening on many threads rarely meet.
+const REGISTRY_SHARDS: usize = 64;
+
+type RegistryShard = HashMap<Account, Arc<AccountState>>;
+
+/// Finds an account's state by name; creates it (and tells the flusher) for a first session.
+pub(crate) struct Registry {
+    shards: Box<[Mutex<RegistryShard>]>,
+    hasher: RandomState,
+    announce: mpsc::UnboundedSender<Arc<AccountState>>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<Arc<AccountState>>) {
+        let (announce, announced) = mpsc::unbounded_channel();
+        let registry = Self {
+            shards: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            announce,
+        };
+        (registry, announced)
+    }
+
+    /// The state of `account`, created and announced to the flusher if it has none.
+    pub(crate) fn open(&self, account: &str) -> Arc<AccountState> {
+        let mut shard = self.shard(account);
+        if let Some(state) = shard.get(account) {
+            return state.clone();
+        }
+        let account: Account = account.into();
+        let state = Arc::new(AccountState::new(account.clone()));
+        shard.insert(account, state.clone());
+        // Err: the flusher has stopped (shutdown); the state then simply stays at zero.
+        let _ = self.announce.send(state.clone());
+        state
+    }
+
+    pub(crate) fn get(&self, account: &str) -> Option<Arc<AccountState>> {
+        self.shard(account).get(account).cloned()
+    }
+
+    /// Forgets `state` if nothing but the registry and the caller's reference hold it (no
+    /// session). Under the shard's lock nobody can take a new reference from the registry, so
+    /// the count cannot grow between the check and the removal.
+    fn retire(&self, state: &Arc<AccountState>) -> bool {
+        let mut shard = self.shard(&state.account);
+        match shard.entry(state.account.clone()) {
+            Entry::Occupied(entry)
+                if Arc::ptr_eq(entry.get(), state) && Arc::strong_count(state) == 2 =>
+            {
+                entry.remove();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn shard(&self, account: &str) -> MutexGuard<'_, RegistryShard> {
+        let index = self.hasher.hash_one(account) as usize % REGISTRY_SHARDS;
+        // A panic under this lock cannot leave a map half-updated in a way that matters.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The flusher's private numbers for one tracked account, in the current bucket.
+#[derive(Debug)]
+struct Tracked {
+    state: Arc<AccountState>,
+    /// The account's key in the current bucket, built once per bucket.
+    key: String,
+    global: Option<u64>,
+    global_as_of: Option<SystemTime>,
+    pending: u128,
+    limit: Option<u64>,
+    synced: bool,
+    read_wanted: bool,
+}
+
+/// A read of global totals: which accounts, and their keys in the same order.
+#[derive(Debug, Default)]
+pub(crate) struct ReadRequest {
+    accounts: Vec<Account>,
+    pub(crate) keys: Vec<String>,
+}
+
+/// The flusher's side of the read side: synchronous, so it is tested without tokio.
+pub(crate) struct AccountBook {
+    keys: KeyScheme,
+    budgets: Budgets,
+    bucket: BucketSpan,
+    tracked: HashMap<Account, Tracked>,
+    by_key: HashMap<String, Account>,
+    /// Accounts whose global total should be read; each at most once (`read_wanted`).
+    wanted: Vec<Account>,
+}
+
+impl AccountBook {
+    pub(crate) fn new(keys: KeyScheme, budgets: Budgets, now: SystemTime) -> Self {
+        Self {
+            bucket: keys.span(now),
+            keys,
+            budgets,
+            tracked: HashMap::new(),
+            by_key: HashMap::new(),
+            wanted: Vec::new(),
+        }
+    }
+
+    /// Accounts tracked now (each has an open session, or had one and awaits clean-up).
+    pub(crate) fn len(&self) -> usize {
+        self.tracked.len()
+    }
+
+    /// The key the current bucket's usage of `account` goes to, when it is tracked: built once
+    /// per bucket.
+    pub(crate) fn current_key(&self, account: &str, span: &BucketSpan) -> Option<&str> {
+        if *span != self.bucket {
+            return None;
+        }
+        self.tracked
+            .get(account)
+            .map(|tracked| tracked.key.as_str())
+    }
+
+    /// Starts tracking an account whose first session just opened; its global total is read.
+    pub(crate) fn track(&mut self, state: Arc<AccountState>) {
+        let account = state.account.clone();
+        let key = self.keys.key(&account, &self.bucket);
+        let limit = self.budgets.limit_of(&account);
+        self.by_key.insert(key.clone(), account.clone());
+        let tracked = Tracked {
+            state,
+            key,
+            global: None,
+            global_as_of: None,
+            pending: 0,
+            limit,
+            synced: false,
+            read_wanted: false,
+        };
+        let tracked = self.tracked.entry(account.clone()).or_insert(tracked);
+        want_read(&mut self.wanted, &account, tracked);
+        publish(tracked, &self.bucket);
+    }
+
+    /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
+    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) {
+        if *span != self.bucket {
+            return;
+        }
+        if let Some(tracked) = self.tracked.get_mut(account) {
+            tracked.pending += u128::from(amount);
+            publish(tracked, &self.bucket);
+        }
+    }
+
+    /// The sink acknowledged `amount` for `key`; `total` is the key's new value when the sink
+    /// said it (not for a batch it had already applied, nor for a refused increment).
+    pub(crate) fn acknowledged(
+        &mut self,
+        key: &str,
+        amount: u64,
+        total: Option<i64>,
+        now: SystemTime,
+    ) {
+        let Some(tracked) = self
+            .by_key
+            .get(key)
+            .and_then(|account| self.tracked.get_mut(account))
+        else {
+            return;
+        };
+        tracked.pending = tracked.pending.saturating_sub(u128::from(amount));
+        if let Some(total) = total {
+            observe(tracked, total, now);
+        }
+        publish(tracked, &self.bucket);
+    }
+
+    /// The accounts whose global total should be read now, if any (taken: the next call
+    /// returns only accounts wanted since).
+    pub(crate) fn take_reads(&mut self) -> Option<ReadRequest> {
+        if self.wanted.is_empty() {
+            return None;
+        }
+        let mut request = ReadRequest::default();
+        for account in self.wanted.drain(..) {
+            if let Some(tracked) = self.tracked.get_mut(&account) {
+                tracked.read_wanted = false;
+                request.keys.push(tracked.key.clone());
+                request.accounts.push(account);
+            }
+        }
+        (!request.keys.is_empty()).then_some(request)
+    }
+
+    /// The answer to a [`ReadRequest`]: one value per key (`None` for a missing key), or the
+    /// error that left every global part as it was.
+    pub(crate) fn read_done<E>(
+        &mut self,
+        request: ReadRequest,
+        values: Result<Vec<Option<i64>>, E>,
+        now: SystemTime,
+    ) {
+        let values = values.ok();
+        for (i, (account, key)) in request.accounts.iter().zip(&request.keys).enumerate() {
+            let Some(tracked) = self.tracked.get_mut(account) else {
+                continue;
+            };
+            if tracked.key != *key {
+                continue; // read in a bucket that has passed since
+            }
+            if let Some(values) = &values {
+                observe(tracked, values.get(i).copied().flatten().unwrap_or(0), now);
+            }
+            // A failed read still settles the wait: the session opens, fail-open.
+            tracked.synced = true;
+            publish(tracked, &self.bucket);
+        }
+    }
+
+    /// After a full sweep at `now`: moves to a new bucket if one began, re-reads the accounts
+    /// that have nothing to write (so other processes' usage shows), refreshes limits, and
+    /// forgets accounts without a session and with nothing pending.
+    pub(crate) fn after_full_sweep(&mut self, now: SystemTime, registry: &Registry) {
+        let bucket = self.keys.span(now);
+        let new_bucket = bucket != self.bucket;
+        if new_bucket {
+            self.bucket = bucket;
+            self.by_key.clear();
+        }
+        let mut retired = Vec::new();
+        for (account, tracked) in &mut self.tracked {
+            if new_bucket {
+                tracked.key = self.keys.key(account, &self.bucket);
+                tracked.global = None;
+                tracked.global_as_of = None;
+                tracked.pending = 0;
+                tracked.synced = false;
+                self.by_key.insert(tracked.key.clone(), account.clone());
+            }
+            if tracked.pending == 0 && registry.retire(&tracked.state) {
+                retired.push(account.clone());
+                continue;
+            }
+            tracked.limit = self.budgets.limit_of(account);
+            if tracked.pending == 0 {
+                want_read(&mut self.wanted, account, tracked);
+            }
+            publish(tracked, &self.bucket);
+        }
+        for account in retired {
+            if let Some(tracked) = self.tracked.remove(&account) {
+                self.by_key.remove(&tracked.key);
+            }
+        }
+    }
+
+    /// New limits, applied to every tracked account now.
+    pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
+        self.budgets = budgets;
+        for (account, tracked) in &mut self.tracked {
+            tracked.limit = self.budgets.limit_of(account);
+            publish(tracked, &self.bucket);
+        }
+    }
+}
+
+impl std::fmt::Debug for AccountBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountBook")
+            .field("tracked", &self.tracked.len())
+            .field("budgets", &self.budgets)
+            .finish_non_exhaustive()
+    }
+}
+
+fn want_read(wanted: &mut Vec<Account>, account: &Account, tracked: &mut Tracked) {
+    if !tracked.read_wanted {
+        tracked.read_wanted = true;
+        wanted.push(account.clone());
+    }
+}
+
+/// A total seen in the sink. Counters only grow within a bucket, so the largest total seen is the
+/// freshest, whichever reply (a read or a write) arrives last.
+fn observe(tracked: &mut Tracked, total: i64, now: SystemTime) {
+    let total = u64::try_from(total).unwrap_or(0);
+    tracked.global = Some(tracked.global.map_or(total, |seen| seen.max(total)));
+    tracked.global_as_of = Some(now);
+    tracked.synced = true;
+}
+
+fn publish(tracked: &Tracked, bucket: &BucketSpan) {
+    let pending = u64::try_from(tracked.pending).unwrap_or(u64::MAX);
+    tracked.state.publish(AccountView {
+        usage: AccountUsage {
+            used: tracked.global.unwrap_or(0).saturating_add(pending),
+            global: tracked.global,
+            global_as_of: tracked.global_as_of,
+            local_pending: pending,
+            bucket_end: bucket.end(),
+        },
+        limit: tracked.limit,
+        synced: tracked.synced,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    /// 2026-11-29T12:00:00Z.
+    const NOON: u64 = 1_795_953_600;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn setup(budgets: Budgets) -> (Registry, AccountBook, Arc<AccountState>) {
+        let (registry, mut announced) = Registry::new();
+        let mut book = AccountBook::new(KeyScheme::daily_utc("b"), budgets, at(NOON));
+        let state = registry.open("u");
+        book.track(announced.try_recv().expect("announced"));
+        (registry, book, state)
+    }
+
+    #[test]
+    fn usage_is_global_plus_pending_and_exhaustion_is_at_the_limit() {
+        let (_registry, mut book, state) = setup(Budgets::per_bucket(100));
+        let span = book.keys.span(at(NOON));
+        let reads = book.take_reads().expect("a first read");
+        assert_eq!(reads.keys, ["b:u:20261129"]);
+        book.read_done::<()>(reads, Ok(vec![Some(60)]), at(NOON + 1));
+        assert_eq!(state.usage().used, 60);
+        assert_eq!(state.usage().global_as_of, Some(at(NOON + 1)));
+
+        book.swept("u", &span, 39);
+        assert!(!state.is_exhausted(), "99 of 100");
+        book.swept("u", &span, 1);
+        assert!(state.is_exhausted(), "100 of 100: used >= limit");
+        let status = state.status().unwrap();
+        assert_eq!(
+            (status.used, status.remaining, status.exhausted),
+            (100, 0, true)
+        );
+        assert_eq!(status.resets_at, Some(at(1_795_996_800)));
+
+        // The write is acknowledged: the reply's total replaces the pending part.
+        book.acknowledged("b:u:20261129", 40, Some(101), at(NOON + 2));
+        let usage = state.usage();
+        assert_eq!(
+            (usage.used, usage.global, usage.local_pending),
+            (101, Some(101), 0)
+        );
+        assert_eq!(state.status().unwrap().remaining, 0, "never negative");
+    }
+
+    #[test]
+    fn a_failed_read_opens_the_session_without_a_global_part() {
+        let (_registry, mut book, state) = setup(Budgets::per_bucket(10));
+        let reads = book.take_reads().unwrap();
+        book.read_done(reads, Err("connection refused"), at(NOON));
+        assert!(state.view.load().synced);
+        assert_eq!(state.usage().global, None);
+        assert!(!state.is_exhausted());
+    }
+
+    #[test]
+    fn a_new_bucket_starts_from_zero_and_is_read_again() {
+        let (registry, mut book, state) = setup(Budgets::per_bucket(10));
+        let reads = book.take_reads().unwrap();
+        book.read_done::<()>(reads, Ok(vec![Some(50)]), at(NOON));
+        assert!(state.is_exhausted());
+        book.after_full_sweep(at(NOON + 43_200), &registry); // midnight
+        assert!(!state.is_exhausted());
+        assert_eq!(state.usage().global, None);
+        assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
+        assert_eq!(book.take_reads().unwrap().keys, ["b:u:20261130"]);
+        // An acknowledgement for yesterday's key no longer moves today's usage.
+        book.acknowledged("b:u:20261129", 5, Some(55), at(NOON + 43_201));
+        assert_eq!(state.usage().used, 0);
+    }
+
+    #[test]
+    fn accounts_without_sessions_are_forgotten() {
+        let (registry, mut book, state) = setup(Budgets::unlimited());
+        book.after_full_sweep(at(NOON), &registry);
+        assert_eq!(book.len(), 1, "a session holds it");
+        drop(state);
+        book.after_full_sweep(at(NOON), &registry);
+        assert_eq!(book.len(), 0);
+        assert!(registry.get("u").is_none());
+    }
+
+    #[test]
+    fn budgets_resolve_override_then_lookup_then_default() {
+        let budgets = Budgets::per_bucket(1)
+            .limit_for("a", 2)
+            .lookup(|account| (account != "c").then_some(3));
+        assert_eq!(budgets.limit_of("a"), Some(2));
+        assert_eq!(budgets.limit_of("b"), Some(3));
+        assert_eq!(budgets.limit_of("c"), Some(1));
+        assert_eq!(Budgets::unlimited().limit_of("a"), None);
+    }
+}
