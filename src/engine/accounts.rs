@@ -481,26 +481,33 @@ impl AccountBook {
         }
     }
 
-    /// After a full sweep at `now`: moves to a new bucket if one began, re-reads the accounts
-    /// that have nothing to write (so other processes' usage shows), refreshes limits, and
-    /// forgets accounts without a session and with nothing pending.
-    pub(crate) fn after_full_sweep(&mut self, now: SystemTime, registry: &Registry) {
+    /// Before a full sweep at `now`: moves to a new bucket if one began (usage starts from zero,
+    /// every account's total is read again).
+    pub(crate) fn roll_bucket(&mut self, now: SystemTime) {
         let bucket = self.keys.span(now);
-        let new_bucket = bucket != self.bucket;
-        if new_bucket {
-            self.bucket = bucket;
-            self.by_key.clear();
+        if bucket == self.bucket {
+            return;
         }
+        self.bucket = bucket;
+        self.by_key.clear();
+        for (account, tracked) in &mut self.tracked {
+            tracked.key = self.keys.key(account, &self.bucket);
+            tracked.global = None;
+            tracked.global_as_of = None;
+            tracked.pending = 0;
+            tracked.synced = false;
+            self.by_key.insert(tracked.key.clone(), account.clone());
+            want_read(&mut self.wanted, account, tracked);
+            publish(tracked, &self.bucket);
+        }
+    }
+
+    /// After a full sweep: forgets accounts without a session and with nothing pending,
+    /// re-reads the accounts that have nothing to write (so other processes' usage shows), and
+    /// refreshes limits (a lookup's answer may have changed).
+    pub(crate) fn after_full_sweep(&mut self, registry: &Registry) {
         let mut retired = Vec::new();
         for (account, tracked) in &mut self.tracked {
-            if new_bucket {
-                tracked.key = self.keys.key(account, &self.bucket);
-                tracked.global = None;
-                tracked.global_as_of = None;
-                tracked.pending = 0;
-                tracked.synced = false;
-                self.by_key.insert(tracked.key.clone(), account.clone());
-            }
             if tracked.pending == 0 && registry.retire(&tracked.state) {
                 retired.push(account.clone());
                 continue;
@@ -631,11 +638,11 @@ mod tests {
 
     #[test]
     fn a_new_bucket_starts_from_zero_and_is_read_again() {
-        let (registry, mut book, state) = setup(Budgets::per_bucket(10));
+        let (_registry, mut book, state) = setup(Budgets::per_bucket(10));
         let reads = book.take_reads().unwrap();
         book.read_done::<()>(reads, Ok(vec![Some(50)]), at(NOON));
         assert!(state.is_exhausted());
-        book.after_full_sweep(at(NOON + 43_200), &registry); // midnight
+        book.roll_bucket(at(NOON + 43_200)); // midnight
         assert!(!state.is_exhausted());
         assert_eq!(state.usage().global, None);
         assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
@@ -648,10 +655,10 @@ mod tests {
     #[test]
     fn accounts_without_sessions_are_forgotten() {
         let (registry, mut book, state) = setup(Budgets::unlimited());
-        book.after_full_sweep(at(NOON), &registry);
+        book.after_full_sweep(&registry);
         assert_eq!(book.len(), 1, "a session holds it");
         drop(state);
-        book.after_full_sweep(at(NOON), &registry);
+        book.after_full_sweep(&registry);
         assert_eq!(book.len(), 0);
         assert!(registry.get("u").is_none());
     }

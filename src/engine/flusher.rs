@@ -335,13 +335,15 @@ impl<S: Sink> Flusher<S> {
 
     fn sweep_all(&mut self) {
         let now = self.config.clock.now();
+        // First: usage this sweep charges to the new bucket counts in the new bucket's view.
+        self.book.roll_bucket(now);
         self.usage.clear();
         let ended = self.sweeper.sweep(&mut self.usage);
         Stats::add(&self.stats.sweeps, 1);
         Stats::add(&self.stats.sessions_ended, ended as u128);
         self.absorb(now);
         self.interval_start = now;
-        self.book.after_full_sweep(now, &self.registry);
+        self.book.after_full_sweep(&self.registry);
         self.publish_tracked();
     }
 
