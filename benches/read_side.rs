@@ -50,10 +50,7 @@ fn read_side(c: &mut Criterion) {
             assert!(session.synced(Duration::from_secs(10)).await);
         }
     });
-    let (ledger, _sweeper) = Ledger::builder()
-        .worker_shards(2)
-        .build()
-        .expect("ledger");
+    let (ledger, _sweeper) = Ledger::builder().worker_shards(2).build().expect("ledger");
     let plain: Vec<_> = (0..SESSIONS)
         .map(|i| ledger.open_session(&format!("uid-{i}")).expect("slot"))
         .collect();

@@ -190,7 +190,7 @@ async fn a_disabled_engine_and_zero_amounts_cost_no_redis_command() {
     session.add(7);
     drop(session);
     assert!(engine.shutdown().await.unwrap().is_complete());
-    assert_eq!(redis.client().get_i64("shardmeter:u"), Some(7));
+    assert_eq!(redis.client().get_i64("shardmeter:usage:u"), Some(7));
     assert_eq!(engine.stats().amount_discarded, 2000);
 }
 
@@ -250,7 +250,7 @@ async fn a_redis_that_stops_and_starts_again_gets_exact_totals() {
     let mut client = redis.client();
     for i in 0..20 {
         assert_eq!(
-            client.get_i64(&format!("shardmeter:s{i}")),
+            client.get_i64(&format!("shardmeter:usage:s{i}")),
             Some(110 * 20),
             "s{i}"
         );
@@ -323,7 +323,43 @@ async fn a_gateway_profile_sends_a_fraction_of_the_per_chunk_commands() {
     );
     let mut client = redis.client();
     for i in 0..SESSIONS {
-        let total = client.get_i64(&format!("shardmeter:user-{i}"));
+        let total = client.get_i64(&format!("shardmeter:usage:user-{i}"));
         assert_eq!(total, Some(CHUNKS_PER_SESSION as i64 * 20), "user-{i}");
+    }
+}
+
+/// The deployment's keys, literally, and nothing else under their prefix: a `SCAN` of the
+/// counters' prefix (what an operator or a reader's clean-up job runs) finds counters only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counters_prefix_holds_the_deployments_keys_and_nothing_else() {
+    let keyspace = Keyspace::new(shared_redis(), "engine-drop-in");
+    let engine = Engine::builder()
+        .keys(KeyScheme::daily_utc(keyspace.prefix()))
+        .sink(RedisSink::connect(&shared_redis_url()).await.unwrap())
+        .build()
+        .unwrap();
+    let accounts = ["uid-42", "team:ops", "a{b}c", "José"];
+    for account in accounts {
+        engine.record(account, 20).unwrap();
+    }
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    let day = std::process::Command::new("date")
+        .args(["-u", "+%Y%m%d"])
+        .output()
+        .unwrap();
+    let day = String::from_utf8(day.stdout).unwrap();
+    let mut expected: Vec<String> = accounts
+        .iter()
+        .map(|account| format!("{}:{account}:{}", keyspace.prefix(), day.trim()))
+        .collect();
+    expected.sort();
+    let mut redis = RespClient::connect(shared_redis()).unwrap();
+    let mut found = redis.scan(&format!("{}:*", keyspace.prefix()));
+    found.sort();
+    assert_eq!(found, expected);
+    for key in &expected {
+        assert_eq!(redis.get_i64(key), Some(20), "{key}");
+        let ttl = redis.ttl(key);
+        assert!((3600..=86_400 + 3600).contains(&ttl), "{key}: TTL {ttl}");
     }
 }

@@ -85,11 +85,17 @@ fn the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_
     let ids: Vec<String> = (0..ACCOUNTS).map(account).collect();
 
     let before = live();
-    let bare: Vec<_> = ids.iter().map(|id| ledger.open_session(id).unwrap()).collect();
+    let bare: Vec<_> = ids
+        .iter()
+        .map(|id| ledger.open_session(id).unwrap())
+        .collect();
     let per_bare_session = (live() - before) / ACCOUNTS as i64;
 
     let before = live();
-    let sessions: Vec<_> = ids.iter().map(|id| engine.open_session(id).unwrap()).collect();
+    let sessions: Vec<_> = ids
+        .iter()
+        .map(|id| engine.open_session(id).unwrap())
+        .collect();
     runtime.block_on(async {
         for session in &sessions {
             assert!(session.synced(Duration::from_secs(10)).await);

@@ -70,7 +70,7 @@ impl Default for FlusherConfig {
             shutdown_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
-            keys: KeyScheme::new("shardmeter"),
+            keys: KeyScheme::new("shardmeter:usage"),
             budgets: Budgets::unlimited(),
             clock: Arc::new(SystemClock),
         }

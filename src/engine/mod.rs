@@ -143,7 +143,7 @@ pub struct EngineBuilder<S> {
 
 impl Engine {
     /// Starts an engine configuration: flush every 60 s, session ends within 200 ms, batches of
-    /// 500 keys, key scheme `KeyScheme::new("shardmeter")`, 65,536 session slots.
+    /// 500 keys, key scheme `KeyScheme::new("shardmeter:usage")`, 65,536 session slots.
     pub fn builder() -> EngineBuilder<NoSink> {
         EngineBuilder {
             ledger: Ledger::builder(),
