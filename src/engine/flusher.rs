@@ -287,6 +287,7 @@ impl<S: Sink> Flusher<S> {
                         if !report.is_complete() {
                             tracing::error!(
                                 unwritten = %report.unwritten_amount(),
+                                in_doubt = %report.in_doubt_amount(),
                                 "engine dropped without shutdown; amounts left unwritten"
                             );
                         }
@@ -595,16 +596,20 @@ impl<S: Sink> Flusher<S> {
             let _ = waiter.reply.send(Err(EngineError::ShutDown));
         }
         let unwritten = self.pending.unwritten();
-        if !unwritten.is_empty() {
+        let in_doubt = self.pending.in_doubt();
+        if !unwritten.is_empty() || !in_doubt.is_empty() {
             tracing::error!(
-                keys = unwritten.len(),
-                "shutdown deadline passed with amounts unwritten"
+                unwritten_keys = unwritten.len(),
+                in_doubt_batches = in_doubt.len(),
+                "shutdown deadline passed with amounts unwritten (safe to replay) or in doubt \
+                 (sent, outcome unknown: do not replay)"
             );
         }
         ShutdownReport {
             keys_written: self.keys_written,
             amount_written: self.amount_written,
             unwritten,
+            in_doubt,
             rejected: self.rejected.clone(),
         }
     }

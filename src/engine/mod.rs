@@ -44,7 +44,7 @@ pub use session::Session;
 pub use stats::StatsSnapshot;
 
 use crate::ledger::{Ledger, LedgerError};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Batch, Sink, SinkError};
 use accounts::Registry;
 use flusher::{validate_flush_interval, Command, Flusher, FlusherConfig, Inbox};
 use stats::Stats;
@@ -95,9 +95,15 @@ pub struct ShutdownReport {
     pub keys_written: u64,
     /// Amount acknowledged over the engine's life.
     pub amount_written: u128,
-    /// Per key, the amount still unacknowledged at the deadline (sorted by key). Nothing else
-    /// that was added before the final sweep is missing.
+    /// Per key, the amount unacknowledged at the deadline that certainly did not reach the
+    /// sink (never sent, or refused as a whole), sorted by key: **safe to replay**.
     pub unwritten: Vec<(String, u128)>,
+    /// Batches sent at least once whose outcome is unknown at the deadline (a timeout, a
+    /// connection lost after sending): the sink may have applied them, or may still apply
+    /// them (a frozen Redis that resumes). **Do not replay them**; check each batch id with
+    /// the sink's dedup record first. Together with `unwritten`, nothing else that was added
+    /// before the final sweep is missing.
+    pub in_doubt: Vec<Batch>,
     /// Increments the sink refused for good over the engine's life (the first 10,000).
     pub rejected: Vec<Rejection>,
 }
@@ -105,12 +111,21 @@ pub struct ShutdownReport {
 impl ShutdownReport {
     /// `true` when everything was written and nothing was refused.
     pub fn is_complete(&self) -> bool {
-        self.unwritten.is_empty() && self.rejected.is_empty()
+        self.unwritten.is_empty() && self.in_doubt.is_empty() && self.rejected.is_empty()
     }
 
-    /// Total amount not written.
+    /// Total amount certainly not written (safe to replay).
     pub fn unwritten_amount(&self) -> u128 {
         self.unwritten.iter().map(|(_, amount)| amount).sum()
+    }
+
+    /// Total amount of the batches in doubt.
+    pub fn in_doubt_amount(&self) -> u128 {
+        self.in_doubt
+            .iter()
+            .flat_map(|batch| &batch.increments)
+            .map(|increment| u128::from(increment.amount))
+            .sum()
     }
 }
 

@@ -25,6 +25,9 @@ pub(crate) struct Pending {
     waiting: HashMap<String, Waiting>,
     /// Shared with the write future that sends it, so a send or a re-send copies no key.
     in_flight: Arc<Vec<Batch>>,
+    /// Per in-flight batch (same order): an attempt may have reached the sink and its outcome
+    /// is unknown. Once in doubt, a batch stays so until the sink acknowledges it.
+    in_doubt: Vec<bool>,
     /// Sum of everything in `waiting` and `in_flight`.
     amount: u128,
     writer: u64,
@@ -61,6 +64,7 @@ impl Pending {
         Self {
             waiting: HashMap::new(),
             in_flight: Arc::default(),
+            in_doubt: Vec::new(),
             amount: 0,
             writer,
             next_sequence: 0,
@@ -131,6 +135,7 @@ impl Pending {
         let writer = self.writer;
         let first_sequence = self.next_sequence;
         self.next_sequence += filled.len() as u64;
+        self.in_doubt = vec![false; filled.len()];
         self.in_flight = Arc::new(
             (first_sequence..)
                 .zip(filled)
@@ -176,8 +181,11 @@ impl Pending {
         let mut settlement = Settlement::default();
         let mut results = results.into_iter();
         let mut acknowledged = 0u128;
+        let mut doubts = std::mem::take(&mut self.in_doubt).into_iter();
+        let in_doubt = &mut self.in_doubt;
         // The write future that shared these batches is done, so this copies nothing.
         Arc::make_mut(&mut self.in_flight).retain(|batch| {
+            let was_in_doubt = doubts.next().unwrap_or(true);
             let result = results.next().unwrap_or_else(|| {
                 Err(SinkError::Failed(
                     "the sink returned fewer results than batches".into(),
@@ -227,6 +235,7 @@ impl Pending {
                     false
                 }
                 Err(error) => {
+                    in_doubt.push(was_in_doubt || error.may_have_applied());
                     settlement.failure.get_or_insert(error);
                     true
                 }
@@ -253,13 +262,19 @@ impl Pending {
         self.waiting.len() + only_in_flight
     }
 
-    /// Every key with its unacknowledged amount, sorted by key.
+    /// Every key with its unacknowledged amount that certainly did not reach the sink (never
+    /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
     pub(crate) fn unwritten(&self) -> Vec<(String, u128)> {
         let mut per_key: HashMap<&str, u128> = HashMap::new();
         for (key, waiting) in &self.waiting {
             *per_key.entry(key).or_default() += waiting.amount;
         }
-        for increment in self.in_flight.iter().flat_map(|batch| &batch.increments) {
+        let certain = self
+            .in_flight
+            .iter()
+            .zip(&self.in_doubt)
+            .filter(|(_, in_doubt)| !**in_doubt);
+        for increment in certain.flat_map(|(batch, _)| &batch.increments) {
             *per_key.entry(&increment.key).or_default() += u128::from(increment.amount);
         }
         let mut unwritten: Vec<_> = per_key
@@ -268,6 +283,20 @@ impl Pending {
             .collect();
         unwritten.sort();
         unwritten
+    }
+}
+
+impl Pending {
+    /// The unacknowledged batches that may have been applied: sent at least once with an
+    /// unknown outcome (a timeout, a connection lost after sending). Replaying them could count
+    /// them twice; re-sending them with the same id cannot.
+    pub(crate) fn in_doubt(&self) -> Vec<Batch> {
+        self.in_flight
+            .iter()
+            .zip(&self.in_doubt)
+            .filter(|(_, in_doubt)| **in_doubt)
+            .map(|(batch, _)| batch.clone())
+            .collect()
     }
 }
 
@@ -328,6 +357,43 @@ mod tests {
             pending.unwritten(),
             vec![("a".into(), 10), ("b".into(), 5), ("c".into(), 5)]
         );
+    }
+
+    #[test]
+    fn only_batches_that_may_have_applied_are_in_doubt() {
+        let mut pending = Pending::new(1, 1);
+        for key in ["never", "refused", "lost"] {
+            pending.add(key.into(), 5, TTL);
+        }
+        let batches = pending.batches_to_send().to_vec();
+        let outcome = |batch: &Batch| match batch.increments[0].key.as_str() {
+            "never" => Err(SinkError::NotSent("not connected".into())),
+            "refused" => Err(SinkError::Failed("OOM".into())),
+            _ => Err(SinkError::Timeout(TTL)),
+        };
+        settle(&mut pending, batches.iter().map(outcome).collect());
+        pending.add("waiting".into(), 2, TTL);
+        assert_eq!(
+            pending.unwritten(),
+            vec![
+                ("never".into(), 5),
+                ("refused".into(), 5),
+                ("waiting".into(), 2)
+            ]
+        );
+        let doubt = pending.in_doubt();
+        assert_eq!(doubt.len(), 1);
+        assert_eq!(doubt[0].increments[0].key, "lost");
+        // A later attempt that is known not to have applied does not clear the doubt.
+        let again = pending.batches_to_send().to_vec();
+        settle(
+            &mut pending,
+            again
+                .iter()
+                .map(|_| Err(SinkError::NotSent("down".into())))
+                .collect(),
+        );
+        assert_eq!(pending.in_doubt().len(), 1);
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub enum KeyOutcome {
     },
 }
 
-/// A batch whose outcome is unknown: it may or may not have been applied, and is retried.
+/// Why a batch was not acknowledged; the flusher retries it with the same id.
+/// [`SinkError::may_have_applied`] tells whether it may have been applied all the same.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SinkError {
@@ -95,9 +96,24 @@ pub enum SinkError {
     /// No reply within the time allowed.
     #[error("sink did not answer within {0:?}")]
     Timeout(Duration),
-    /// The target answered with an error for the whole batch.
+    /// The target answered with an error for the whole batch: nothing of it was applied.
     #[error("sink error: {0}")]
     Failed(String),
+    /// The batch was not sent (no connection): nothing of it was applied.
+    #[error("sink unavailable, batch not sent: {0}")]
+    NotSent(String),
+}
+
+impl SinkError {
+    /// Whether the batch may have been applied despite the error: its attempt reached the
+    /// target and the answer was lost (a timeout, a connection lost after sending). `false`
+    /// when the target certainly did not apply it (not sent, or refused as a whole).
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Timeout(_) => true,
+            Self::Failed(_) | Self::NotSent(_) => false,
+        }
+    }
 }
 
 /// Where the flusher writes. Implementations must keep the contract in the module docs.

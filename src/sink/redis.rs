@@ -528,7 +528,7 @@ impl RedisSink {
             return Reply::Empty;
         };
         if !self.client.is_connected() {
-            return Reply::Failed(SinkError::Unavailable(format!(
+            return Reply::Failed(SinkError::NotSent(format!(
                 "not connected to Redis (client state: {:?})",
                 self.client.state()
             )));
@@ -631,7 +631,7 @@ impl Sink for RedisSink {
     /// cluster each goes to its key's node).
     async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
         if !self.client.is_connected() {
-            return Err(SinkError::Unavailable(format!(
+            return Err(SinkError::NotSent(format!(
                 "not connected to Redis (client state: {:?})",
                 self.client.state()
             )));
