@@ -78,11 +78,10 @@ fn totals(usage: &[Usage]) -> HashMap<String, u128> {
     totals
 }
 
-fn record(account: &str, amount: u64, session_ended: bool) -> Usage {
+fn record(account: &str, amount: u64) -> Usage {
     Usage {
         account: account.into(),
         amount,
-        session_ended,
     }
 }
 
@@ -137,12 +136,12 @@ fn open_add_sweep_is_exact_on_both_paths() {
     // One record per session, summed over every shard.
     assert_eq!(
         sorted(sweep(&mut sweeper)),
-        vec![record("alice", 66, false), record("bob", 7, false)]
+        vec![record("alice", 66), record("bob", 7)]
     );
     assert_eq!(sweep(&mut sweeper), vec![], "nothing was added since");
 
     on_worker(|| bob.add(3));
-    assert_eq!(sweep(&mut sweeper), vec![record("bob", 3, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("bob", 3)]);
     assert_eq!(ledger.slots_in_use(), 2, "sweeping does not end sessions");
 }
 
@@ -169,7 +168,7 @@ fn zero_and_huge_single_amounts() {
         "adding 0 leaves nothing to report"
     );
     on_worker(|| session.add(u64::MAX));
-    assert_eq!(sweep(&mut sweeper), vec![record("dave", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("dave", u64::MAX)]);
     assert_eq!(ledger.saturated_amount(), 0);
 }
 
@@ -215,14 +214,14 @@ fn clones_are_channels_of_one_session() {
         "one handle is still alive"
     );
     assert_eq!(collect_ended(&mut sweeper), (0, vec![]));
-    assert_eq!(sweep(&mut sweeper), vec![record("erin", 12_000, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("erin", 12_000)]);
 
     session.add(8);
     drop(session);
     assert_eq!(ended.load(Ordering::Relaxed), 1);
     assert_eq!(
         collect_ended(&mut sweeper),
-        (1, vec![record("erin", 8, true)])
+        (1, vec![record("erin", 8)])
     );
     assert_eq!(ledger.slots_in_use(), 0);
 }
@@ -235,7 +234,7 @@ fn session_end_hands_over_the_remainder_once() {
     let (ledger, mut sweeper) = ledger(4);
     let session = ledger.open_session("frank").unwrap();
     session.add(100);
-    assert_eq!(sweep(&mut sweeper), vec![record("frank", 100, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("frank", 100)]);
     on_worker(|| session.add(40));
     session.add(2);
     drop(session);
@@ -243,7 +242,7 @@ fn session_end_hands_over_the_remainder_once() {
 
     assert_eq!(
         collect_ended(&mut sweeper),
-        (1, vec![record("frank", 42, true)])
+        (1, vec![record("frank", 42)])
     );
     assert_eq!(ledger.slots_in_use(), 0);
     assert_eq!(collect_ended(&mut sweeper), (0, vec![]));
@@ -261,7 +260,7 @@ fn sweep_also_collects_ended_sessions() {
     let usage = sorted(sweep(&mut sweeper));
     assert_eq!(
         usage,
-        vec![record("gina", 1, false), record("hank", 2, true)]
+        vec![record("gina", 1), record("hank", 2)]
     );
     assert_eq!(ledger.slots_in_use(), 1);
 }
@@ -319,21 +318,21 @@ fn a_reused_slot_never_reports_the_previous_sessions_amounts() {
         );
         let (ended, usage) = collect_ended(&mut sweeper);
         assert_eq!(ended, 1);
-        assert_eq!(usage, vec![record("old", 7 * per(path), true)], "{path:?}");
+        assert_eq!(usage, vec![record("old", 7 * per(path))], "{path:?}");
 
         let second = ledger.open_session("new").unwrap();
         assert_eq!(sweep(&mut sweeper), vec![], "{path:?}: nothing of `old`");
         add_on(path, &second, 3);
         assert_eq!(
             sweep(&mut sweeper),
-            vec![record("new", 3 * per(path), false)],
+            vec![record("new", 3 * per(path))],
             "{path:?}"
         );
         add_on(path, &second, 4);
         drop(second);
         assert_eq!(
             collect_ended(&mut sweeper),
-            (1, vec![record("new", 4 * per(path), true)]),
+            (1, vec![record("new", 4 * per(path))]),
             "{path:?}"
         );
     }
@@ -354,11 +353,11 @@ fn a_reused_slot_starts_from_zero_even_when_never_swept_before() {
     drop(first);
     assert_eq!(
         collect_ended(&mut sweeper),
-        (1, vec![record("old", 100, true)])
+        (1, vec![record("old", 100)])
     );
     let second = ledger.open_session("new").unwrap();
     add_on(Path::Both, &second, 1);
-    assert_eq!(sweep(&mut sweeper), vec![record("new", 2, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("new", 2)]);
 }
 
 #[test]
@@ -371,7 +370,7 @@ fn record_charges_once_as_an_ended_session() {
     assert_eq!(ended, 2);
     assert_eq!(
         sorted(usage),
-        vec![record("upload", 10, true), record("upload", 90_000, true)]
+        vec![record("upload", 10), record("upload", 90_000)]
     );
     assert_eq!(ledger.slots_in_use(), 0);
 }
@@ -403,12 +402,12 @@ fn a_full_table_refuses_then_recovers_after_the_sweeper_frees_a_slot() {
         matches!(ledger.open_session("late"), Err(LedgerError::Full { .. })),
         "an ended session's slot is freed by the sweeper, not by the drop"
     );
-    assert_eq!(sweep(&mut sweeper), vec![record("user-3", 9, true)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("user-3", 9)]);
     assert_eq!(ledger.slots_in_use(), 3);
 
     let late = ledger.open_session("late").unwrap();
     late.add(1);
-    assert_eq!(sweep(&mut sweeper), vec![record("late", 1, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("late", 1)]);
     drop(sessions);
     drop(late);
     assert_eq!(collect_ended(&mut sweeper).0, 4);
@@ -516,7 +515,7 @@ fn a_ledger_without_worker_shards_still_counts_registered_threads() {
     let session = ledger.open_session("judy").unwrap();
     on_worker(|| session.add(11));
     on_unregistered(|| session.add(31));
-    assert_eq!(sweep(&mut sweeper), vec![record("judy", 42, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("judy", 42)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,7 +536,7 @@ fn a_worker_cell_saturates_and_counts_the_excess() {
         u64::MAX,
         "the statistic saturates too"
     );
-    assert_eq!(sweep(&mut sweeper), vec![record("kim", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("kim", u64::MAX)]);
 }
 
 #[test]
@@ -553,7 +552,7 @@ fn a_striped_cell_saturates_and_counts_the_excess() {
     on_unregistered(|| session.add(u64::MAX - 10));
     on_worker(|| session.add(25));
     assert_eq!(ledger.saturated_amount(), 15);
-    assert_eq!(sweep(&mut sweeper), vec![record("lee", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("lee", u64::MAX)]);
     session.add(1);
     assert_eq!(ledger.saturated_amount(), 16);
     assert_eq!(sweep(&mut sweeper), vec![]);
@@ -567,13 +566,13 @@ fn saturation_caps_a_sessions_total_per_shard_across_sweeps() {
         session.add(u64::MAX - 1);
         assert_eq!(
             sweep(&mut sweeper),
-            vec![record("max", u64::MAX - 1, false)]
+            vec![record("max", u64::MAX - 1)]
         );
         // Swept, but the cell keeps its value: only 1 more fits in this shard.
         session.add(5);
     });
     assert_eq!(ledger.saturated_amount(), 4);
-    assert_eq!(sweep(&mut sweeper), vec![record("max", 1, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("max", 1)]);
 }
 
 #[test]
@@ -601,12 +600,12 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
     assert_eq!(
         sorted(sweep(&mut sweeper)),
         vec![
-            record("nina", 7, false),
-            record("nina", u64::MAX, false),
-            record("nina", u64::MAX, false),
-            record("omar", 7, false),
-            record("omar", u64::MAX, false),
-            record("omar", u64::MAX, false),
+            record("nina", 7),
+            record("nina", u64::MAX),
+            record("nina", u64::MAX),
+            record("omar", 7),
+            record("omar", u64::MAX),
+            record("omar", u64::MAX),
         ]
     );
     drop(indices);
@@ -620,7 +619,7 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
         collect_ended(&mut sweeper),
         (
             1,
-            vec![record("pia", u64::MAX, true), record("pia", u64::MAX, true)]
+            vec![record("pia", u64::MAX), record("pia", u64::MAX)]
         )
     );
     assert_eq!(ledger.saturated_amount(), 0);
@@ -651,8 +650,8 @@ fn a_total_above_u64_max_across_striped_shards_is_split() {
     assert_eq!(
         usage,
         vec![
-            record("pat", LATER - saturated, false),
-            record("pat", u64::MAX, false)
+            record("pat", LATER - saturated),
+            record("pat", u64::MAX)
         ],
         "threads spread over both stripes, so the total passed u64::MAX and was split"
     );
@@ -667,8 +666,8 @@ fn a_total_above_u64_max_across_worker_and_striped_shards_is_split() {
     assert_eq!(
         sweep(&mut sweeper),
         vec![
-            record("quin", u64::MAX, false),
-            record("quin", u64::MAX, false)
+            record("quin", u64::MAX),
+            record("quin", u64::MAX)
         ]
     );
     assert_eq!(ledger.saturated_amount(), 0);
@@ -698,7 +697,7 @@ fn registration_is_idempotent_and_accounting_survives_every_transition() {
     });
     drop(indices);
     on_worker(|| session.add(10_000));
-    assert_eq!(sweep(&mut sweeper), vec![record("rita", 11_111, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("rita", 11_111)]);
 }
 
 #[test]
@@ -714,7 +713,7 @@ fn worker_indices_are_handed_over_without_losing_adds() {
             }
         });
     }
-    assert_eq!(sweep(&mut sweeper), vec![record("sam", 1_500, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("sam", 1_500)]);
 }
 
 #[test]
@@ -757,7 +756,7 @@ fn too_many_workers_is_a_typed_error_and_the_thread_still_counts() {
         session.add(100);
         unregister_worker_thread();
     });
-    assert_eq!(sweep(&mut sweeper), vec![record("tess", 142, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("tess", 142)]);
 }
 
 /// Registers, retrying while another test's thread that exited registered has not yet given its
@@ -1002,6 +1001,4 @@ fn concurrent_adds_sessions_and_sweeps_are_exact() {
         "hook: once per session"
     );
     assert_eq!(ended, opened, "the sweeper saw every session end, once");
-    let ended_records = swept.iter().filter(|usage| usage.session_ended).count();
-    assert!(ended_records <= opened);
 }
