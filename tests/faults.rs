@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{Proxy, RedisServer, RespClient};
+use support::{Proxy, RedisServer, RespClient, Rng};
 
 /// Prefix of the engine's keys: `fault:{<escaped account>}`.
 const PREFIX: &str = "fault";
@@ -58,35 +58,6 @@ async fn within<T>(limit: Duration, body: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, body)
         .await
         .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"))
-}
-
-/// A small seeded generator (xorshift64*), so runs are reproducible from their seed.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // splitmix64 of the seed: nearby seeds give unrelated streams, and never zero.
-        let mut x = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self((x ^ (x >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
-    }
 }
 
 /// The key the engine writes `account` to, computed independently of the engine: the account

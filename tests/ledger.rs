@@ -6,6 +6,8 @@
 //! Tests that need a thread on a particular path run it on a fresh thread (`on_worker`,
 //! `on_unregistered`), so the test harness's own threads never change registration.
 
+mod support;
+
 use shardmeter::ledger::{Ledger, LedgerError, Session, Sweeper, Usage, MAX_ACCOUNT_BYTES};
 use shardmeter::ledger::{MAX_CAPACITY, MAX_WORKERS};
 use shardmeter::{register_worker_thread, unregister_worker_thread};
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
+use support::Rng;
 
 /// Held for reading by every test that registers workers, and for writing by the one test that
 /// registers [`MAX_WORKERS`] threads: it must not starve the others of worker indices. Take it
@@ -89,26 +92,6 @@ fn record(account: &str, amount: u64) -> Usage {
 fn sorted(mut usage: Vec<Usage>) -> Vec<Usage> {
     usage.sort_by(|a, b| (&a.account, a.amount).cmp(&(&b.account, b.amount)));
     usage
-}
-
-/// A small, seeded generator (xorshift64*): reproducible, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,10 +202,7 @@ fn clones_are_channels_of_one_session() {
     session.add(8);
     drop(session);
     assert_eq!(ended.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("erin", 8)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("erin", 8)]));
     assert_eq!(ledger.slots_in_use(), 0);
 }
 
@@ -240,10 +220,7 @@ fn session_end_hands_over_the_remainder_once() {
     drop(session);
     assert_eq!(ledger.slots_in_use(), 1, "the slot waits for the sweeper");
 
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("frank", 42)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("frank", 42)]));
     assert_eq!(ledger.slots_in_use(), 0);
     assert_eq!(collect_ended(&mut sweeper), (0, vec![]));
     assert_eq!(sweep(&mut sweeper), vec![]);
@@ -258,10 +235,7 @@ fn sweep_also_collects_ended_sessions() {
     ending.add(2);
     drop(ending);
     let usage = sorted(sweep(&mut sweeper));
-    assert_eq!(
-        usage,
-        vec![record("gina", 1), record("hank", 2)]
-    );
+    assert_eq!(usage, vec![record("gina", 1), record("hank", 2)]);
     assert_eq!(ledger.slots_in_use(), 1);
 }
 
@@ -351,10 +325,7 @@ fn a_reused_slot_starts_from_zero_even_when_never_swept_before() {
     let first = ledger.open_session("old").unwrap();
     add_on(Path::Both, &first, 50);
     drop(first);
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("old", 100)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("old", 100)]));
     let second = ledger.open_session("new").unwrap();
     add_on(Path::Both, &second, 1);
     assert_eq!(sweep(&mut sweeper), vec![record("new", 2)]);
@@ -564,10 +535,7 @@ fn saturation_caps_a_sessions_total_per_shard_across_sweeps() {
     let session = ledger.open_session("max").unwrap();
     on_worker(|| {
         session.add(u64::MAX - 1);
-        assert_eq!(
-            sweep(&mut sweeper),
-            vec![record("max", u64::MAX - 1)]
-        );
+        assert_eq!(sweep(&mut sweeper), vec![record("max", u64::MAX - 1)]);
         // Swept, but the cell keeps its value: only 1 more fits in this shard.
         session.add(5);
     });
@@ -617,10 +585,7 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
     drop(fresh);
     assert_eq!(
         collect_ended(&mut sweeper),
-        (
-            1,
-            vec![record("pia", u64::MAX), record("pia", u64::MAX)]
-        )
+        (1, vec![record("pia", u64::MAX), record("pia", u64::MAX)])
     );
     assert_eq!(ledger.saturated_amount(), 0);
 }
@@ -649,10 +614,7 @@ fn a_total_above_u64_max_across_striped_shards_is_split() {
     );
     assert_eq!(
         usage,
-        vec![
-            record("pat", LATER - saturated),
-            record("pat", u64::MAX)
-        ],
+        vec![record("pat", LATER - saturated), record("pat", u64::MAX)],
         "threads spread over both stripes, so the total passed u64::MAX and was split"
     );
 }
@@ -665,10 +627,7 @@ fn a_total_above_u64_max_across_worker_and_striped_shards_is_split() {
     on_unregistered(|| session.add(u64::MAX));
     assert_eq!(
         sweep(&mut sweeper),
-        vec![
-            record("quin", u64::MAX),
-            record("quin", u64::MAX)
-        ]
+        vec![record("quin", u64::MAX), record("quin", u64::MAX)]
     );
     assert_eq!(ledger.saturated_amount(), 0);
 }

@@ -10,12 +10,12 @@ use std::process::{Command, Output};
 
 const SIM: &str = env!("CARGO_BIN_EXE_shardmeter-sim");
 
-/// Runs the sim with `args` plus `--json - --no-live`; returns its output.
+/// Runs the sim with `args` plus `--json -`; returns its output.
 fn sim(args: &[&str], configure: impl FnOnce(&mut Command)) -> Output {
     let mut command = Command::new(SIM);
     command
         .args(args)
-        .args(["--json", "-", "--no-live"])
+        .args(["--json", "-"])
         .env_remove("REDIS_URL");
     configure(&mut command);
     command.output().expect("run shardmeter-sim")
