@@ -32,7 +32,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{Proxy, RedisServer, RespClient, Rng};
+use support::load::add_random;
+use support::rng::Rng;
+use support::{Proxy, RedisServer, RespClient};
 
 /// Prefix of the engine's keys: `fault:{<escaped account>}`.
 const PREFIX: &str = "fault";
@@ -170,6 +172,19 @@ fn assert_redis_holds(addr: SocketAddr, expected: &BTreeMap<String, u128>) {
     );
 }
 
+/// The closing check: Redis holds exactly what `tally` added to `accounts` (see
+/// [`assert_redis_holds`]), and the shutdown report counts exactly that amount as written.
+fn assert_written_exactly(
+    addr: SocketAddr,
+    accounts: &[String],
+    tally: &Tally,
+    report: &ShutdownReport,
+) {
+    let expected = per_key(accounts, &tally.amounts);
+    assert_redis_holds(addr, &expected);
+    assert_eq!(report.amount_written, expected.values().sum::<u128>());
+}
+
 /// Shuts the engine down and checks that everything was written.
 async fn shutdown_complete(engine: &Engine) -> ShutdownReport {
     let report = engine.shutdown().await.expect("shutdown");
@@ -223,8 +238,13 @@ impl Tally {
     }
 
     fn add(&mut self, account: usize, amount: u64) {
-        self.amounts[account] += u128::from(amount);
-        self.adds += 1;
+        self.added(account, amount, 1);
+    }
+
+    /// `adds` calls that added `sum` to `account` in all.
+    fn added(&mut self, account: usize, sum: u64, adds: u64) {
+        self.amounts[account] += u128::from(sum);
+        self.adds += adds;
     }
 
     fn merge(&mut self, other: &Tally) {
@@ -330,17 +350,10 @@ fn adder(
             0..=9 => {
                 let account = rng.below(n) as usize;
                 let session = engine.open_session(&accounts[account]).expect("open");
-                let channel = session.clone();
                 tally.sessions += 1;
-                for _ in 0..=rng.below(30) {
-                    let amount = rng.below(64);
-                    if rng.below(2) == 0 {
-                        session.add(amount);
-                    } else {
-                        channel.add(amount);
-                    }
-                    tally.add(account, amount);
-                }
+                let adds = rng.below(30) + 1;
+                let sum = add_random(&mut rng, &[session.clone(), session], adds, 0..64);
+                tally.added(account, sum, adds);
             }
             // Long-lived sessions: open one, add to one, or end one.
             10..=14 => {
@@ -354,11 +367,9 @@ fn adder(
                 } else if !held.is_empty() {
                     let i = rng.below(held.len() as u64) as usize;
                     let (account, session) = &held[i];
-                    for _ in 0..=rng.below(20) {
-                        let amount = rng.below(40) + 1;
-                        session.add(amount);
-                        tally.add(*account, amount);
-                    }
+                    let adds = rng.below(20) + 1;
+                    let sum = add_random(&mut rng, std::slice::from_ref(session), adds, 1..41);
+                    tally.added(*account, sum, adds);
                     if rng.below(8) == 0 {
                         held.swap_remove(i);
                     }
@@ -382,11 +393,9 @@ fn adder(
                     }
                     channel
                 };
-                for _ in 0..=rng.below(20) {
-                    let amount = rng.below(50);
-                    channel.1.add(amount);
-                    tally.add(channel.0, amount);
-                }
+                let adds = rng.below(20) + 1;
+                let sum = add_random(&mut rng, &[channel.1], adds, 0..50);
+                tally.added(channel.0, sum, adds);
             }
             // An offline upload: one large amount without a streaming session.
             _ => {
@@ -492,9 +501,7 @@ async fn lost_replies_never_change_the_totals() {
             stats.duplicate_batches + stats.write_failures > 0,
             "the engine never noticed a lost reply: {stats:?}"
         );
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
         assert_incrby_once_per_increment(&server, &stats);
         assert!(
             scripts_run(&server) > stats.batches_written,
@@ -540,9 +547,7 @@ async fn sigkill_and_restart_mid_flush_keeps_totals_exact() {
             tally.adds
         );
         assert!(stats.write_failures > 0, "no write failed: {stats:?}");
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }
@@ -574,9 +579,7 @@ async fn sigstop_past_the_command_timeout_counts_nothing_twice() {
         let stats = engine.stats();
         eprintln!("sigstop: {} adds; {stats:?}", tally.adds);
         assert!(stats.write_failures > 0, "no write timed out: {stats:?}");
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
         assert_incrby_once_per_increment(&server, &stats);
         // A batch sent during a pause runs when Redis resumes, and its retry runs too.
         assert!(
@@ -866,9 +869,7 @@ async fn flush_now_returns_under_churn_with_a_slow_redis() {
         let mut accounts = accounts;
         accounts.push("probe".to_owned());
         tally.amounts.push(300);
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }
@@ -947,9 +948,7 @@ async fn a_key_holding_text_is_rejected_and_the_rest_stay_exact() {
         assert_eq!(redis.ttl(&bad_key), -1);
         redis.command(&["DEL", bad_key.as_str()]).unwrap();
         tally.amounts[bad] = 0;
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }

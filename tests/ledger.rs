@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
-use support::Rng;
+use support::rng::Rng;
 
 /// Held for reading by every test that registers workers, and for writing by the one test that
 /// registers [`MAX_WORKERS`] threads: it must not starve the others of worker indices. Take it
@@ -58,6 +58,33 @@ fn ledger(capacity: usize) -> (Ledger, Sweeper) {
         .striped_shards(2)
         .build()
         .expect("valid configuration")
+}
+
+/// A ledger with no worker shards and `stripes` striped shards: every thread adds with
+/// `fetch_update`, threads sharing a stripe share its cells.
+fn striped_only(stripes: usize) -> (Ledger, Sweeper) {
+    Ledger::builder()
+        .capacity(4)
+        .worker_shards(0)
+        .striped_shards(stripes)
+        .build()
+        .expect("valid configuration")
+}
+
+/// Like [`ledger`], with a session-end hook that counts its calls.
+fn counting_ends(capacity: usize) -> (Ledger, Sweeper, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook = calls.clone();
+    let (ledger, sweeper) = Ledger::builder()
+        .capacity(capacity)
+        .worker_shards(MAX_WORKERS)
+        .striped_shards(2)
+        .on_session_end(move || {
+            hook.fetch_add(1, Ordering::Relaxed);
+        })
+        .build()
+        .expect("valid configuration");
+    (ledger, sweeper, calls)
 }
 
 fn sweep(sweeper: &mut Sweeper) -> Vec<Usage> {
@@ -157,17 +184,7 @@ fn zero_and_huge_single_amounts() {
 
 #[test]
 fn clones_are_channels_of_one_session() {
-    let ended = Arc::new(AtomicUsize::new(0));
-    let hook_count = ended.clone();
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(8)
-        .worker_shards(MAX_WORKERS)
-        .striped_shards(2)
-        .on_session_end(move || {
-            hook_count.fetch_add(1, Ordering::Relaxed);
-        })
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper, ended) = counting_ends(8);
     let session = ledger.open_session("erin").unwrap();
     let channels: Vec<Session> = (0..4).map(|_| session.clone()).collect();
     assert_eq!(ledger.slots_in_use(), 1, "clones share the slot");
@@ -477,12 +494,7 @@ fn the_builder_rejects_bad_configurations() {
 
 #[test]
 fn a_ledger_without_worker_shards_still_counts_registered_threads() {
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(1)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(1);
     let session = ledger.open_session("judy").unwrap();
     on_worker(|| session.add(11));
     on_unregistered(|| session.add(31));
@@ -513,12 +525,7 @@ fn a_worker_cell_saturates_and_counts_the_excess() {
 #[test]
 fn a_striped_cell_saturates_and_counts_the_excess() {
     // No worker shards, one striped shard: every thread adds to the same cell.
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(1)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(1);
     let session = ledger.open_session("lee").unwrap();
     on_unregistered(|| session.add(u64::MAX - 10));
     on_worker(|| session.add(25));
@@ -593,12 +600,7 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
 #[test]
 fn a_total_above_u64_max_across_striped_shards_is_split() {
     // Unregistered threads only; two stripes, each thread on one of them (chosen per thread).
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(2)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(2);
     let session = ledger.open_session("pat").unwrap();
     on_unregistered(|| session.add(u64::MAX));
     // Threads that land on the first thread's stripe saturate it; the others fill the other.
@@ -808,17 +810,7 @@ fn concurrent_adds_sessions_and_sweeps_are_exact() {
     const OPEN_PER_THREAD: usize = 4;
     const ACCOUNTS: u64 = 12;
 
-    let hook_calls = Arc::new(AtomicUsize::new(0));
-    let hook = hook_calls.clone();
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(64)
-        .worker_shards(MAX_WORKERS)
-        .striped_shards(2)
-        .on_session_end(move || {
-            hook.fetch_add(1, Ordering::Relaxed);
-        })
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper, hook_calls) = counting_ends(64);
     let _indices = worker_indices();
     let adders_done = AtomicBool::new(false);
 

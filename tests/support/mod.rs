@@ -23,10 +23,13 @@
 
 #[path = "../../src/bin/shardmeter-sim/redis_process.rs"]
 mod redis_process;
-mod rng;
+
+pub mod load;
+pub mod rng;
+pub mod wait;
 
 pub(crate) use redis_process::CommandStats;
-pub use rng::Rng;
+use rng::Rng;
 
 use std::collections::HashMap;
 use std::fmt;
