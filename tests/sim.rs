@@ -1,6 +1,7 @@
 //! End-to-end runs of the `shardmeter-sim` binary (feature `sim`), checked through its `--json`
-//! output: both modes against a private `redis-server` the sim starts itself (so `REDIS_URL` is
-//! removed from its environment), the no-Redis fallback, and bad arguments.
+//! output: both modes against a private `redis-server` the sim starts itself from `PATH` (so
+//! `REDIS_URL` and `REDIS_SERVER_BIN` are removed from its environment), the no-Redis fallback,
+//! and bad arguments.
 //!
 //! The assertions are on counts — chunks, milliseconds, Redis' own command counters — never on
 //! how long anything took.
@@ -16,7 +17,8 @@ fn sim(args: &[&str], configure: impl FnOnce(&mut Command)) -> Output {
     command
         .args(args)
         .args(["--json", "-"])
-        .env_remove("REDIS_URL");
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_SERVER_BIN");
     configure(&mut command);
     command.output().expect("run shardmeter-sim")
 }

@@ -240,13 +240,16 @@ pub(crate) fn table(report: &Value) -> String {
     let s = &report["settings"];
     let mut out = format!(
         "shardmeter-sim  run {}: {} sessions × {} channel(s), 20 ms chunks at 50/s, {} s per \
-         mode, ramp-up {} s{}\nengine: flush every {} ms, session end within {} ms; {} tokio \
+         mode{}{}\nengine: flush every {} ms, session end within {} ms; {} tokio \
          workers (registered)\n",
         text(&report["run_id"]),
         s["sessions"],
         s["channels"],
-        s["seconds"],
-        s["ramp_up_seconds"],
+        s["seconds"].as_f64().unwrap_or(0.0),
+        match s["ramp_up_seconds"].as_f64() {
+            Some(ramp_up) if ramp_up > 0.0 => format!(", ramp-up {ramp_up} s"),
+            _ => String::new(),
+        },
         if s["churn"] == true { ", churn" } else { "" },
         s["flush_interval_ms"],
         s["session_end_delay_ms"],
@@ -276,6 +279,7 @@ pub(crate) fn table(report: &Value) -> String {
         .into_iter()
         .filter_map(|name| Some((name, report["modes"].get(name.replace('-', "_"))?)))
         .collect();
+    out.push('\n');
     let mut row = |label: &str, cell: &dyn Fn(&Value) -> Option<String>| {
         let _ = write!(out, "{label:<38}");
         for (_, mode) in &modes {
@@ -315,22 +319,27 @@ pub(crate) fn table(report: &Value) -> String {
                 let names =
                     (by_command.iter()).filter(|(n, _)| inside.get(n.as_str()).is_some() == script);
                 let show = |(n, calls): (&String, &Value)| match failed.get(n) {
-                    Some(failed) => format!("{n} {calls} ({failed} failed)"),
-                    None => format!("{n} {calls}"),
+                    Some(failed) => format!("{n} {} ({failed} failed)", count(calls)),
+                    None => format!("{n} {}", count(calls)),
                 };
                 names.map(show).collect::<Vec<_>>().join(", ")
             };
-            notes.push(format!(
-                "commands: {} (inside scripts: {})",
-                list(false),
-                list(true)
-            ));
+            let script = list(true);
+            let script = match script.is_empty() {
+                true => script,
+                false => format!(" (inside scripts: {script})"),
+            };
+            notes.push(format!("commands: {}{script}", list(false)));
         }
         if let Some(shards) = m["worker_shards"].as_array() {
             let fast = m["fast_path"] == true;
             notes.push(format!(
-                "adds ran on worker shards {}: {}",
-                Value::Array(shards.clone()),
+                "adds ran on worker shards [{}]: {}",
+                shards
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 if fast {
                     "all private (single-writer fast path)"
                 } else {
@@ -394,6 +403,10 @@ pub(crate) fn table(report: &Value) -> String {
         }
     );
     out
+}
+
+fn count(value: &Value) -> String {
+    thousands(value.as_u64().unwrap_or(0))
 }
 
 fn text(value: &Value) -> &str {
