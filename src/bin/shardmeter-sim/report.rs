@@ -235,7 +235,7 @@ const ROWS: &[(&str, &str, Show)] = &[
     ),
 ];
 
-/// The table for people, from [`Report::json`]'s document.
+/// The table for people, drawn from the run's JSON document (built in `main`).
 pub(crate) fn table(report: &Value) -> String {
     let s = &report["settings"];
     let mut out = format!(
