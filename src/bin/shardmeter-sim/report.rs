@@ -171,6 +171,8 @@ pub(crate) fn reduction(modes: &Value) -> Value {
 /// How a table cell shows a JSON number.
 #[derive(Clone, Copy)]
 enum Show {
+    /// A string as it is.
+    Text,
     Count,
     Rate,
     /// Six decimals.
@@ -192,6 +194,7 @@ const ROWS: &[(&str, &str, Show)] = &[
     ("chunks sent", "/chunks_sent", Show::Count),
     ("audio sent (ms)", "/totals/sent_ms", Show::Count),
     ("audio stored (ms)", "/totals/stored_ms", Show::Count),
+    ("totals check", "/totals/check", Show::Text),
     ("measured window (s)", "/window_seconds", Show::Seconds),
     (
         "Redis commands (client-issued)",
@@ -290,22 +293,19 @@ pub(crate) fn table(report: &Value) -> String {
     row("", &|m| Some(text(&m["mode"]).to_owned()));
     row("writes to", &|m| Some(text(&m["writes_to"]).to_owned()));
     for &(label, pointer, show) in ROWS {
-        if label == "measured window (s)" {
-            row("totals check", &|m| {
-                Some(text(&m["totals"]["check"]).to_owned())
-            });
-        }
         row(label, &|m| {
-            let value = m.pointer(pointer)?.as_f64()?;
+            let value = m.pointer(pointer)?;
+            let number = value.as_f64();
             Some(match show {
-                Show::Count => thousands(value as u64),
-                Show::Rate if value >= 100.0 => thousands(value.round() as u64),
-                Show::Rate => format!("{value:.2}"),
-                Show::Fine => format!("{value:.6}"),
-                Show::Nanos => time_ns(value),
-                Show::Micros => time_ns(value * 1e3),
-                Show::Millis => format!("{value:.0} ms"),
-                Show::Seconds => format!("{value:.2}"),
+                Show::Text => value.as_str()?.to_owned(),
+                Show::Count => thousands(number? as u64),
+                Show::Rate if number? >= 100.0 => thousands(number?.round() as u64),
+                Show::Rate => format!("{:.2}", number?),
+                Show::Fine => format!("{:.6}", number?),
+                Show::Nanos => time_ns(number?),
+                Show::Micros => time_ns(number? * 1e3),
+                Show::Millis => format!("{:.0} ms", number?),
+                Show::Seconds => format!("{:.2}", number?),
             })
         });
     }
