@@ -1,4 +1,4 @@
-//! The hot path: [`Session::add`] against the baselines of ARCHITECTURE.md §2, on 1 and on 2
+//! The hot path: [`Session::add`] against the baselines of `docs/facts.md`, on 1 and on 2
 //! threads, in one run so that every ratio in `docs/benchmarks.md` is a same-run ratio.
 //!
 //! Contenders (each thread works on its own session or key, except `shared_atomic_fetch_add`):
@@ -15,7 +15,7 @@
 //! | `dashmap` | `DashMap<u32, u64>`: `get_mut` of this thread's key (keys on distinct shards), add |
 //!
 //! Groups `add_1_thread` and `add_2_threads` hit one session (key, cell) per thread over and
-//! over, as the targets in ARCHITECTURE.md §2 are stated. That makes each add wait for the
+//! over, as the targets in `docs/facts.md` are stated. That makes each add wait for the
 //! previous one's store to the same cell (store-to-load forwarding), which a gateway never does:
 //! one session gets a chunk every 30 ms or so. Groups `add_1_thread_64_sessions` and
 //! `add_2_threads_64_sessions` therefore also run the floor and the ledger round-robin over 64

@@ -1,5 +1,5 @@
 //! A small realtime speech gateway metered with shardmeter: the shape of the reference
-//! deployment (ARCHITECTURE §7), runnable.
+//! deployment (`docs/reference-deployment.md`), runnable.
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example gateway -- 127.0.0.1:8080

@@ -2,7 +2,7 @@
 //!
 //! The ledger is built on these names only, so the loom models in `loom-tests/` (compiled with
 //! `RUSTFLAGS="--cfg shardmeter_loom"`) explore exactly the code that ships. The cfg has a name of
-//! our own: a global `--cfg loom` would also change tokio and break fred (ARCHITECTURE.md §5).
+//! our own: a global `--cfg loom` would also change tokio and break fred (`docs/facts.md`, *Loom*).
 
 #[cfg(not(shardmeter_loom))]
 mod imp {

@@ -2,23 +2,17 @@
 //! enable/disable and shutdown. Redis behaviour is tested against a real server in
 //! `engine_redis.rs`; here the sink is `MemorySink`, sometimes behind a wrapper that fails.
 
+mod support;
+
 use shardmeter::sink::{Batch, BatchOutcome, Sink, SinkError};
 use shardmeter::{Bucket, Clock, Engine, EngineError, KeyScheme, MemorySink, Ttl};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Waits (on tokio's clock) until `done` holds; panics after a generous limit.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use support::load::add_random;
+use support::rng::Rng;
+use support::wait::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_threads_and_sessions_flush_exact_totals() {
@@ -40,23 +34,13 @@ async fn many_threads_and_sessions_flush_exact_totals() {
                     shardmeter::register_worker_thread().unwrap();
                 }
                 let mut expected: HashMap<String, u64> = HashMap::new();
-                let mut seed = thread * 7919 + 1;
+                let mut rng = Rng::new(thread);
                 for round in 0..200u64 {
                     let account = format!("user-{}", (thread + round) % 13);
                     let session = engine.open_session(&account).unwrap();
-                    let channel = session.clone();
-                    for _ in 0..50 {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        let amount = seed % 40;
-                        if seed % 2 == 0 {
-                            session.add(amount)
-                        } else {
-                            channel.add(amount)
-                        }
-                        *expected.entry(account.clone()).or_default() += amount;
-                    }
+                    let channels = [session.clone(), session];
+                    let sum = add_random(&mut rng, &channels, 50, 0..40);
+                    *expected.entry(account).or_default() += sum;
                 }
                 expected
             })

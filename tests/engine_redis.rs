@@ -8,18 +8,10 @@ mod support;
 use shardmeter::{Engine, KeyScheme, RedisSink};
 use std::collections::HashMap;
 use std::time::Duration;
+use support::load::add_random;
+use support::rng::Rng;
+use support::wait::eventually;
 use support::{shared_redis, shared_redis_url, Keyspace, RedisServer, RespClient};
-
-/// Polls `done` every 10 ms for up to 10 s; panics with `what` if it never holds.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 fn key(keyspace: &Keyspace, account: &str) -> String {
     format!("{}:{account}", keyspace.prefix())
@@ -46,21 +38,15 @@ async fn concurrent_sessions_flush_exact_totals_with_ttls() {
                     shardmeter::register_worker_thread().unwrap();
                 }
                 let mut expected: HashMap<String, u64> = HashMap::new();
-                let mut seed = thread.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut rng = Rng::new(thread);
                 let mut round = 0u64;
                 while std::time::Instant::now() < deadline {
                     round += 1;
                     let account = format!("acct-{}", (thread * 31 + round) % 40);
                     let session = engine.open_session(&account).unwrap();
                     let channels = [session.clone(), session.clone(), session];
-                    for _ in 0..200 {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        let amount = seed % 25;
-                        channels[(seed % 3) as usize].add(amount);
-                        *expected.entry(account.clone()).or_default() += amount;
-                    }
+                    let sum = add_random(&mut rng, &channels, 200, 0..25);
+                    *expected.entry(account).or_default() += sum;
                 }
                 expected
             })

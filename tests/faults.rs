@@ -32,6 +32,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::load::add_random;
+use support::rng::Rng;
 use support::{Proxy, RedisServer, RespClient};
 
 /// Prefix of the engine's keys: `fault:{<escaped account>}`.
@@ -58,35 +60,6 @@ async fn within<T>(limit: Duration, body: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, body)
         .await
         .unwrap_or_else(|_| panic!("the test did not finish within {limit:?}"))
-}
-
-/// A small seeded generator (xorshift64*), so runs are reproducible from their seed.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // splitmix64 of the seed: nearby seeds give unrelated streams, and never zero.
-        let mut x = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self((x ^ (x >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
-    }
 }
 
 /// The key the engine writes `account` to, computed independently of the engine: the account id
@@ -190,6 +163,19 @@ fn assert_redis_holds(addr: SocketAddr, expected: &BTreeMap<String, u128>) {
     );
 }
 
+/// The closing check: Redis holds exactly what `tally` added to `accounts` (see
+/// [`assert_redis_holds`]), and the shutdown report counts exactly that amount as written.
+fn assert_written_exactly(
+    addr: SocketAddr,
+    accounts: &[String],
+    tally: &Tally,
+    report: &ShutdownReport,
+) {
+    let expected = per_key(accounts, &tally.amounts);
+    assert_redis_holds(addr, &expected);
+    assert_eq!(report.amount_written, expected.values().sum::<u128>());
+}
+
 /// Shuts the engine down and checks that everything was written.
 async fn shutdown_complete(engine: &Engine) -> ShutdownReport {
     let report = engine.shutdown().await.expect("shutdown");
@@ -243,8 +229,13 @@ impl Tally {
     }
 
     fn add(&mut self, account: usize, amount: u64) {
-        self.amounts[account] += u128::from(amount);
-        self.adds += 1;
+        self.added(account, amount, 1);
+    }
+
+    /// `adds` calls that added `sum` to `account` in all.
+    fn added(&mut self, account: usize, sum: u64, adds: u64) {
+        self.amounts[account] += u128::from(sum);
+        self.adds += adds;
     }
 
     fn merge(&mut self, other: &Tally) {
@@ -350,17 +341,10 @@ fn adder(
             0..=9 => {
                 let account = rng.below(n) as usize;
                 let session = engine.open_session(&accounts[account]).expect("open");
-                let channel = session.clone();
                 tally.sessions += 1;
-                for _ in 0..=rng.below(30) {
-                    let amount = rng.below(64);
-                    if rng.below(2) == 0 {
-                        session.add(amount);
-                    } else {
-                        channel.add(amount);
-                    }
-                    tally.add(account, amount);
-                }
+                let adds = rng.below(30) + 1;
+                let sum = add_random(&mut rng, &[session.clone(), session], adds, 0..64);
+                tally.added(account, sum, adds);
             }
             // Long-lived sessions: open one, add to one, or end one.
             10..=14 => {
@@ -374,11 +358,9 @@ fn adder(
                 } else if !held.is_empty() {
                     let i = rng.below(held.len() as u64) as usize;
                     let (account, session) = &held[i];
-                    for _ in 0..=rng.below(20) {
-                        let amount = rng.below(40) + 1;
-                        session.add(amount);
-                        tally.add(*account, amount);
-                    }
+                    let adds = rng.below(20) + 1;
+                    let sum = add_random(&mut rng, std::slice::from_ref(session), adds, 1..41);
+                    tally.added(*account, sum, adds);
                     if rng.below(8) == 0 {
                         held.swap_remove(i);
                     }
@@ -402,11 +384,9 @@ fn adder(
                     }
                     channel
                 };
-                for _ in 0..=rng.below(20) {
-                    let amount = rng.below(50);
-                    channel.1.add(amount);
-                    tally.add(channel.0, amount);
-                }
+                let adds = rng.below(20) + 1;
+                let sum = add_random(&mut rng, &[channel.1], adds, 0..50);
+                tally.added(channel.0, sum, adds);
             }
             // An offline upload: one large amount without a streaming session.
             _ => {
@@ -512,9 +492,7 @@ async fn lost_replies_never_change_the_totals() {
             stats.duplicate_batches + stats.write_failures > 0,
             "the engine never noticed a lost reply: {stats:?}"
         );
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
         assert_incrby_once_per_increment(&server, &stats);
         assert!(
             scripts_run(&server) > stats.batches_written,
@@ -560,9 +538,7 @@ async fn sigkill_and_restart_mid_flush_keeps_totals_exact() {
             tally.adds
         );
         assert!(stats.write_failures > 0, "no write failed: {stats:?}");
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }
@@ -594,9 +570,7 @@ async fn sigstop_past_the_command_timeout_counts_nothing_twice() {
         let stats = engine.stats();
         eprintln!("sigstop: {} adds; {stats:?}", tally.adds);
         assert!(stats.write_failures > 0, "no write timed out: {stats:?}");
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
         assert_incrby_once_per_increment(&server, &stats);
         // A batch sent during a pause runs when Redis resumes, and its retry runs too.
         assert!(
@@ -886,9 +860,7 @@ async fn flush_now_returns_under_churn_with_a_slow_redis() {
         let mut accounts = accounts;
         accounts.push("probe".to_owned());
         tally.amounts.push(300);
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }
@@ -967,9 +939,7 @@ async fn a_key_holding_text_is_rejected_and_the_rest_stay_exact() {
         assert_eq!(redis.ttl(&bad_key), -1);
         redis.command(&["DEL", bad_key.as_str()]).unwrap();
         tally.amounts[bad] = 0;
-        let expected = per_key(&accounts, &tally.amounts);
-        assert_redis_holds(server.addr(), &expected);
-        assert_eq!(report.amount_written, expected.values().sum::<u128>());
+        assert_written_exactly(server.addr(), &accounts, &tally, &report);
     })
     .await;
 }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
+use support::wait::eventually;
 use support::{Keyspace, RedisServer, RespClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -196,17 +197,6 @@ async fn stored_ms(redis: SocketAddr, prefix: &str, uid: &str) -> u64 {
     .expect("read Redis")
 }
 
-/// Waits (bounded) until no stream is open.
-async fn until_no_open_streams(gateway: &Gateway) {
-    for _ in 0..1000 {
-        if gateway.open_sessions() == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{} streams still open after 10 s", gateway.open_sessions());
-}
-
 /// Waits (bounded) until Redis holds `expected` ms for every uid; then they must match.
 async fn until_stored(redis: SocketAddr, prefix: &str, expected: &BTreeMap<String, u64>) {
     let mut last = BTreeMap::new();
@@ -295,7 +285,7 @@ fn streams_are_charged_exactly_however_they_end() {
         for client in clients {
             client.await.expect("client");
         }
-        until_no_open_streams(&gateway).await;
+        eventually("every stream closed", || gateway.open_sessions() == 0).await;
         until_stored(redis, keyspace.prefix(), &expected).await;
 
         // The status endpoint reads the same key.
@@ -451,7 +441,7 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
             end: End::CloseFrame,
         };
         play(addr, stream.clone()).await;
-        until_no_open_streams(&gateway).await;
+        eventually("every stream closed", || gateway.open_sessions() == 0).await;
         let body = usage(addr, &uid).await;
         assert_eq!(body["used_ms"], Value::Null, "{body}");
         assert_eq!(body["exhausted"], false);

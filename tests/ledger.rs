@@ -6,6 +6,8 @@
 //! Tests that need a thread on a particular path run it on a fresh thread (`on_worker`,
 //! `on_unregistered`), so the test harness's own threads never change registration.
 
+mod support;
+
 use shardmeter::ledger::{Ledger, LedgerError, Session, Sweeper, Usage, MAX_ACCOUNT_BYTES};
 use shardmeter::ledger::{MAX_CAPACITY, MAX_WORKERS};
 use shardmeter::{register_worker_thread, unregister_worker_thread};
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
+use support::rng::Rng;
 
 /// Held for reading by every test that registers workers, and for writing by the one test that
 /// registers [`MAX_WORKERS`] threads: it must not starve the others of worker indices. Take it
@@ -57,6 +60,33 @@ fn ledger(capacity: usize) -> (Ledger, Sweeper) {
         .expect("valid configuration")
 }
 
+/// A ledger with no worker shards and `stripes` striped shards: every thread adds with
+/// `fetch_update`, threads sharing a stripe share its cells.
+fn striped_only(stripes: usize) -> (Ledger, Sweeper) {
+    Ledger::builder()
+        .capacity(4)
+        .worker_shards(0)
+        .striped_shards(stripes)
+        .build()
+        .expect("valid configuration")
+}
+
+/// Like [`ledger`], with a session-end hook that counts its calls.
+fn counting_ends(capacity: usize) -> (Ledger, Sweeper, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook = calls.clone();
+    let (ledger, sweeper) = Ledger::builder()
+        .capacity(capacity)
+        .worker_shards(MAX_WORKERS)
+        .striped_shards(2)
+        .on_session_end(move || {
+            hook.fetch_add(1, Ordering::Relaxed);
+        })
+        .build()
+        .expect("valid configuration");
+    (ledger, sweeper, calls)
+}
+
 fn sweep(sweeper: &mut Sweeper) -> Vec<Usage> {
     let mut out = Vec::new();
     sweeper.sweep(&mut out);
@@ -78,11 +108,10 @@ fn totals(usage: &[Usage]) -> HashMap<String, u128> {
     totals
 }
 
-fn record(account: &str, amount: u64, session_ended: bool) -> Usage {
+fn record(account: &str, amount: u64) -> Usage {
     Usage {
         account: account.into(),
         amount,
-        session_ended,
     }
 }
 
@@ -90,26 +119,6 @@ fn record(account: &str, amount: u64, session_ended: bool) -> Usage {
 fn sorted(mut usage: Vec<Usage>) -> Vec<Usage> {
     usage.sort_by(|a, b| (&a.account, a.amount).cmp(&(&b.account, b.amount)));
     usage
-}
-
-/// A small, seeded generator (xorshift64*): reproducible, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,12 +146,12 @@ fn open_add_sweep_is_exact_on_both_paths() {
     // One record per session, summed over every shard.
     assert_eq!(
         sorted(sweep(&mut sweeper)),
-        vec![record("alice", 66, false), record("bob", 7, false)]
+        vec![record("alice", 66), record("bob", 7)]
     );
     assert_eq!(sweep(&mut sweeper), vec![], "nothing was added since");
 
     on_worker(|| bob.add(3));
-    assert_eq!(sweep(&mut sweeper), vec![record("bob", 3, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("bob", 3)]);
     assert_eq!(ledger.slots_in_use(), 2, "sweeping does not end sessions");
 }
 
@@ -169,23 +178,13 @@ fn zero_and_huge_single_amounts() {
         "adding 0 leaves nothing to report"
     );
     on_worker(|| session.add(u64::MAX));
-    assert_eq!(sweep(&mut sweeper), vec![record("dave", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("dave", u64::MAX)]);
     assert_eq!(ledger.saturated_amount(), 0);
 }
 
 #[test]
 fn clones_are_channels_of_one_session() {
-    let ended = Arc::new(AtomicUsize::new(0));
-    let hook_count = ended.clone();
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(8)
-        .worker_shards(MAX_WORKERS)
-        .striped_shards(2)
-        .on_session_end(move || {
-            hook_count.fetch_add(1, Ordering::Relaxed);
-        })
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper, ended) = counting_ends(8);
     let session = ledger.open_session("erin").unwrap();
     let channels: Vec<Session> = (0..4).map(|_| session.clone()).collect();
     assert_eq!(ledger.slots_in_use(), 1, "clones share the slot");
@@ -215,15 +214,12 @@ fn clones_are_channels_of_one_session() {
         "one handle is still alive"
     );
     assert_eq!(collect_ended(&mut sweeper), (0, vec![]));
-    assert_eq!(sweep(&mut sweeper), vec![record("erin", 12_000, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("erin", 12_000)]);
 
     session.add(8);
     drop(session);
     assert_eq!(ended.load(Ordering::Relaxed), 1);
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("erin", 8, true)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("erin", 8)]));
     assert_eq!(ledger.slots_in_use(), 0);
 }
 
@@ -235,16 +231,13 @@ fn session_end_hands_over_the_remainder_once() {
     let (ledger, mut sweeper) = ledger(4);
     let session = ledger.open_session("frank").unwrap();
     session.add(100);
-    assert_eq!(sweep(&mut sweeper), vec![record("frank", 100, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("frank", 100)]);
     on_worker(|| session.add(40));
     session.add(2);
     drop(session);
     assert_eq!(ledger.slots_in_use(), 1, "the slot waits for the sweeper");
 
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("frank", 42, true)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("frank", 42)]));
     assert_eq!(ledger.slots_in_use(), 0);
     assert_eq!(collect_ended(&mut sweeper), (0, vec![]));
     assert_eq!(sweep(&mut sweeper), vec![]);
@@ -259,10 +252,7 @@ fn sweep_also_collects_ended_sessions() {
     ending.add(2);
     drop(ending);
     let usage = sorted(sweep(&mut sweeper));
-    assert_eq!(
-        usage,
-        vec![record("gina", 1, false), record("hank", 2, true)]
-    );
+    assert_eq!(usage, vec![record("gina", 1), record("hank", 2)]);
     assert_eq!(ledger.slots_in_use(), 1);
 }
 
@@ -319,21 +309,21 @@ fn a_reused_slot_never_reports_the_previous_sessions_amounts() {
         );
         let (ended, usage) = collect_ended(&mut sweeper);
         assert_eq!(ended, 1);
-        assert_eq!(usage, vec![record("old", 7 * per(path), true)], "{path:?}");
+        assert_eq!(usage, vec![record("old", 7 * per(path))], "{path:?}");
 
         let second = ledger.open_session("new").unwrap();
         assert_eq!(sweep(&mut sweeper), vec![], "{path:?}: nothing of `old`");
         add_on(path, &second, 3);
         assert_eq!(
             sweep(&mut sweeper),
-            vec![record("new", 3 * per(path), false)],
+            vec![record("new", 3 * per(path))],
             "{path:?}"
         );
         add_on(path, &second, 4);
         drop(second);
         assert_eq!(
             collect_ended(&mut sweeper),
-            (1, vec![record("new", 4 * per(path), true)]),
+            (1, vec![record("new", 4 * per(path))]),
             "{path:?}"
         );
     }
@@ -352,13 +342,10 @@ fn a_reused_slot_starts_from_zero_even_when_never_swept_before() {
     let first = ledger.open_session("old").unwrap();
     add_on(Path::Both, &first, 50);
     drop(first);
-    assert_eq!(
-        collect_ended(&mut sweeper),
-        (1, vec![record("old", 100, true)])
-    );
+    assert_eq!(collect_ended(&mut sweeper), (1, vec![record("old", 100)]));
     let second = ledger.open_session("new").unwrap();
     add_on(Path::Both, &second, 1);
-    assert_eq!(sweep(&mut sweeper), vec![record("new", 2, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("new", 2)]);
 }
 
 #[test]
@@ -371,7 +358,7 @@ fn record_charges_once_as_an_ended_session() {
     assert_eq!(ended, 2);
     assert_eq!(
         sorted(usage),
-        vec![record("upload", 10, true), record("upload", 90_000, true)]
+        vec![record("upload", 10), record("upload", 90_000)]
     );
     assert_eq!(ledger.slots_in_use(), 0);
 }
@@ -403,12 +390,12 @@ fn a_full_table_refuses_then_recovers_after_the_sweeper_frees_a_slot() {
         matches!(ledger.open_session("late"), Err(LedgerError::Full { .. })),
         "an ended session's slot is freed by the sweeper, not by the drop"
     );
-    assert_eq!(sweep(&mut sweeper), vec![record("user-3", 9, true)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("user-3", 9)]);
     assert_eq!(ledger.slots_in_use(), 3);
 
     let late = ledger.open_session("late").unwrap();
     late.add(1);
-    assert_eq!(sweep(&mut sweeper), vec![record("late", 1, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("late", 1)]);
     drop(sessions);
     drop(late);
     assert_eq!(collect_ended(&mut sweeper).0, 4);
@@ -507,16 +494,11 @@ fn the_builder_rejects_bad_configurations() {
 
 #[test]
 fn a_ledger_without_worker_shards_still_counts_registered_threads() {
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(1)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(1);
     let session = ledger.open_session("judy").unwrap();
     on_worker(|| session.add(11));
     on_unregistered(|| session.add(31));
-    assert_eq!(sweep(&mut sweeper), vec![record("judy", 42, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("judy", 42)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,23 +519,18 @@ fn a_worker_cell_saturates_and_counts_the_excess() {
         u64::MAX,
         "the statistic saturates too"
     );
-    assert_eq!(sweep(&mut sweeper), vec![record("kim", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("kim", u64::MAX)]);
 }
 
 #[test]
 fn a_striped_cell_saturates_and_counts_the_excess() {
     // No worker shards, one striped shard: every thread adds to the same cell.
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(1)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(1);
     let session = ledger.open_session("lee").unwrap();
     on_unregistered(|| session.add(u64::MAX - 10));
     on_worker(|| session.add(25));
     assert_eq!(ledger.saturated_amount(), 15);
-    assert_eq!(sweep(&mut sweeper), vec![record("lee", u64::MAX, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("lee", u64::MAX)]);
     session.add(1);
     assert_eq!(ledger.saturated_amount(), 16);
     assert_eq!(sweep(&mut sweeper), vec![]);
@@ -565,15 +542,12 @@ fn saturation_caps_a_sessions_total_per_shard_across_sweeps() {
     let session = ledger.open_session("max").unwrap();
     on_worker(|| {
         session.add(u64::MAX - 1);
-        assert_eq!(
-            sweep(&mut sweeper),
-            vec![record("max", u64::MAX - 1, false)]
-        );
+        assert_eq!(sweep(&mut sweeper), vec![record("max", u64::MAX - 1)]);
         // Swept, but the cell keeps its value: only 1 more fits in this shard.
         session.add(5);
     });
     assert_eq!(ledger.saturated_amount(), 4);
-    assert_eq!(sweep(&mut sweeper), vec![record("max", 1, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("max", 1)]);
 }
 
 #[test]
@@ -601,12 +575,12 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
     assert_eq!(
         sorted(sweep(&mut sweeper)),
         vec![
-            record("nina", 7, false),
-            record("nina", u64::MAX, false),
-            record("nina", u64::MAX, false),
-            record("omar", 7, false),
-            record("omar", u64::MAX, false),
-            record("omar", u64::MAX, false),
+            record("nina", 7),
+            record("nina", u64::MAX),
+            record("nina", u64::MAX),
+            record("omar", 7),
+            record("omar", u64::MAX),
+            record("omar", u64::MAX),
         ]
     );
     drop(indices);
@@ -618,10 +592,7 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
     drop(fresh);
     assert_eq!(
         collect_ended(&mut sweeper),
-        (
-            1,
-            vec![record("pia", u64::MAX, true), record("pia", u64::MAX, true)]
-        )
+        (1, vec![record("pia", u64::MAX), record("pia", u64::MAX)])
     );
     assert_eq!(ledger.saturated_amount(), 0);
 }
@@ -629,12 +600,7 @@ fn a_total_above_u64_max_across_worker_shards_is_split() {
 #[test]
 fn a_total_above_u64_max_across_striped_shards_is_split() {
     // Unregistered threads only; two stripes, each thread on one of them (chosen per thread).
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(4)
-        .worker_shards(0)
-        .striped_shards(2)
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper) = striped_only(2);
     let session = ledger.open_session("pat").unwrap();
     on_unregistered(|| session.add(u64::MAX));
     // Threads that land on the first thread's stripe saturate it; the others fill the other.
@@ -650,10 +616,7 @@ fn a_total_above_u64_max_across_striped_shards_is_split() {
     );
     assert_eq!(
         usage,
-        vec![
-            record("pat", LATER - saturated, false),
-            record("pat", u64::MAX, false)
-        ],
+        vec![record("pat", LATER - saturated), record("pat", u64::MAX)],
         "threads spread over both stripes, so the total passed u64::MAX and was split"
     );
 }
@@ -666,10 +629,7 @@ fn a_total_above_u64_max_across_worker_and_striped_shards_is_split() {
     on_unregistered(|| session.add(u64::MAX));
     assert_eq!(
         sweep(&mut sweeper),
-        vec![
-            record("quin", u64::MAX, false),
-            record("quin", u64::MAX, false)
-        ]
+        vec![record("quin", u64::MAX), record("quin", u64::MAX)]
     );
     assert_eq!(ledger.saturated_amount(), 0);
 }
@@ -698,7 +658,7 @@ fn registration_is_idempotent_and_accounting_survives_every_transition() {
     });
     drop(indices);
     on_worker(|| session.add(10_000));
-    assert_eq!(sweep(&mut sweeper), vec![record("rita", 11_111, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("rita", 11_111)]);
 }
 
 #[test]
@@ -714,7 +674,7 @@ fn worker_indices_are_handed_over_without_losing_adds() {
             }
         });
     }
-    assert_eq!(sweep(&mut sweeper), vec![record("sam", 1_500, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("sam", 1_500)]);
 }
 
 #[test]
@@ -757,7 +717,7 @@ fn too_many_workers_is_a_typed_error_and_the_thread_still_counts() {
         session.add(100);
         unregister_worker_thread();
     });
-    assert_eq!(sweep(&mut sweeper), vec![record("tess", 142, false)]);
+    assert_eq!(sweep(&mut sweeper), vec![record("tess", 142)]);
 }
 
 /// Registers, retrying while another test's thread that exited registered has not yet given its
@@ -850,17 +810,7 @@ fn concurrent_adds_sessions_and_sweeps_are_exact() {
     const OPEN_PER_THREAD: usize = 4;
     const ACCOUNTS: u64 = 12;
 
-    let hook_calls = Arc::new(AtomicUsize::new(0));
-    let hook = hook_calls.clone();
-    let (ledger, mut sweeper) = Ledger::builder()
-        .capacity(64)
-        .worker_shards(MAX_WORKERS)
-        .striped_shards(2)
-        .on_session_end(move || {
-            hook.fetch_add(1, Ordering::Relaxed);
-        })
-        .build()
-        .unwrap();
+    let (ledger, mut sweeper, hook_calls) = counting_ends(64);
     let _indices = worker_indices();
     let adders_done = AtomicBool::new(false);
 
@@ -1002,6 +952,4 @@ fn concurrent_adds_sessions_and_sweeps_are_exact() {
         "hook: once per session"
     );
     assert_eq!(ended, opened, "the sweeper saw every session end, once");
-    let ended_records = swept.iter().filter(|usage| usage.session_ended).count();
-    assert!(ended_records <= opened);
 }

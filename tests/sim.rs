@@ -1,6 +1,7 @@
 //! End-to-end runs of the `shardmeter-sim` binary (feature `sim`), checked through its `--json`
-//! output: both modes against a private `redis-server` the sim starts itself (so `REDIS_URL` is
-//! removed from its environment), the no-Redis fallback, and bad arguments.
+//! output: both modes against a private `redis-server` the sim starts itself from `PATH` (so
+//! `REDIS_URL` and `REDIS_SERVER_BIN` are removed from its environment), the no-Redis fallback,
+//! and bad arguments.
 //!
 //! The assertions are on counts — chunks, milliseconds, Redis' own command counters — never on
 //! how long anything took.
@@ -10,13 +11,14 @@ use std::process::{Command, Output};
 
 const SIM: &str = env!("CARGO_BIN_EXE_shardmeter-sim");
 
-/// Runs the sim with `args` plus `--json - --no-live`; returns its output.
+/// Runs the sim with `args` plus `--json -`; returns its output.
 fn sim(args: &[&str], configure: impl FnOnce(&mut Command)) -> Output {
     let mut command = Command::new(SIM);
     command
         .args(args)
-        .args(["--json", "-", "--no-live"])
-        .env_remove("REDIS_URL");
+        .args(["--json", "-"])
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_SERVER_BIN");
     configure(&mut command);
     command.output().expect("run shardmeter-sim")
 }

@@ -56,7 +56,6 @@ fn worker_adds_racing_sweeps() {
 
         assert_eq!(sweeper.sweep(&mut usage), 0, "no session has ended yet");
         assert_eq!(totals(&usage), expected(&[("a", 13), ("b", 2)]));
-        assert!(usage.iter().all(|record| !record.session_ended));
         SEEN.note(format!("first sweep {first:?}"));
 
         drop((a, b));

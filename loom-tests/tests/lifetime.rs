@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 /// Model 2. Three handles of one session: a registered worker and an unregistered thread each
 /// add and drop theirs, the main thread drops its own, and a sweeper thread sweeps and collects
 /// meanwhile. Whichever drop is the last hands the slot to the sweeper. The session's total is
-/// exact whatever the racing sweep saw; it ends exactly once (one hook call, one slot collected,
-/// at most one `session_ended` record); and the freed slot serves a new session with none of the
-/// old amounts.
+/// exact whatever the racing sweep saw; it ends exactly once (one hook call, one slot collected);
+/// and the freed slot serves a new session with none of the old amounts.
 #[test]
 fn clones_drop_on_different_threads() {
     static SEEN: Seen = Seen::new();
@@ -62,7 +61,6 @@ fn clones_drop_on_different_threads() {
         assert_eq!(ended, 1, "the session must end exactly once");
         let ended_on = ended_on.lock().unwrap().clone();
         assert_eq!(ended_on.len(), 1, "hook calls: {ended_on:?}");
-        assert!(usage.iter().filter(|record| record.session_ended).count() <= 1);
         assert_eq!(totals(&usage), expected(&[("a", 3)]));
         SEEN.note(format!("ended on {}", ended_on[0]));
         SEEN.note(format!(
@@ -202,7 +200,6 @@ fn records_racing_collect() {
         let accepted = charged.iter().filter(|&&(_, amount)| amount > 0).count();
         assert!(accepted >= 1, "the first record always finds the slot free");
         assert_eq!(ended, accepted);
-        assert!(usage.iter().all(|record| record.session_ended));
         assert_eq!(totals(&usage), expected(&charged));
         SEEN.note(format!("{accepted} accepted"));
     });

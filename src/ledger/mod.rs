@@ -15,13 +15,13 @@
 //!
 //! let mut usage = Vec::new();
 //! sweeper.sweep(&mut usage);
-//! assert_eq!((&*usage[0].account, usage[0].amount, usage[0].session_ended), ("uid-42", 40, false));
+//! assert_eq!((&*usage[0].account, usage[0].amount), ("uid-42", 40));
 //!
 //! session.add(5);
 //! drop(session); // the last handle: the remainder is handed to the sweeper
 //! usage.clear();
-//! sweeper.collect_ended(&mut usage);
-//! assert_eq!((usage[0].amount, usage[0].session_ended), (5, true));
+//! assert_eq!(sweeper.collect_ended(&mut usage), 1); // one session ended
+//! assert_eq!(usage[0].amount, 5);
 //! # Ok::<(), shardmeter::ledger::LedgerError>(())
 //! ```
 //!
@@ -116,7 +116,8 @@ impl Ledger {
     /// Opens a session for `account`, taking a free slot.
     ///
     /// Allocates (the handle and a copy of the id); never blocks. Fails with
-    /// [`LedgerError::Full`] when no slot is free, or when the id is empty or too long.
+    /// [`LedgerError::Full`] when no slot is free, [`LedgerError::EmptyAccount`] for an empty id,
+    /// [`LedgerError::AccountTooLong`] for an id longer than [`MAX_ACCOUNT_BYTES`] bytes.
     pub fn open_session(&self, account: &str) -> Result<Session, LedgerError> {
         validate_account(account)?;
         let account: Account = account.into();
@@ -297,8 +298,6 @@ pub struct Usage {
     pub account: Account,
     /// How much was added (a slot's collection above `u64::MAX` is split over several records).
     pub amount: u64,
-    /// `true` for the remainder of a session that has ended: flush it promptly.
-    pub session_ended: bool,
 }
 
 /// Collects usage. There is exactly one per ledger (returned by [`LedgerBuilder::build`]), and
@@ -320,7 +319,7 @@ impl Sweeper {
             let total = self.take_delta(slot as usize, true);
             let account = self.shared.slots.free(slot);
             if let Some(account) = account {
-                push_usage(out, account, total, true);
+                push_usage(out, account, total);
             }
         }
         ended
@@ -344,17 +343,10 @@ impl Sweeper {
             }
             // Some: the slot was seen open above and only this sweeper frees slots.
             if let Some(account) = self.shared.slots.account(slot) {
-                push_usage(out, account, total, false);
+                push_usage(out, account, total);
             }
         }
         ended
-    }
-
-    /// The ledger this sweeper collects from.
-    pub fn ledger(&self) -> Ledger {
-        Ledger {
-            shared: self.shared.clone(),
-        }
     }
 
     /// Sums `slot`'s growth over all shards since the last read, and remembers the new values;
@@ -384,13 +376,12 @@ impl Sweeper {
     }
 }
 
-fn push_usage(out: &mut Vec<Usage>, account: Account, mut total: u128, session_ended: bool) {
+fn push_usage(out: &mut Vec<Usage>, account: Account, mut total: u128) {
     let max = u128::from(u64::MAX);
     while total > max {
         out.push(Usage {
             account: account.clone(),
             amount: u64::MAX,
-            session_ended,
         });
         total -= max;
     }
@@ -399,7 +390,6 @@ fn push_usage(out: &mut Vec<Usage>, account: Account, mut total: u128, session_e
         out.push(Usage {
             account,
             amount: total as u64,
-            session_ended,
         });
     }
 }
@@ -436,7 +426,8 @@ impl std::fmt::Debug for Session {
 impl std::fmt::Debug for Sweeper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sweeper")
-            .field("ledger", &self.ledger())
+            .field("slots", &self.shared.slots)
+            .field("shards", &self.shared.shards)
             .finish()
     }
 }

@@ -21,12 +21,22 @@
 // Each test crate compiles this module privately and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "../../src/bin/shardmeter-sim/redis_process.rs"]
+mod redis_process;
+
+pub mod load;
+pub mod rng;
+pub mod wait;
+
+pub(crate) use redis_process::CommandStats;
+use rng::Rng;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,21 +65,13 @@ pub fn unique_u64() -> u64 {
         .unwrap_or_default()
         .as_nanos() as u64;
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
-    splitmix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.rotate_left(17))
-}
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    rng::splitmix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.rotate_left(17))
 }
 
 /// A port that was free a moment ago (bound to :0, then released). Another process may take it
 /// before it is used; [`RedisServer::start_with`] retries with a new one if so.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
+    redis_process::free_port().expect("bind 127.0.0.1:0")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,61 +220,21 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
+        let bin = redis_process::binary().unwrap_or_else(|| "redis-server".into());
         let log = self.dir.join("redis.log");
-        let port = self.port.to_string();
-        let dir = self.dir.to_string_lossy().into_owned();
-        let logfile = log.to_string_lossy().into_owned();
-        let defaults = [
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir,
-            "--logfile",
-            &logfile,
-            "--daemonize",
-            "no",
+        let mut args = vec![
+            "--dir".to_owned(),
+            self.dir.to_string_lossy().into_owned(),
+            "--logfile".to_owned(),
+            log.to_string_lossy().into_owned(),
         ];
-        let child = Command::new(&bin)
-            .args(defaults)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run {bin:?} (set REDIS_SERVER_BIN?): {e}"))?;
-        self.child = Some(child);
-
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "redis-server on port {} exited with {status}: {}",
-                        self.port,
-                        tail(&log)
-                    ));
-                }
+        args.extend(self.args.iter().cloned());
+        match redis_process::spawn(&bin, self.port, &args) {
+            Ok(child) => {
+                self.child = Some(child);
+                Ok(())
             }
-            if answers_ping(self.addr()) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                return Err(format!(
-                    "redis-server on port {} did not answer PING within {START_TIMEOUT:?}: {}",
-                    self.port,
-                    tail(&log)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(error) => Err(format!("{error}: {}", tail(&log))),
         }
     }
 
@@ -430,22 +392,6 @@ impl Drop for RedisServer {
         if std::env::var_os("SHARDMETER_KEEP_REDIS_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-fn answers_ping(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
-        // `-NOAUTH` (requirepass) also means it is up; `-LOADING` does not.
-        Ok(n) if n > 0 => buf.starts_with(b"+PONG") || buf.starts_with(b"-NOAUTH"),
-        _ => false,
     }
 }
 
@@ -621,11 +567,7 @@ impl RespClient {
     /// `INFO <section>` as its `field:value` lines.
     pub fn info(&mut self, section: &str) -> HashMap<String, String> {
         match self.expect(&["INFO", section]) {
-            Reply::Bulk(Some(text)) => String::from_utf8_lossy(&text)
-                .lines()
-                .filter_map(|line| line.split_once(':'))
-                .map(|(field, value)| (field.to_owned(), value.trim().to_owned()))
-                .collect(),
+            Reply::Bulk(Some(text)) => redis_process::info_fields(&String::from_utf8_lossy(&text)),
             other => panic!("INFO {section}: {other:?}"),
         }
     }
@@ -636,67 +578,6 @@ impl RespClient {
             Reply::Bulk(Some(text)) => CommandStats::parse(&String::from_utf8_lossy(&text)),
             other => panic!("INFO commandstats: {other:?}"),
         }
-    }
-}
-
-/// One command's line of `INFO commandstats`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CommandStat {
-    /// Executions (including those that failed while running).
-    pub calls: u64,
-    /// Refused before running (unknown command, wrong arity, OOM, NOSCRIPT...).
-    pub rejected_calls: u64,
-    /// Ran and returned an error.
-    pub failed_calls: u64,
-}
-
-/// `INFO commandstats` by lower-case command name (`evalsha`, `script|load`, `incrby`...).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CommandStats(pub HashMap<String, CommandStat>);
-
-impl CommandStats {
-    /// Parses lines like `cmdstat_evalsha:calls=2,usec=9,...,rejected_calls=0,failed_calls=0`.
-    pub fn parse(info: &str) -> Self {
-        let mut stats = HashMap::new();
-        for line in info.lines() {
-            let Some(rest) = line.strip_prefix("cmdstat_") else {
-                continue;
-            };
-            let Some((name, fields)) = rest.split_once(':') else {
-                continue;
-            };
-            let mut stat = CommandStat::default();
-            for field in fields.trim().split(',') {
-                let Some((key, value)) = field.split_once('=') else {
-                    continue;
-                };
-                let value = value.parse().unwrap_or(0);
-                match key {
-                    "calls" => stat.calls = value,
-                    "rejected_calls" => stat.rejected_calls = value,
-                    "failed_calls" => stat.failed_calls = value,
-                    _ => {}
-                }
-            }
-            stats.insert(name.to_owned(), stat);
-        }
-        Self(stats)
-    }
-
-    /// The line of `command` (zero if it never ran).
-    pub fn get(&self, command: &str) -> CommandStat {
-        self.0.get(command).copied().unwrap_or_default()
-    }
-
-    /// Executions of `command`.
-    pub fn calls(&self, command: &str) -> u64 {
-        self.get(command).calls
-    }
-
-    /// Every time `command` reached the server: executed or refused.
-    pub fn received(&self, command: &str) -> u64 {
-        let stat = self.get(command);
-        stat.calls + stat.rejected_calls
     }
 }
 
@@ -738,12 +619,12 @@ enum Fault {
     None,
     /// The next `remaining` requests containing `needle` lose their reply.
     Times { needle: Vec<u8>, remaining: u32 },
-    /// Each request containing `needle` loses its reply with `probability` (a seeded xorshift,
-    /// so a run is reproducible).
+    /// Each request containing `needle` loses its reply with `probability` (a seeded
+    /// generator, so a run is reproducible).
     Probability {
         needle: Vec<u8>,
         probability: f64,
-        state: u64,
+        rng: Rng,
     },
 }
 
@@ -776,13 +657,10 @@ impl ProxyShared {
             Fault::Probability {
                 needle,
                 probability,
-                state,
+                rng,
             } => {
                 if contains(window, needle) {
-                    *state ^= *state << 13;
-                    *state ^= *state >> 7;
-                    *state ^= *state << 17;
-                    (*state >> 11) as f64 / (1u64 << 53) as f64 <= *probability
+                    rng.chance(*probability)
                 } else {
                     false
                 }
@@ -871,7 +749,7 @@ impl Proxy {
         *self.shared.fault.lock().unwrap() = Fault::Probability {
             needle: needle.as_bytes().to_vec(),
             probability,
-            state: seed.max(1),
+            rng: Rng::new(seed),
         };
     }
 

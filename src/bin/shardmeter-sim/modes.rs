@@ -2,19 +2,17 @@
 //! just before the first tick and just after the last write (for shardmeter: after
 //! `engine.shutdown()` has flushed everything), then the totals are read back and checked.
 
-use crate::load::{self, LoadOutcome, Plan, Progress, Timing, Writer, CHUNK_MS};
-use crate::monitor::{self, FlushSamples, Watch};
-use crate::redis::{self as redis_util, CommandDelta};
-use fred::prelude::*;
-use shardmeter::sink::redis::RedisSink;
-use shardmeter::{Engine, KeyScheme, MemorySink, ShutdownReport};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use crate::load::{self, LoadOutcome, Plan, Writer, CHUNK_MS};
+use crate::redis::{self, CommandDelta, PrivateRedis};
+use fred::prelude::{Client, ClientLike};
+use hdrhistogram::Histogram;
+use shardmeter::sink::{Batch, BatchOutcome, SinkError};
+use shardmeter::{Engine, KeyScheme, MemorySink, RedisSink, ShutdownReport, Sink};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Which mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     PerChunk,
@@ -28,44 +26,95 @@ impl Mode {
             Mode::Shardmeter => "shardmeter",
         }
     }
-
-    /// Names the mode in keys.
-    fn key_part(self) -> &'static str {
-        match self {
-            Mode::PerChunk => "per_chunk",
-            Mode::Shardmeter => "shardmeter",
-        }
-    }
 }
 
 /// Where totals go.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Store {
     /// A Redis server, and the sim's own connection to it (reads, `INFO`, cleanup).
-    Redis { url: String, admin: Client },
+    Redis {
+        url: String,
+        admin: Client,
+        version: String,
+        /// Started by the sim for this run.
+        private: bool,
+    },
     /// No Redis: the engine writes to a `MemorySink` (shardmeter mode only).
     Memory,
 }
 
-/// Engine settings for shardmeter mode.
-#[derive(Debug, Clone)]
-pub(crate) struct EngineSettings {
-    pub(crate) flush_interval: Duration,
-    pub(crate) session_end_delay: Duration,
-    pub(crate) worker_threads: usize,
+impl Store {
+    /// `--redis`/`REDIS_URL` if given, else a private server (returned: it stops when dropped),
+    /// else memory.
+    pub(crate) async fn open(url: Option<&str>) -> Result<(Self, Option<PrivateRedis>), String> {
+        let private = match url {
+            Some(_) => None,
+            None => PrivateRedis::start()?,
+        };
+        let Some(url) = url
+            .map(str::to_owned)
+            .or(private.as_ref().map(PrivateRedis::url))
+        else {
+            return Ok((Store::Memory, None));
+        };
+        let admin = redis::connect(&url).await?;
+        let version = redis::version(&admin).await;
+        let store = Store::Redis {
+            url,
+            admin,
+            version,
+            private: private.is_some(),
+        };
+        Ok((store, private))
+    }
+
+    pub(crate) fn is_redis(&self) -> bool {
+        matches!(self, Store::Redis { .. })
+    }
+
+    /// Where the run's Redis was, for the report (password left out).
+    pub(crate) fn json(&self) -> serde_json::Value {
+        match self {
+            Store::Redis {
+                url,
+                version,
+                private,
+                ..
+            } => {
+                serde_json::json!({"url": redis::redact(url), "version": version, "private": private})
+            }
+            Store::Memory => serde_json::Value::Null,
+        }
+    }
+
+    /// Deletes every key under `run_prefix` and closes the admin connection; the count deleted.
+    pub(crate) async fn delete_run_keys(&self, run_prefix: &str) -> Option<u64> {
+        let Store::Redis { admin, .. } = self else {
+            return None;
+        };
+        let pattern = format!("{run_prefix}:*");
+        let deleted = redis::delete_matching(admin, &pattern).await;
+        let _ = admin.quit().await;
+        deleted
+            .inspect_err(|e| {
+                eprintln!("warning: could not delete this run's keys ({pattern}): {e}")
+            })
+            .ok()
+    }
 }
 
 /// Everything a mode needs.
 #[derive(Debug)]
 pub(crate) struct Context {
-    pub(crate) plan: Arc<Plan>,
-    pub(crate) duration: Duration,
-    pub(crate) run_id: String,
+    pub(crate) plan: Plan,
+    /// `shardmeter_sim:<run id>`: every key of the run starts with it.
+    pub(crate) run_prefix: String,
     pub(crate) store: Store,
-    pub(crate) engine: EngineSettings,
+    pub(crate) flush_interval: Duration,
+    pub(crate) session_end_delay: Duration,
+    pub(crate) worker_threads: usize,
     /// `--sessions-per-task`, if given.
     pub(crate) per_task: Option<usize>,
-    pub(crate) live: bool,
 }
 
 impl Context {
@@ -74,26 +123,12 @@ impl Context {
     /// queue behind each other: p50 155 µs alone, 575 µs in groups of 50, measured at 100
     /// sessions). Shardmeter: 50, so that one `Instant` pair times a batch of adds and 10,000
     /// sessions cost 0.5 s of CPU per 5 s run instead of 3.4 s with a task each.
-    pub(crate) fn sessions_per_task(&self, mode: Mode) -> usize {
+    fn sessions_per_task(&self, mode: Mode) -> usize {
         self.per_task.unwrap_or(match mode {
             Mode::PerChunk => 1,
             Mode::Shardmeter => 50,
         })
     }
-
-    /// Every key of this run starts with this.
-    pub(crate) fn run_prefix(&self) -> String {
-        run_prefix(&self.run_id)
-    }
-
-    fn key_prefix(&self, mode: Mode) -> String {
-        format!("{}:{}", self.run_prefix(), mode.key_part())
-    }
-}
-
-/// `shardmeter_sim:<run id>`.
-pub(crate) fn run_prefix(run_id: &str) -> String {
-    format!("shardmeter_sim:{run_id}")
 }
 
 /// Did the store end up holding exactly the audio sent?
@@ -103,11 +138,10 @@ pub(crate) struct TotalsCheck {
     pub(crate) expected_ms: u64,
     /// Sum of the mode's keys.
     pub(crate) found_ms: u64,
-    /// Keys found.
     pub(crate) keys: usize,
     /// Uids whose total differs from what they sent.
     pub(crate) wrong_uids: usize,
-    /// A few of them, `uid: expected vs found`.
+    /// A few of them, `uid: sent … ms, stored … ms`.
     pub(crate) examples: Vec<String>,
 }
 
@@ -120,7 +154,8 @@ impl TotalsCheck {
 /// Shardmeter mode's engine figures.
 #[derive(Debug)]
 pub(crate) struct EngineFigures {
-    pub(crate) samples: FlushSamples,
+    /// Every write round's time in µs, taken around the sink's `write` (see [`Timed`]).
+    pub(crate) flush_micros: Histogram<u64>,
     /// How long `engine.shutdown()` took (its final sweep and flush).
     pub(crate) shutdown: Duration,
     pub(crate) report: ShutdownReport,
@@ -134,7 +169,6 @@ pub(crate) struct ModeReport {
     /// `redis` or `memory`.
     pub(crate) sink: &'static str,
     pub(crate) key_prefix: String,
-    /// Sessions per driver task.
     pub(crate) sessions_per_task: usize,
     /// The measured window.
     pub(crate) window: Duration,
@@ -151,162 +185,142 @@ impl ModeReport {
         self.totals.ok()
             && self.load.write_errors == 0
             && self.load.sessions_refused == 0
-            && self
-                .engine
-                .as_ref()
-                .is_none_or(|engine| engine.report.is_complete())
+            && (self.engine.as_ref()).is_none_or(|engine| engine.report.is_complete())
+    }
+}
+
+/// A sink that times every write round of the one it wraps: exact per-round figures, where
+/// sampling `stats().last_flush_micros` would miss or repeat rounds.
+struct Timed<S> {
+    inner: S,
+    micros: Arc<Mutex<Histogram<u64>>>,
+}
+
+impl<S: Sink> Sink for Timed<S> {
+    async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
+        let started = Instant::now();
+        let results = self.inner.write(batches).await;
+        let micros = started.elapsed().as_micros() as u64;
+        let mut histogram = self.micros.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = histogram.record(micros); // auto-resizing: every value fits
+        results
+    }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        self.inner.read_totals(keys).await
+    }
+
+    fn commands_sent(&self) -> u64 {
+        self.inner.commands_sent()
     }
 }
 
 /// Runs `mode` once.
 pub(crate) async fn run(context: &Context, mode: Mode) -> Result<ModeReport, String> {
-    let key_prefix = context.key_prefix(mode);
+    let key_prefix = format!("{}:{}", context.run_prefix, mode.name().replace('-', "_"));
     let keys = KeyScheme::daily_utc(key_prefix.clone());
-    let progress = Arc::new(Progress::default());
+    let flush_micros = Arc::new(Mutex::new(Histogram::new(3).map_err(|e| e.to_string())?));
 
     // Set up everything that connects before the window opens.
-    let (writer, memory) = match (mode, &context.store) {
-        (Mode::PerChunk, Store::Redis { url, .. }) => {
-            let client = redis_util::connect(url).await?;
-            (
-                Writer::PerChunk {
-                    client,
-                    keys: keys.clone(),
-                },
-                None,
-            )
+    let (writer, admin, memory) = match (mode, &context.store) {
+        (Mode::PerChunk, Store::Redis { url, admin, .. }) => {
+            let client = redis::connect(url).await?;
+            (Writer::PerChunk { client, keys }, Some(admin), None)
         }
-        (Mode::PerChunk, Store::Memory) => {
-            return Err(
-                "per-chunk mode needs Redis: pass --redis URL or put redis-server on PATH".into(),
-            )
-        }
-        (Mode::Shardmeter, Store::Redis { url, .. }) => {
+        (Mode::PerChunk, Store::Memory) => return Err("per-chunk mode needs Redis".into()),
+        (Mode::Shardmeter, Store::Redis { url, admin, .. }) => {
             let sink = RedisSink::builder()
-                .marker_prefix(format!("{}:batch", context.run_prefix()))
+                .marker_prefix(format!("{}:batch", context.run_prefix))
                 .connect(url)
                 .await
                 .map_err(|e| format!("RedisSink: {e}"))?;
-            (
-                Writer::Shardmeter(build_engine(context, keys.clone(), sink)?),
-                None,
-            )
+            let engine = build_engine(context, keys, sink, &flush_micros)?;
+            (Writer::Shardmeter(engine), Some(admin), None)
         }
         (Mode::Shardmeter, Store::Memory) => {
             let sink = MemorySink::new();
-            let engine = build_engine(context, keys.clone(), sink.clone())?;
-            (Writer::Shardmeter(engine), Some(sink))
+            let engine = build_engine(context, keys, sink.clone(), &flush_micros)?;
+            (Writer::Shardmeter(engine), None, Some(sink))
         }
     };
     let writer = Arc::new(writer);
-    let engine = match &*writer {
-        Writer::Shardmeter(engine) => Some(engine.clone()),
-        Writer::PerChunk { .. } => None,
-    };
-    let admin = match &context.store {
-        Store::Redis { admin, .. } => Some(admin.clone()),
-        Store::Memory => None,
-    };
 
-    let before = match &admin {
-        Some(admin) => Some(redis_util::counters(admin).await?),
+    let before = match admin {
+        Some(admin) => Some(redis::counters(admin).await?),
         None => None,
     };
     let window_start = Instant::now();
     let start = window_start + Duration::from_millis(50);
-    let timing = Timing {
-        start,
-        // A task still behind after the run plus a tenth of it (at least a second) gives up.
-        stop_at: start + context.duration + (context.duration / 10).max(Duration::from_secs(1)),
-    };
-    let (stop, stopped) = watch::channel(false);
-    let watcher = tokio::spawn(monitor::run(
-        Watch {
-            label: mode.name(),
-            engine: engine.clone(),
-            redis: if context.live { admin.clone() } else { None },
-            progress: progress.clone(),
-            start,
-            duration: context.duration,
-            live: context.live,
-        },
-        stopped,
-    ));
-
+    let duration = context.plan.duration;
+    // A task still behind after the run plus a tenth of it (at least a second) gives up.
+    let stop_at = start + duration + (duration / 10).max(Duration::from_secs(1));
     let per_task = context.sessions_per_task(mode);
-    let load = load::drive(&context.plan, per_task, writer.clone(), timing, progress).await;
+    let load = load::drive(&context.plan, per_task, writer.clone(), start, stop_at).await;
 
-    let mut engine_figures = None;
-    if let Some(engine) = &engine {
-        let shutdown_started = Instant::now();
-        let report = engine
-            .shutdown()
-            .await
-            .map_err(|e| format!("engine shutdown: {e}"))?;
-        let shutdown = shutdown_started.elapsed();
-        let _ = stop.send(true);
-        let samples = watcher.await.map_err(|e| format!("monitor task: {e}"))?;
-        engine_figures = Some(EngineFigures {
-            samples,
-            shutdown,
-            report,
-            stats: engine.stats(),
-        });
-    } else {
-        let _ = stop.send(true);
-        let _ = watcher.await;
-    }
-    let after = match &admin {
-        Some(admin) => Some(redis_util::counters(admin).await?),
+    let engine = match &*writer {
+        Writer::Shardmeter(engine) => {
+            let shutdown_started = Instant::now();
+            let report = (engine.shutdown().await).map_err(|e| format!("engine shutdown: {e}"))?;
+            let flush_micros = flush_micros.lock().unwrap_or_else(PoisonError::into_inner);
+            Some(EngineFigures {
+                flush_micros: flush_micros.clone(),
+                shutdown: shutdown_started.elapsed(),
+                report,
+                stats: engine.stats(),
+            })
+        }
+        Writer::PerChunk { .. } => None,
+    };
+    let after = match admin {
+        Some(admin) => Some(redis::counters(admin).await?),
         None => None,
     };
     let window = window_start.elapsed();
-    drop(engine);
     if let Writer::PerChunk { client, .. } = &*writer {
-        let _ = client.quit().await;
+        let _ = client.quit().await; // after the window: the old gateway never quits
     }
-    drop(writer);
 
-    let expected = expected_per_uid(&load);
-    let found = match (&admin, &memory) {
+    let found = match (admin, &memory) {
         (Some(admin), _) => totals_in_redis(admin, &key_prefix).await?,
         (None, Some(sink)) => totals_in_memory(sink, &key_prefix),
         (None, None) => return Err("no store to check".into()),
     };
-    let totals = check(&expected, &found);
-
     Ok(ModeReport {
         mode,
         sink: if admin.is_some() { "redis" } else { "memory" },
         key_prefix,
         sessions_per_task: per_task,
         window,
+        totals: check(&expected_per_uid(&load), &found),
         load,
         commands: before
             .zip(after)
-            .map(|(before, after)| CommandDelta::between(&before, &after)),
-        totals,
-        engine: engine_figures,
+            .map(|(b, a)| CommandDelta::between(&b, &a)),
+        engine,
     })
 }
 
-fn build_engine<S: shardmeter::Sink>(
+/// An engine writing to `sink`, each write round timed into `flush_micros`.
+fn build_engine<S: Sink>(
     context: &Context,
     keys: KeyScheme,
     sink: S,
+    flush_micros: &Arc<Mutex<Histogram<u64>>>,
 ) -> Result<Engine, String> {
-    let settings = &context.engine;
     // Open sessions plus ended ones awaiting their flush: the plan never has more than one
     // session per slot open, so twice that (plus slack) never runs out.
     let capacity = (context.plan.slots * 2 + 1024).min(shardmeter::ledger::MAX_CAPACITY);
     Engine::builder()
-        .flush_interval(settings.flush_interval)
-        .session_end_delay(settings.session_end_delay.min(settings.flush_interval))
+        .flush_interval(context.flush_interval)
+        .session_end_delay(context.session_end_delay)
         .capacity(capacity)
         // One private shard per tokio worker (they are registered in `on_thread_start`).
-        .worker_shards(settings.worker_threads)
+        .worker_shards(context.worker_threads)
         .keys(keys)
-        .sink(sink)
+        .sink(Timed {
+            inner: sink,
+            micros: flush_micros.clone(),
+        })
         .build()
         .map_err(|e| format!("engine: {e}"))
 }
@@ -319,67 +333,55 @@ fn expected_per_uid(load: &LoadOutcome) -> BTreeMap<String, u64> {
     expected
 }
 
-/// The uid inside a key's hash tag: `<prefix>:{<uid>}:<day>`.
-fn uid_of(key: &str) -> Option<&str> {
-    let start = key.find('{')? + 1;
-    let end = start + key[start..].find('}')?;
-    Some(&key[start..end])
+/// The uid of a key `<prefix>:<uid>:<YYYYMMDD>` (the uid as given, so it is what lies between
+/// the prefix and the date).
+fn uid_of<'k>(key: &'k str, prefix: &str) -> Option<&'k str> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(':')?;
+    let (uid, day) = rest.rsplit_once(':')?;
+    (day.len() == 8 && day.bytes().all(|b| b.is_ascii_digit())).then_some(uid)
 }
 
-struct Found {
-    per_uid: BTreeMap<String, u64>,
-    keys: usize,
-}
+/// Totals per uid found in the store, and the number of keys.
+type Found = (BTreeMap<String, u64>, usize);
 
 async fn totals_in_redis(admin: &Client, prefix: &str) -> Result<Found, String> {
-    let keys = redis_util::scan_keys(admin, &format!("{prefix}:*"), 100_000).await?;
-    let values = redis_util::values(admin, &keys).await?;
+    let keys = redis::scan_keys(admin, &format!("{prefix}:*")).await?;
+    let values = redis::values(admin, &keys).await?;
     let mut per_uid = BTreeMap::new();
     for (key, value) in keys.iter().zip(values) {
-        let uid = uid_of(key).ok_or_else(|| format!("unexpected key {key:?}"))?;
+        let uid = uid_of(key, prefix).ok_or_else(|| format!("unexpected key {key:?}"))?;
         let value = u64::try_from(value).map_err(|_| format!("{key} holds {value}"))?;
         *per_uid.entry(uid.to_owned()).or_default() += value;
     }
-    Ok(Found {
-        per_uid,
-        keys: keys.len(),
-    })
+    Ok((per_uid, keys.len()))
 }
 
 fn totals_in_memory(sink: &MemorySink, prefix: &str) -> Found {
     let mut per_uid = BTreeMap::new();
     let mut keys = 0;
-    let prefix = format!("{prefix}:");
     for (key, total) in sink.totals() {
-        if !key.starts_with(&prefix) {
-            continue;
-        }
-        keys += 1;
-        if let Some(uid) = uid_of(&key) {
+        if let Some(uid) = uid_of(&key, prefix) {
+            keys += 1;
             *per_uid.entry(uid.to_owned()).or_default() += u64::try_from(total).unwrap_or(0);
         }
     }
-    Found { per_uid, keys }
+    (per_uid, keys)
 }
 
-fn check(expected: &BTreeMap<String, u64>, found: &Found) -> TotalsCheck {
+fn check(expected: &BTreeMap<String, u64>, (found, keys): &Found) -> TotalsCheck {
     let mut check = TotalsCheck {
         expected_ms: expected.values().sum(),
-        found_ms: found.per_uid.values().sum(),
-        keys: found.keys,
+        found_ms: found.values().sum(),
+        keys: *keys,
         ..TotalsCheck::default()
     };
-    let uids: std::collections::BTreeSet<&String> =
-        expected.keys().chain(found.per_uid.keys()).collect();
-    for uid in uids {
+    for uid in expected.keys().chain(found.keys()).collect::<BTreeSet<_>>() {
         let want = expected.get(uid).copied().unwrap_or(0);
-        let got = found.per_uid.get(uid).copied().unwrap_or(0);
+        let got = found.get(uid).copied().unwrap_or(0);
         if want != got {
             check.wrong_uids += 1;
             if check.examples.len() < 5 {
-                check
-                    .examples
-                    .push(format!("{uid}: sent {want} ms, stored {got} ms"));
+                (check.examples).push(format!("{uid}: sent {want} ms, stored {got} ms"));
             }
         }
     }
@@ -391,28 +393,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uids_come_from_the_hash_tag() {
+    fn uids_lie_between_the_prefix_and_the_date() {
+        let prefix = "shardmeter_sim:ab:shardmeter";
         assert_eq!(
-            uid_of("shardmeter_sim:ab:shardmeter:{u12.3}:20261129"),
+            uid_of("shardmeter_sim:ab:shardmeter:u12.3:20261129", prefix),
             Some("u12.3")
         );
-        assert_eq!(uid_of("no-tag"), None);
+        assert_eq!(
+            uid_of("shardmeter_sim:ab:shardmeter:a:b:20261129", prefix),
+            Some("a:b")
+        );
+        assert_eq!(uid_of("shardmeter_sim:ab:shardmeter:u1", prefix), None);
+        assert_eq!(uid_of("other:u1:20261129", prefix), None);
     }
 
     #[test]
     fn check_finds_missing_extra_and_wrong_totals() {
-        let expected: BTreeMap<String, u64> =
-            [("a".into(), 40), ("b".into(), 20)].into_iter().collect();
-        let found = Found {
-            per_uid: [("a".into(), 40), ("b".into(), 20)].into_iter().collect(),
-            keys: 2,
+        let map = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs
+                .iter()
+                .map(|&(uid, ms)| (uid.to_owned(), ms))
+                .collect()
         };
-        assert!(check(&expected, &found).ok());
-        let found = Found {
-            per_uid: [("a".into(), 40), ("c".into(), 20)].into_iter().collect(),
-            keys: 2,
-        };
-        let result = check(&expected, &found);
+        let expected = map(&[("a", 40), ("b", 20)]);
+        assert!(check(&expected, &(map(&[("a", 40), ("b", 20)]), 2)).ok());
+        let result = check(&expected, &(map(&[("a", 40), ("c", 20)]), 2));
         assert!(!result.ok());
         assert_eq!(result.wrong_uids, 2);
         assert_eq!(result.expected_ms, result.found_ms); // the sums agree, the uids do not

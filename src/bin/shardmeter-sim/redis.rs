@@ -1,25 +1,20 @@
-//! What the sim asks Redis: its own command counters (`INFO stats` + `INFO commandstats`), the
-//! totals under a key prefix, and the deletion of a run's keys.
+//! The sim's own use of Redis: a private server, an admin connection, Redis' command counters
+//! (`INFO stats commandstats`), the totals under a key prefix, and the deletion of a run's keys.
 //!
 //! # Which figure is which
 //!
-//! Redis 7.0 counts a command run by a Lua script (`redis.call('INCRBY', …)`) like one sent by a
-//! client: both in `cmdstat_<name>` and in `total_commands_processed` (checked on 7.0.15: one
-//! `EVAL` running ten `INCRBY`s adds 11 to `total_commands_processed`). Neither counter alone says
-//! how many commands the clients sent. So the sim reports, per mode:
-//!
-//! - **calls including script-internal**: the `total_commands_processed` delta (the sum of the
-//!   `commandstats` deltas is shown beside it as a cross-check);
-//! - **commands** (client-issued): the `commandstats` deltas of the commands a client sends. In
-//!   a window in which Redis ran scripts (`EVAL`/`EVALSHA`/`FCALL` calls > 0), every data command
-//!   (`SET`, `INCRBY`, `EXPIRE`, …) is taken as script-internal: valid when nothing but the sim
-//!   writes to this Redis during the run, which holds for the private server.
-//!
-//! The sim's own `INFO` calls (for the live display and the window's two readings) are
-//! subtracted from both figures.
+//! Redis 7 counts a command run by a Lua script (`redis.call('INCRBY', …)`) like one a client
+//! sent, in `cmdstat_<name>` *and* in `total_commands_processed` (checked on 7.0.15: one `EVAL`
+//! running ten `INCRBY`s adds 11). So, per mode: **calls including script-internal** is the
+//! `total_commands_processed` delta; **commands** (client-issued) are the `commandstats` deltas
+//! of what clients send. In a window in which Redis ran scripts, every data command (`SET`,
+//! `INCRBY`, `EXPIRE`, …) is taken as script-internal: true when only the sim writes to this
+//! Redis, as with the private server. The sim's own `INFO` calls are subtracted from both.
 
+use crate::redis_process::{self, CommandStats};
 use fred::prelude::*;
 use std::collections::BTreeMap;
+use std::process::Child;
 use std::time::Duration;
 
 /// Commands a client sends that start scripts.
@@ -31,18 +26,68 @@ const SCRIPT_RUNNERS: &[&str] = &[
     "fcall",
     "fcall_ro",
 ];
-/// Commands that are never run inside a script (connection and script management).
+/// Commands that never run inside a script (connection and script management).
 const CLIENT_ONLY: &[&str] = &[
     "script", "function", "ping", "hello", "auth", "client", "select", "command", "quit",
 ];
+
+/// A `redis-server` started for this run (127.0.0.1, a free port, nothing on disk); killed and
+/// reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct PrivateRedis {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts one if `redis-server` is on `PATH` (`Ok(None)` if not). Retries with a new port
+    /// if the one picked was taken in the meantime.
+    pub(crate) fn start() -> Result<Option<Self>, String> {
+        let Some(binary) = redis_process::binary() else {
+            return Ok(None);
+        };
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = redis_process::free_port().map_err(|e| format!("no free port: {e}"))?;
+            match redis_process::spawn(&binary, port, &["--protected-mode".into(), "yes".into()]) {
+                Ok(child) => return Ok(Some(Self { child, port })),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// One reading of Redis' counters.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Counters {
     /// `total_commands_processed`.
     pub(crate) total_commands: u64,
-    /// `cmdstat_<name>` → `calls`, with lowercase names (`config|get` style sub-commands kept).
-    pub(crate) calls: BTreeMap<String, u64>,
+    pub(crate) commands: CommandStats,
+}
+
+impl Counters {
+    fn parse(info: &str) -> Result<Self, String> {
+        let total = redis_process::info_fields(info)
+            .get("total_commands_processed")
+            .and_then(|value| value.parse().ok())
+            .ok_or("INFO has no total_commands_processed")?;
+        Ok(Self {
+            total_commands: total,
+            commands: CommandStats::parse(info),
+        })
+    }
 }
 
 /// What Redis executed between two readings, the sim's `INFO` calls removed.
@@ -52,30 +97,29 @@ pub(crate) struct CommandDelta {
     pub(crate) total_commands_processed: u64,
     /// Per-command `calls` deltas (no `info`).
     pub(crate) by_command: BTreeMap<String, u64>,
+    /// Per-command `failed_calls` deltas, where not zero.
+    pub(crate) failed: BTreeMap<String, u64>,
 }
 
 impl CommandDelta {
-    /// The change from `before` to `after`.
     pub(crate) fn between(before: &Counters, after: &Counters) -> Self {
-        let delta = |name: &str| {
-            let calls = |counters: &Counters| counters.calls.get(name).copied().unwrap_or(0);
-            calls(after).saturating_sub(calls(before))
-        };
-        let info = delta("info");
-        let by_command = after
-            .calls
-            .keys()
-            .filter(|name| name.as_str() != "info")
-            .map(|name| (name.clone(), delta(name)))
-            .filter(|(_, calls)| *calls > 0)
-            .collect();
-        Self {
-            total_commands_processed: after
-                .total_commands
-                .saturating_sub(before.total_commands)
-                .saturating_sub(info),
-            by_command,
+        let mut delta = Self::default();
+        for (name, stat) in &after.commands.0 {
+            let old = before.commands.get(name);
+            let calls = stat.calls.saturating_sub(old.calls);
+            let failed = stat.failed_calls.saturating_sub(old.failed_calls);
+            if name != "info" && calls > 0 {
+                delta.by_command.insert(name.clone(), calls);
+            }
+            if name != "info" && failed > 0 {
+                delta.failed.insert(name.clone(), failed);
+            }
         }
+        let info = after.commands.calls("info") - before.commands.calls("info");
+        delta.total_commands_processed = (after.total_commands)
+            .saturating_sub(before.total_commands)
+            .saturating_sub(info);
+        delta
     }
 
     /// Sum of the per-command deltas (should equal `total_commands_processed`).
@@ -83,30 +127,24 @@ impl CommandDelta {
         self.by_command.values().sum()
     }
 
-    /// Whether Redis ran scripts in this window.
-    pub(crate) fn ran_scripts(&self) -> bool {
-        SCRIPT_RUNNERS
-            .iter()
-            .any(|name| self.by_command.get(*name).is_some_and(|&n| n > 0))
-    }
-
-    /// Whether `name`'s calls count as sent by a client (see the module docs).
-    /// Sub-commands (`script|load`, `client|setname`) count as their command.
+    /// Whether `name`'s calls count as sent by a client (see the module docs). Sub-commands
+    /// (`script|load`) count as their command.
     pub(crate) fn is_client_command(&self, name: &str) -> bool {
         let command = name.split('|').next().unwrap_or(name);
-        !self.ran_scripts() || SCRIPT_RUNNERS.contains(&command) || CLIENT_ONLY.contains(&command)
-    }
-
-    /// Commands sent by clients.
-    pub(crate) fn client_commands(&self) -> u64 {
-        self.by_command
+        let ran_scripts = SCRIPT_RUNNERS
             .iter()
-            .filter(|(name, _)| self.is_client_command(name))
-            .map(|(_, calls)| calls)
-            .sum()
+            .any(|s| self.by_command.contains_key(*s));
+        !ran_scripts || SCRIPT_RUNNERS.contains(&command) || CLIENT_ONLY.contains(&command)
     }
 
-    /// Calls made by scripts.
+    pub(crate) fn client_commands(&self) -> u64 {
+        let client = self
+            .by_command
+            .iter()
+            .filter(|(n, _)| self.is_client_command(n));
+        client.map(|(_, calls)| calls).sum()
+    }
+
     pub(crate) fn script_internal_calls(&self) -> u64 {
         self.all_calls() - self.client_commands()
     }
@@ -116,12 +154,8 @@ impl CommandDelta {
 pub(crate) async fn connect(url: &str) -> Result<Client, String> {
     let config = Config::from_url(url).map_err(|e| format!("bad Redis URL: {}", e.details()))?;
     let client = Builder::from_config(config)
-        .with_connection_config(|connection| {
-            connection.connection_timeout = Duration::from_secs(5);
-        })
-        .with_performance_config(|performance| {
-            performance.default_command_timeout = Duration::from_secs(10);
-        })
+        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
+        .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(10))
         .build()
         .map_err(|e| format!("cannot set up a Redis client: {e}"))?;
     tokio::time::timeout(Duration::from_secs(10), client.init())
@@ -131,66 +165,34 @@ pub(crate) async fn connect(url: &str) -> Result<Client, String> {
     Ok(client)
 }
 
+async fn info(client: &Client, sections: &[&str]) -> Result<String, String> {
+    let sections: Vec<&str> = sections.to_vec();
+    client
+        .custom(fred::cmd!("INFO"), sections)
+        .await
+        .map_err(|e| format!("INFO failed: {e}"))
+}
+
 /// Reads `INFO stats commandstats`.
 pub(crate) async fn counters(client: &Client) -> Result<Counters, String> {
-    let text: String = client
-        .custom(fred::cmd!("INFO"), vec!["stats", "commandstats"])
-        .await
-        .map_err(|e| format!("INFO failed: {e}"))?;
-    parse_counters(&text)
+    Counters::parse(&info(client, &["stats", "commandstats"]).await?)
 }
 
 /// The server's version, from `INFO server`.
-pub(crate) async fn version(client: &Client) -> Result<String, String> {
-    let text: String = client
-        .custom(fred::cmd!("INFO"), vec!["server"])
-        .await
-        .map_err(|e| format!("INFO failed: {e}"))?;
-    Ok(text
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .unwrap_or("unknown")
-        .trim()
-        .to_owned())
+pub(crate) async fn version(client: &Client) -> String {
+    let text = info(client, &["server"]).await.unwrap_or_default();
+    let fields = redis_process::info_fields(&text);
+    fields
+        .get("redis_version")
+        .cloned()
+        .unwrap_or("unknown".into())
 }
 
-fn parse_counters(text: &str) -> Result<Counters, String> {
-    let mut counters = Counters::default();
-    let mut found_total = false;
-    for line in text.lines().map(str::trim) {
-        if let Some(value) = line.strip_prefix("total_commands_processed:") {
-            counters.total_commands = value
-                .parse()
-                .map_err(|_| format!("bad total_commands_processed {value:?}"))?;
-            found_total = true;
-        } else if let Some(rest) = line.strip_prefix("cmdstat_") {
-            let Some((name, fields)) = rest.split_once(':') else {
-                continue;
-            };
-            let calls = fields
-                .split(',')
-                .find_map(|field| field.strip_prefix("calls="))
-                .and_then(|calls| calls.parse().ok())
-                .ok_or_else(|| format!("no calls= in {line:?}"))?;
-            counters.calls.insert(name.to_ascii_lowercase(), calls);
-        }
-    }
-    if found_total {
-        Ok(counters)
-    } else {
-        Err("INFO has no total_commands_processed".into())
-    }
-}
-
-/// Every key matching `pattern`, by `SCAN` (bounded: at most `max_pages` pages of 1,000).
-pub(crate) async fn scan_keys(
-    client: &Client,
-    pattern: &str,
-    max_pages: usize,
-) -> Result<Vec<String>, String> {
+/// Every key matching `pattern`, by `SCAN`.
+pub(crate) async fn scan_keys(client: &Client, pattern: &str) -> Result<Vec<String>, String> {
     let mut keys = Vec::new();
     let mut cursor = "0".to_owned();
-    for _ in 0..max_pages {
+    loop {
         let (next, page): (String, Vec<String>) = client
             .scan_page(cursor, pattern.to_owned(), Some(1000), None)
             .await
@@ -203,9 +205,6 @@ pub(crate) async fn scan_keys(
         }
         cursor = next;
     }
-    Err(format!(
-        "SCAN {pattern} did not finish within {max_pages} pages"
-    ))
 }
 
 /// The integer values of `keys` (`MGET` in chunks); a missing key is 0.
@@ -223,9 +222,8 @@ pub(crate) async fn values(client: &Client, keys: &[String]) -> Result<Vec<i64>,
 
 /// Deletes every key matching `pattern`; returns how many were deleted.
 pub(crate) async fn delete_matching(client: &Client, pattern: &str) -> Result<u64, String> {
-    let keys = scan_keys(client, pattern, 100_000).await?;
     let mut deleted = 0;
-    for chunk in keys.chunks(500) {
+    for chunk in scan_keys(client, pattern).await?.chunks(500) {
         let n: u64 = client
             .unlink(chunk.to_vec())
             .await
@@ -255,30 +253,24 @@ mod tests {
         # Commandstats\r\n\
         cmdstat_incrby:calls=100,usec=40,usec_per_call=0.40,rejected_calls=0,failed_calls=0\r\n\
         cmdstat_info:calls=2,usec=81,usec_per_call=40.50,rejected_calls=0,failed_calls=0\r\n\
-        cmdstat_evalsha:calls=1,usec=9,usec_per_call=9.0,rejected_calls=0,failed_calls=0\r\n\
+        cmdstat_evalsha:calls=2,usec=9,usec_per_call=9.0,rejected_calls=0,failed_calls=1\r\n\
         cmdstat_script|load:calls=1,usec=9,usec_per_call=9.0,rejected_calls=0,failed_calls=0\r\n";
-
-    #[test]
-    fn parses_totals_and_calls() {
-        let counters = parse_counters(SAMPLE).unwrap();
-        assert_eq!(counters.total_commands, 120);
-        assert_eq!(counters.calls["incrby"], 100);
-        assert_eq!(counters.calls["evalsha"], 1);
-        assert!(parse_counters("# Stats\r\n").is_err());
-    }
 
     #[test]
     fn script_internal_calls_are_split_out_and_info_is_dropped() {
         let before = Counters::default();
-        let after = parse_counters(SAMPLE).unwrap();
+        let after = Counters::parse(SAMPLE).unwrap();
+        assert_eq!(after.total_commands, 120);
+        assert!(Counters::parse("# Stats\r\n").is_err());
         let delta = CommandDelta::between(&before, &after);
         assert_eq!(delta.total_commands_processed, 118);
-        assert_eq!(delta.all_calls(), 102);
-        assert_eq!(delta.client_commands(), 2);
+        assert_eq!(delta.all_calls(), 103);
+        assert_eq!(delta.client_commands(), 3);
         assert_eq!(delta.script_internal_calls(), 100);
+        assert_eq!(delta.failed, BTreeMap::from([("evalsha".to_owned(), 1)]));
 
         let mut plain = after.clone();
-        plain.calls.remove("evalsha");
+        plain.commands.0.remove("evalsha");
         let delta = CommandDelta::between(&before, &plain);
         assert_eq!(delta.client_commands(), 101);
         assert_eq!(delta.script_internal_calls(), 0);
