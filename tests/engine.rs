@@ -274,18 +274,20 @@ impl Sink for FlakySink {
         if !self.failing.load(Ordering::SeqCst) {
             return self.memory.write(batches).await;
         }
-        if self.apply_then_fail {
+        // Applied and then the reply lost: the outcome is unknown to the engine. Otherwise the
+        // sink is down and nothing was sent.
+        let error = if self.apply_then_fail {
             self.memory.write(batches).await;
-        }
-        batches
-            .iter()
-            .map(|_| Err(SinkError::Unavailable("connection reset".into())))
-            .collect()
+            SinkError::Unavailable("connection reset after the write".into())
+        } else {
+            SinkError::NotSent("connection refused".into())
+        };
+        batches.iter().map(|_| Err(error.clone())).collect()
     }
 
     async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
         if self.failing.load(Ordering::SeqCst) {
-            return Err(SinkError::Unavailable("connection reset".into()));
+            return Err(SinkError::NotSent("connection refused".into()));
         }
         self.memory.read_totals(keys).await
     }
@@ -318,7 +320,10 @@ async fn failed_writes_are_retried_with_the_same_ids_and_nothing_doubles() {
         }
         let err = engine.flush_now().await.unwrap_err();
         assert!(
-            matches!(err, EngineError::Sink(SinkError::Unavailable(_))),
+            matches!(
+                err,
+                EngineError::Sink(SinkError::Unavailable(_) | SinkError::NotSent(_))
+            ),
             "{err}"
         );
         let stats = engine.stats();
@@ -382,6 +387,43 @@ async fn shutdown_reports_exactly_what_could_not_be_written() {
     assert!(
         sink.writes.load(Ordering::SeqCst) > 1,
         "shutdown retried before giving up"
+    );
+    assert!(report.in_doubt.is_empty(), "nothing was sent");
+}
+
+/// Batches whose replies were lost are in doubt, not unwritten: the sink did apply them, so
+/// replaying them would count them twice.
+#[tokio::test(start_paused = true)]
+async fn shutdown_lists_batches_with_lost_replies_as_in_doubt() {
+    let sink = FlakySink {
+        apply_then_fail: true,
+        ..FlakySink::default()
+    };
+    sink.failing.store(true, Ordering::SeqCst);
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("lost"))
+        .shutdown_timeout(Duration::from_secs(1))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    engine.record("a", 11).unwrap();
+    engine.record("b", 22).unwrap();
+    let report = engine.shutdown().await.unwrap();
+    assert_eq!(report.unwritten, vec![], "every batch was sent");
+    assert_eq!(report.in_doubt_amount(), 33);
+    assert!(!report.is_complete());
+    let mut in_doubt: Vec<_> = report
+        .in_doubt
+        .iter()
+        .flat_map(|batch| &batch.increments)
+        .map(|increment| (increment.key.as_str(), increment.amount))
+        .collect();
+    in_doubt.sort();
+    assert_eq!(in_doubt, [("lost:a", 11), ("lost:b", 22)]);
+    assert_eq!(
+        sink.memory.total("lost:a"),
+        Some(11),
+        "applied: do not replay"
     );
 }
 
