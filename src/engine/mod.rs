@@ -47,7 +47,7 @@ use crate::ledger::{Ledger, LedgerError};
 use crate::sink::{Batch, Sink, SinkError};
 use accounts::Registry;
 use flusher::{validate_flush_interval, Command, Flusher, FlusherConfig, Inbox};
-use stats::Stats;
+use stats::{PollTimed, Stats};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -415,7 +415,7 @@ impl<S: Sink> EngineBuilder<S> {
             stats.clone(),
             registry.clone(),
         );
-        runtime.spawn(flusher.run());
+        runtime.spawn(PollTimed::new(flusher.run(), stats.clone()));
         Ok(Engine {
             shared: Arc::new(EngineShared {
                 ledger,

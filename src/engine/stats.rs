@@ -1,6 +1,11 @@
 //! Counters the flusher keeps and anyone can read: relaxed atomics, so reading is cheap.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 /// Written by the flusher task only; read by [`Engine::stats`](super::Engine::stats).
 #[derive(Debug, Default)]
@@ -23,6 +28,7 @@ pub(crate) struct Stats {
     pub(crate) sink_commands: AtomicU64,
     pub(crate) last_flush_micros: AtomicU64,
     pub(crate) account_reads: AtomicU64,
+    pub(crate) longest_flusher_poll_micros: AtomicU64,
     pub(crate) tracked_accounts: AtomicU64,
 }
 
@@ -70,6 +76,9 @@ pub struct StatsSnapshot {
     /// Accounts whose usage the read side tracks: those with an open session, and those whose
     /// last session ended since the last full sweep.
     pub tracked_accounts: u64,
+    /// The longest time one poll of the flusher task held a runtime worker, in microseconds:
+    /// how long the engine could have delayed the gateway's own tasks on that worker.
+    pub longest_flusher_poll_micros: u64,
     /// Session slots in use (open, or ended and not yet collected).
     pub slots_in_use: u64,
     /// Amount dropped because a session's total in one shard reached `u64::MAX`.
@@ -112,9 +121,43 @@ impl Stats {
             sink_commands: read(&self.sink_commands),
             last_flush_micros: read(&self.last_flush_micros),
             account_reads: read(&self.account_reads),
+            longest_flusher_poll_micros: read(&self.longest_flusher_poll_micros),
             tracked_accounts: read(&self.tracked_accounts),
             slots_in_use: 0,
             saturated_amount: 0,
         }
+    }
+}
+
+/// Runs the flusher and records its longest poll: the figure that says whether the engine ever
+/// holds a runtime worker long enough to delay the gateway's audio tasks.
+pub(crate) struct PollTimed<F> {
+    inner: Pin<Box<F>>,
+    stats: Arc<Stats>,
+}
+
+impl<F: Future> PollTimed<F> {
+    pub(crate) fn new(inner: F, stats: Arc<Stats>) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            stats,
+        }
+    }
+}
+
+impl<F: Future> Future for PollTimed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let started = Instant::now();
+        let output = self.inner.as_mut().poll(cx);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let longest = &self.stats.longest_flusher_poll_micros;
+        // Relaxed load and store: this task is the counter's only writer, and readers want a
+        // statistic, not an ordering.
+        if micros > longest.load(Ordering::Relaxed) {
+            longest.store(micros, Ordering::Relaxed);
+        }
+        output
     }
 }

@@ -330,7 +330,17 @@ impl Sweeper {
     /// Returns the number of sessions that ended, as [`Sweeper::collect_ended`] does.
     pub fn sweep(&mut self, out: &mut Vec<Usage>) -> usize {
         let ended = self.collect_ended(out);
-        for slot in 0..self.shared.slots.capacity() {
+        self.sweep_slots(0..self.capacity(), out);
+        ended
+    }
+
+    /// Collects what was added since the last sweep to the open sessions in `slots` (indices
+    /// `0..capacity()`; the rest is ignored). A full sweep may be done in slices, so that a
+    /// caller sharing its thread with others can pause between them: `collect_ended`, then
+    /// `sweep_slots` over consecutive ranges. The result is as exact as [`Sweeper::sweep`]'s.
+    pub fn sweep_slots(&mut self, slots: std::ops::Range<usize>, out: &mut Vec<Usage>) {
+        let end = slots.end.min(self.capacity());
+        for slot in slots.start..end {
             // A slot that looks free has nothing to collect (its cells and readings were reset
             // when it was freed); a new session there is collected by the next sweep.
             if !self.shared.slots.is_open(slot) {
@@ -346,7 +356,11 @@ impl Sweeper {
                 push_usage(out, account, total);
             }
         }
-        ended
+    }
+
+    /// The number of slots, as [`Ledger::capacity`].
+    pub fn capacity(&self) -> usize {
+        self.shared.slots.capacity()
     }
 
     /// Sums `slot`'s growth over all shards since the last read, and remembers the new values;
