@@ -38,8 +38,9 @@
 //! - Bad input (no uid, a sample rate that is not an integer from 8000 to 192000, another
 //!   encoding) gets `400` with a one-line reason; a plain GET of `/listen` gets `426`.
 //! - Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG` (default `info`): the
-//!   engine's flush failures with their Redis error (`WARN`), recoveries, increments Redis
-//!   refused (`ERROR`), fred's connection errors, and streams closed for idling or for size.
+//!   engine's flush failures (`WARN`), recoveries, increments Redis refused (`ERROR`), why the
+//!   Redis connection fails (`WARN` from fred's error channel: refused, `WRONGPASS`, `NOAUTH`...),
+//!   and streams closed for idling or for size.
 //! - SIGINT (Ctrl-C) or SIGTERM shuts down gracefully: the gateway stops accepting connections,
 //!   closes every open stream with code 1001 ("going away") and waits up to 5 s for them, then
 //!   `engine.shutdown()` writes every session's usage, and the report (written, unwritten,
@@ -228,6 +229,15 @@ impl Gateway {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()
             .map_err(|e| format!("Redis client: {e}"))?;
+        // Why a connection fails (refused, `WRONGPASS`, `NOAUTH`, a timeout) reaches only fred's
+        // error channel; the engine's flush warnings just say Redis is not there. Log it.
+        redis.on_error(|(error, server)| async move {
+            match server {
+                Some(server) => tracing::warn!(%error, %server, "Redis connection error"),
+                None => tracing::warn!(%error, "Redis connection error"),
+            }
+            Ok(())
+        });
         redis.connect();
         match tokio::time::timeout(Duration::from_secs(2), redis.wait_for_connect()).await {
             Ok(Ok(())) => {}
@@ -315,7 +325,8 @@ impl Gateway {
             .shutdown()
             .await
             .map_err(|e| e.to_string());
-        let _ = self.redis.quit().await;
+        // Bounded: QUIT waits for a connection that a Redis refusing us never gives.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.redis.quit()).await;
         report
     }
 }

@@ -20,6 +20,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 use support::{Keyspace, RedisServer, RespClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -796,5 +797,73 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
         let report = gateway.shutdown().await.expect("shutdown");
         assert!(report.is_complete(), "{report:?}");
         assert_eq!(stored_ms(server.addr(), &prefix, &uid).await, 2000);
+    });
+}
+
+/// Everything logged at `WARN` and above in this test binary, once [`captured_logs`] installed
+/// the subscriber.
+#[derive(Debug, Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Installs (once) a global subscriber that keeps what is logged, fred's `log` records included.
+fn captured_logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs::default();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .init();
+        logs
+    })
+}
+
+#[test]
+fn why_redis_refuses_the_gateway_is_logged() {
+    let logs = captured_logs();
+    run(async {
+        let server = RedisServer::start_with(&["--requirepass", "secret"]);
+        let gateway = start(format!("redis://:wrong@{}", server.addr()), "gw-auth").await;
+        // The engine alone would only say that Redis is not connected; the cause is logged.
+        for _ in 0..1000 {
+            if logs.text().contains("WRONGPASS") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|line| line.contains("WRONGPASS"))
+            .unwrap_or_else(|| panic!("no WRONGPASS logged within 10 s:\n{text}"));
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains("Redis connection error"), "{line}");
+        drop(gateway); // Not shut down: its usage (none) could not be written anyway.
     });
 }
