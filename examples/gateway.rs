@@ -490,52 +490,56 @@ async fn listen(
     // Relaxed: a gauge.
     state.open_streams.fetch_add(1, Ordering::Relaxed);
     let open = OpenGuard(state.open_streams.clone());
-    tokio::spawn(async move {
-        let _open = open;
-        let connection = match on_upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            // The client went away before the upgrade: the session ends with nothing charged.
-            Err(error) => return tracing::debug!(%error, uid, "upgrade failed"),
-        };
-        let limits = state.limits;
-        // Both limits: one frame, and a message assembled from fragments.
-        let config = WebSocketConfig::default()
-            .max_frame_size(Some(limits.max_message_bytes))
-            .max_message_size(Some(limits.max_message_bytes));
-        let mut socket =
-            WebSocketStream::from_raw_socket(connection, Role::Server, Some(config)).await;
-        let ending = meter(
-            &mut socket,
-            &session,
-            AudioClock::new(sample_rate),
-            limits,
-            state.closing.clone(),
-        )
-        .await;
-        // The session ends before the closing handshake: nothing after this is charged, and
-        // its remainder is flushed within the engine's session-end delay.
-        drop(session);
-        match ending {
-            Ending::Idle => {
-                tracing::info!(uid, "stream idle for {:?}; closed", limits.idle_timeout)
-            }
-            Ending::TooBig { size } => tracing::info!(
-                uid,
-                size,
-                limit = limits.max_message_bytes,
-                "message too big; stream closed"
-            ),
-            _ => tracing::debug!(uid, ?ending, "stream ended"),
-        }
-        close(socket, ending, limits).await;
-    });
+    let clock = AudioClock::new(sample_rate);
+    tokio::spawn(stream(on_upgrade, session, clock, state, uid, open));
     switching
 }
 
-/// Admission, the one place a stream is let in: refuses a user whose budget is used up (`429`)
-/// and a full slot table (`503`), and opens the session every chunk is charged to. A budget that
-/// cannot be read lets the stream through (fail open).
+/// One stream's life after the `101`: takes the connection over, meters it until something
+/// ends it, ends the session, then closes the connection.
+async fn stream(
+    on_upgrade: OnUpgrade,
+    session: Session,
+    clock: AudioClock,
+    state: AppState,
+    uid: String,
+    _open: OpenGuard,
+) {
+    let connection = match on_upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        // The client went away before the upgrade: the session ends with nothing charged.
+        Err(error) => return tracing::debug!(%error, uid, "upgrade failed"),
+    };
+    let limits = state.limits;
+    // Both limits: one frame, and a message assembled from fragments.
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(limits.max_message_bytes))
+        .max_message_size(Some(limits.max_message_bytes));
+    let mut socket = WebSocketStream::from_raw_socket(connection, Role::Server, Some(config)).await;
+    let ending = meter(&mut socket, &session, clock, limits, state.closing).await;
+    // The session ends before the closing handshake: nothing after this is charged, and its
+    // remainder is flushed within the engine's session-end delay.
+    drop(session);
+    match ending {
+        Ending::Idle => tracing::info!(uid, "stream idle for {:?}; closed", limits.idle_timeout),
+        Ending::TooBig { size } => tracing::info!(
+            uid,
+            size,
+            limit = limits.max_message_bytes,
+            "message too big; stream closed"
+        ),
+        _ => tracing::debug!(uid, ?ending, "stream ended"),
+    }
+    close(socket, ending, limits).await;
+}
+
+/// Admission, the one place a stream is let in: refuses a user whose budget is used up (`429`),
+/// a full slot table and a gateway shutting down (`503`), and opens the session every chunk is
+/// charged to. A budget that cannot be read lets the stream through (fail open).
 async fn admit(state: &AppState, uid: &str) -> Result<Session, Response> {
+    if *state.closing.borrow() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
+    }
     if let Budget::Read { used_ms, .. } = read_budget(state, uid).await {
         if used_ms >= DAILY_LIMIT_MS {
             return Err((
@@ -626,8 +630,8 @@ async fn meter(
                 if heard.elapsed() >= limits.idle_timeout {
                     return Ending::Idle;
                 }
-                let ping = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Default::default())));
-                if !matches!(ping.await, Ok(Ok(()))) {
+                let ping = socket.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(SEND_TIMEOUT, ping).await, Ok(Ok(()))) {
                     return Ending::Gone;
                 }
             }
