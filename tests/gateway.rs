@@ -553,12 +553,10 @@ async fn refused(
             None => break Ok(()),
         }
     };
-    if tokio::time::timeout(STEP, &mut *Box::pin(sender))
+    tokio::time::timeout(STEP, sender)
         .await
-        .is_err()
-    {
-        panic!("{uid}: the client's write never finished");
-    }
+        .unwrap_or_else(|_| panic!("{uid}: the client's writes never finished"))
+        .expect("client writes");
     Refusal { close, end }
 }
 
