@@ -1,5 +1,5 @@
 //! A small realtime speech gateway metered with shardmeter: the shape of the reference
-//! deployment (`docs/reference-deployment.md`), runnable.
+//! deployment (`docs/reference-deployment.md`), runnable, and meant to be copied.
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example gateway -- 127.0.0.1:8080
@@ -12,8 +12,21 @@
 //!   ms: nothing is lost to per-chunk rounding, and less than 1 ms per session is never charged.
 //!   `sample_rate` defaults to 16000; `encoding` (if given) must be `linear16` and `channels`
 //!   (if given) 1. A text frame `{"type":"CloseStream"}` ends the stream; other text frames
-//!   are ignored. Closing the socket, or losing the connection, ends the session: its remainder
-//!   is flushed within the engine's session-end delay.
+//!   (e.g. `{"type":"KeepAlive"}`) are ignored. Closing the socket, or losing the connection,
+//!   ends the session: its remainder is flushed within the engine's session-end delay.
+//! - Idle connections end. The gateway pings every stream every third of `GATEWAY_IDLE_SECS`
+//!   (default 30 s); a stream from which nothing arrives for `GATEWAY_IDLE_SECS` (no audio, no
+//!   text, not even the pong a WebSocket client sends by itself) is closed with code 1008 and
+//!   its session ends, within `4/3 × GATEWAY_IDLE_SECS` of the last thing it sent. A client that
+//!   vanished without a FIN no longer holds its slot; a live client with a paused microphone
+//!   answers the pings and stays (it costs nothing).
+//! - Messages have a size limit: `GATEWAY_MAX_MESSAGE_BYTES`, default 131,072 (128 KiB: 4.1 s of
+//!   audio at 16 kHz, 0.34 s at 192 kHz; realtime clients send 20 to 250 ms per message). A
+//!   bigger frame, or a fragmented message that grows bigger, is refused before it is read
+//!   into memory: the client gets close code 1009 ("message too big") with the limit as the
+//!   reason, and nothing of that message is charged (what came before it is). The gateway then
+//!   closes its half of the connection and reads and discards what the client still sends (at
+//!   most 2 s), so the client reads the close frame rather than a TCP reset.
 //! - Before upgrading, one `GET` of the user's daily key checks the budget (1,800,000 ms a day):
 //!   an exhausted user gets `429`. A Redis error or a slow answer lets the stream through (fail
 //!   open: Redis trouble never blocks audio).
@@ -23,81 +36,159 @@
 //!   they end. On a Redis error it answers `200` with `used_ms: null` and the error, and
 //!   `exhausted: false` (fail open).
 //! - Bad input (no uid, a sample rate that is not an integer from 8000 to 192000, another
-//!   encoding) gets `400` with a one-line reason.
+//!   encoding) gets `400` with a one-line reason; a plain GET of `/listen` gets `426`.
+//! - Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG` (default `info`): the
+//!   engine's flush failures (`WARN`), recoveries, increments Redis refused (`ERROR`), why the
+//!   Redis connection fails (`WARN` from fred's error channel: refused, `WRONGPASS`, `NOAUTH`...),
+//!   and streams closed for idling or for size.
+//! - SIGINT (Ctrl-C) or SIGTERM shuts down gracefully: the gateway stops accepting connections,
+//!   closes every open stream with code 1001 ("going away") and waits up to 5 s for them, then
+//!   `engine.shutdown()` writes every session's usage, and the report (written, unwritten,
+//!   rejected) is printed. The exit status is 1 when some usage could not be written.
 //!
 //! Settings come from the environment: `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //! `GATEWAY_ADDR` or the first argument (default `127.0.0.1:0`: a free port, printed),
-//! `GATEWAY_FLUSH_SECS` (default 60) and `GATEWAY_KEY_PREFIX` (default `fair_use:dg_budget`).
-//! Ctrl-C closes the open streams, flushes everything and prints the engine's report.
+//! `GATEWAY_FLUSH_SECS` (default 60), `GATEWAY_KEY_PREFIX` (default `fair_use:dg_budget`),
+//! `GATEWAY_IDLE_SECS` (default 30) and `GATEWAY_MAX_MESSAGE_BYTES` (default 131072).
+//!
+//! What to adapt: [`admit`] is the one place a stream is let in (budget check, session opened);
+//! [`meter`] is the one loop per connection, where every reason to end a session is a `select!`
+//! arm; [`usage`] answers the usage endpoint.
 //!
 //! The server is [`Gateway::start`]; `tests/gateway.rs` includes this file as a module and starts
 //! it in-process.
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fred::prelude::*;
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use shardmeter::sink::redis::RedisSink;
-use shardmeter::{Engine, KeyScheme, Session, ShutdownReport};
+use shardmeter::{Engine, KeyScheme, Session, ShutdownReport, StatsSnapshot};
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// The daily audio budget per user, in milliseconds (30 minutes).
 pub(crate) const DAILY_LIMIT_MS: u64 = 1_800_000;
 /// Sample rates accepted, in Hz.
-const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 8_000..=192_000;
+const SAMPLE_RATES: RangeInclusive<u32> = 8_000..=192_000;
 /// How long a budget read may take before the gateway stops waiting (and lets audio through).
 const BUDGET_READ_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long shutdown waits for open streams to close after asking them to.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a stream's closing handshake may take: the client's answer to the gateway's close
+/// frame, or the rest of a refused message read and discarded.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one write to a client (a ping) may take before the connection is given up.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default size limit of one message (one audio chunk), in bytes.
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024;
+/// Size limits `GATEWAY_MAX_MESSAGE_BYTES` may set.
+const MAX_MESSAGE_BYTES: RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
 
-/// Where the gateway listens, where it writes, how often it flushes.
+/// Where the gateway listens, where it writes, how often it flushes, when it closes streams.
 #[derive(Debug, Clone)]
 pub(crate) struct GatewayConfig {
     /// Redis for the counters and the budget reads.
     pub(crate) redis_url: String,
     /// Address to listen on (port 0: any free port).
     pub(crate) listen: SocketAddr,
-    /// Counter keys are `<prefix>:{<uid>}:<YYYYMMDD>`.
+    /// Counter keys are the engine's daily keys under this prefix.
     pub(crate) key_prefix: String,
     /// How often open sessions' usage is flushed.
     pub(crate) flush_interval: Duration,
+    /// Limits every stream gets.
+    pub(crate) limits: StreamLimits,
+}
+
+/// What a stream may do before the gateway closes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamLimits {
+    /// A stream from which nothing arrives for this long is closed; pings go out every third of
+    /// it.
+    pub(crate) idle_timeout: Duration,
+    /// The largest message accepted, in bytes; a bigger one closes the stream with code 1009.
+    pub(crate) max_message_bytes: usize,
+}
+
+/// A setting from the environment, if set and not empty.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `name` as seconds within `range`, or `default` when it is not set.
+fn env_seconds(name: &str, default: f64, range: RangeInclusive<f64>) -> Result<Duration, String> {
+    let Some(text) = env_var(name) else {
+        return Ok(Duration::from_secs_f64(default));
+    };
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|secs| range.contains(secs))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            format!(
+                "{name}={text:?}: want seconds, {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
 }
 
 impl GatewayConfig {
-    /// From `REDIS_URL`, `GATEWAY_ADDR` (or `listen_arg`), `GATEWAY_FLUSH_SECS` and
-    /// `GATEWAY_KEY_PREFIX`.
+    /// From `REDIS_URL`, `GATEWAY_ADDR` (or `listen_arg`), `GATEWAY_FLUSH_SECS`,
+    /// `GATEWAY_KEY_PREFIX`, `GATEWAY_IDLE_SECS` and `GATEWAY_MAX_MESSAGE_BYTES`.
     pub(crate) fn from_env(listen_arg: Option<String>) -> Result<Self, String> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let listen = listen_arg
-            .or_else(|| var("GATEWAY_ADDR"))
+            .or_else(|| env_var("GATEWAY_ADDR"))
             .unwrap_or_else(|| "127.0.0.1:0".into());
-        let flush_secs = match var("GATEWAY_FLUSH_SECS") {
-            Some(secs) => secs
-                .parse::<f64>()
+        let max_message_bytes = match env_var("GATEWAY_MAX_MESSAGE_BYTES") {
+            Some(text) => text
+                .trim()
+                .parse::<usize>()
                 .ok()
-                .filter(|s| (0.01..=86_400.0).contains(s))
+                .filter(|bytes| MAX_MESSAGE_BYTES.contains(bytes))
                 .ok_or_else(|| {
-                    format!("GATEWAY_FLUSH_SECS={secs:?}: want seconds, 0.01 to 86400")
+                    format!(
+                        "GATEWAY_MAX_MESSAGE_BYTES={text:?}: want bytes, {} to {}",
+                        MAX_MESSAGE_BYTES.start(),
+                        MAX_MESSAGE_BYTES.end()
+                    )
                 })?,
-            None => 60.0,
+            None => DEFAULT_MAX_MESSAGE_BYTES,
         };
         Ok(Self {
-            redis_url: var("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            redis_url: env_var("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
             listen: listen
                 .parse()
                 .map_err(|_| format!("listen address {listen:?} is not host:port"))?,
-            key_prefix: var("GATEWAY_KEY_PREFIX").unwrap_or_else(|| "fair_use:dg_budget".into()),
-            flush_interval: Duration::from_secs_f64(flush_secs),
+            key_prefix: env_var("GATEWAY_KEY_PREFIX")
+                .unwrap_or_else(|| "fair_use:dg_budget".into()),
+            flush_interval: env_seconds("GATEWAY_FLUSH_SECS", 60.0, 0.01..=86_400.0)?,
+            limits: StreamLimits {
+                // At least 0.3 s, so that pings go out at most every 0.1 s.
+                idle_timeout: env_seconds("GATEWAY_IDLE_SECS", 30.0, 0.3..=86_400.0)?,
+                max_message_bytes,
+            },
         })
     }
 }
@@ -118,7 +209,9 @@ struct AppState {
     /// The gateway's own Redis client: the sink writes through it, budget reads use it.
     redis: Client,
     keys: KeyScheme,
-    open_sessions: Arc<AtomicUsize>,
+    limits: StreamLimits,
+    /// Streams admitted and not yet closed (a gauge).
+    open_streams: Arc<AtomicUsize>,
     closing: watch::Receiver<bool>,
 }
 
@@ -136,11 +229,20 @@ impl Gateway {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()
             .map_err(|e| format!("Redis client: {e}"))?;
+        // Why a connection fails (refused, `WRONGPASS`, `NOAUTH`, a timeout) reaches only fred's
+        // error channel; the engine's flush warnings just say Redis is not there. Log it.
+        redis.on_error(|(error, server)| async move {
+            match server {
+                Some(server) => tracing::warn!(%error, %server, "Redis connection error"),
+                None => tracing::warn!(%error, "Redis connection error"),
+            }
+            Ok(())
+        });
         redis.connect();
         match tokio::time::timeout(Duration::from_secs(2), redis.wait_for_connect()).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => eprintln!("warning: Redis not reachable yet ({error}); retrying"),
-            Err(_) => eprintln!("warning: Redis not reachable yet; retrying in the background"),
+            Ok(Err(error)) => tracing::warn!(%error, "Redis not reachable yet; retrying"),
+            Err(_) => tracing::warn!("Redis not reachable yet; retrying in the background"),
         }
 
         let keys = KeyScheme::daily_utc(config.key_prefix.clone());
@@ -160,7 +262,8 @@ impl Gateway {
             engine,
             redis: redis.clone(),
             keys,
-            open_sessions: Arc::new(AtomicUsize::new(0)),
+            limits: config.limits,
+            open_streams: Arc::new(AtomicUsize::new(0)),
             closing: closing_rx.clone(),
         };
         let mut stop = closing_rx;
@@ -183,28 +286,38 @@ impl Gateway {
         self.addr
     }
 
-    /// WebSocket streams open right now.
-    pub(crate) fn open_sessions(&self) -> usize {
+    /// WebSocket streams admitted and not yet closed.
+    pub(crate) fn open_streams(&self) -> usize {
         // Relaxed: a gauge for display and tests; it orders nothing.
-        self.state.open_sessions.load(Ordering::Relaxed)
+        self.state.open_streams.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting, closes open streams (they get a close frame), waits up to 5 s for them,
-    /// then shuts the engine down: every session's usage is flushed, and the report says what
-    /// could not be written.
+    /// The engine's counters (slots in use, amounts pending, written, refused).
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        self.state.engine.stats()
+    }
+
+    /// Graceful shutdown: stops accepting, closes open streams (each gets a close frame, code
+    /// 1001, and its session ends), waits up to 5 s for them, then shuts the engine down: every
+    /// session's usage is flushed, and the report says what could not be written.
     pub(crate) async fn shutdown(self) -> Result<ShutdownReport, String> {
+        // The listener stops accepting and every stream's `meter` loop sees it.
         let _ = self.closing.send(true);
-        for _ in 0..(CLOSE_GRACE.as_millis() / 10) {
-            if self.open_sessions() == 0 {
-                break;
-            }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while self.open_streams() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.open_streams() > 0 {
+            tracing::warn!(
+                open = self.open_streams(),
+                "streams still closing after {CLOSE_GRACE:?}; their sessions are flushed anyway"
+            );
         }
         match tokio::time::timeout(CLOSE_GRACE, self.server).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(error))) => eprintln!("warning: server ended with {error}"),
-            Ok(Err(error)) => eprintln!("warning: server task failed: {error}"),
-            Err(_) => eprintln!("warning: connections still open after {CLOSE_GRACE:?}"),
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "server ended with an error"),
+            Ok(Err(error)) => tracing::warn!(%error, "server task failed"),
+            Err(_) => tracing::warn!("HTTP connections still open after {CLOSE_GRACE:?}"),
         }
         let report = self
             .state
@@ -212,7 +325,8 @@ impl Gateway {
             .shutdown()
             .await
             .map_err(|e| e.to_string());
-        let _ = self.redis.quit().await;
+        // Bounded: QUIT waits for a connection that a Redis refusing us never gives.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.redis.quit()).await;
         report
     }
 }
@@ -260,10 +374,92 @@ fn valid_sample_rate(value: Option<&String>) -> Result<u32, String> {
         })
 }
 
+/// The server side of the WebSocket opening handshake (RFC 6455 §4.2, HTTP/1.1): the `101`
+/// answer and the connection it hands over.
+///
+/// Done here rather than with axum's `WebSocketUpgrade` because axum's `WebSocket` hides the
+/// connection: after refusing an oversized message the gateway must go on reading (and
+/// discarding) the rest of it, or closing a socket with unread bytes makes the kernel send a TCP
+/// reset, which can destroy the close frame before the client reads it.
+fn accept_upgrade(request: &mut Request) -> Result<(OnUpgrade, Response), NotUpgradable> {
+    let headers = request.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(NotUpgradable::NotWebSocket);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|version| version != "13")
+    {
+        return Err(NotUpgradable::Version);
+    }
+    let accept = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|key| HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok())
+        .ok_or(NotUpgradable::NoKey)?;
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<OnUpgrade>()
+        .ok_or(NotUpgradable::NotHttp1)?;
+    let switching = (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, HeaderValue::from_static("upgrade")),
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+            (header::SEC_WEBSOCKET_ACCEPT, accept),
+        ],
+    )
+        .into_response();
+    Ok((on_upgrade, switching))
+}
+
+/// Why a request to `/listen` cannot become a WebSocket.
+#[derive(Debug)]
+enum NotUpgradable {
+    /// No `Connection: upgrade` and `Upgrade: websocket` (a plain GET, say).
+    NotWebSocket,
+    /// A `Sec-WebSocket-Version` other than 13.
+    Version,
+    /// No `Sec-WebSocket-Key`.
+    NoKey,
+    /// The connection cannot be taken over (not HTTP/1.1).
+    NotHttp1,
+}
+
+impl IntoResponse for NotUpgradable {
+    fn into_response(self) -> Response {
+        match self {
+            Self::NotWebSocket => (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                "this endpoint takes a WebSocket upgrade\n",
+            )
+                .into_response(),
+            Self::Version => (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::SEC_WEBSOCKET_VERSION, "13")],
+                "only WebSocket version 13 is spoken here\n",
+            )
+                .into_response(),
+            Self::NoKey => bad_request("missing Sec-WebSocket-Key".into()),
+            Self::NotHttp1 => {
+                bad_request("this connection cannot be upgraded: use HTTP/1.1".into())
+            }
+        }
+    }
+}
+
 async fn listen(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     let uid = match valid_uid(params.get("uid")) {
         Ok(uid) => uid.to_owned(),
@@ -283,33 +479,80 @@ async fn listen(
             "bad channels {channels:?}: only mono (1) is accepted"
         ));
     }
-    let upgrade = match upgrade {
+    let (on_upgrade, switching) = match accept_upgrade(&mut request) {
         Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+        Err(refusal) => return refusal.into_response(),
     };
-    if let Budget::Read { used_ms, .. } = read_budget(&state, &uid).await {
+    let session = match admit(&state, &uid).await {
+        Ok(session) => session,
+        Err(refusal) => return refusal,
+    };
+    // Relaxed: a gauge.
+    state.open_streams.fetch_add(1, Ordering::Relaxed);
+    let open = OpenGuard(state.open_streams.clone());
+    let clock = AudioClock::new(sample_rate);
+    tokio::spawn(stream(on_upgrade, session, clock, state, uid, open));
+    switching
+}
+
+/// One stream's life after the `101`: takes the connection over, meters it until something
+/// ends it, ends the session, then closes the connection.
+async fn stream(
+    on_upgrade: OnUpgrade,
+    session: Session,
+    clock: AudioClock,
+    state: AppState,
+    uid: String,
+    _open: OpenGuard,
+) {
+    let connection = match on_upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        // The client went away before the upgrade: the session ends with nothing charged.
+        Err(error) => return tracing::debug!(%error, uid, "upgrade failed"),
+    };
+    let limits = state.limits;
+    // Both limits: one frame, and a message assembled from fragments.
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(limits.max_message_bytes))
+        .max_message_size(Some(limits.max_message_bytes));
+    let mut socket = WebSocketStream::from_raw_socket(connection, Role::Server, Some(config)).await;
+    let ending = meter(&mut socket, &session, clock, limits, state.closing).await;
+    // The session ends before the closing handshake: nothing after this is charged, and its
+    // remainder is flushed within the engine's session-end delay.
+    drop(session);
+    match ending {
+        Ending::Idle => tracing::info!(uid, "stream idle for {:?}; closed", limits.idle_timeout),
+        Ending::TooBig { size } => tracing::info!(
+            uid,
+            size,
+            limit = limits.max_message_bytes,
+            "message too big; stream closed"
+        ),
+        _ => tracing::debug!(uid, ?ending, "stream ended"),
+    }
+    close(socket, ending, limits).await;
+}
+
+/// Admission, the one place a stream is let in: refuses a user whose budget is used up (`429`),
+/// a full slot table and a gateway shutting down (`503`), and opens the session every chunk is
+/// charged to. A budget that cannot be read lets the stream through (fail open).
+async fn admit(state: &AppState, uid: &str) -> Result<Session, Response> {
+    if *state.closing.borrow() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
+    }
+    if let Budget::Read { used_ms, .. } = read_budget(state, uid).await {
         if used_ms >= DAILY_LIMIT_MS {
-            return (
+            return Err((
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("daily audio budget of {DAILY_LIMIT_MS} ms is used up for this uid\n"),
             )
-                .into_response();
+                .into_response());
         }
     }
-    let session = match state.engine.open_session(&uid) {
-        Ok(session) => session,
-        Err(error) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response();
-        }
-    };
-    // Relaxed: a gauge.
-    state.open_sessions.fetch_add(1, Ordering::Relaxed);
-    let open = OpenGuard(state.open_sessions.clone());
-    let closing = state.closing.clone();
-    upgrade.on_upgrade(move |socket| async move {
-        stream(socket, session, AudioClock::new(sample_rate), closing).await;
-        drop(open);
-    })
+    state
+        .engine
+        .open_session(uid)
+        .map_err(|error| (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response())
 }
 
 /// Decrements the open-stream gauge however the stream ends (even if the upgrade fails).
@@ -322,43 +565,78 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Reads audio frames until the client closes, the connection drops or the gateway shuts down.
-/// Returning drops `session`: the session ends and its remainder is flushed.
-async fn stream(
-    mut socket: WebSocket,
-    session: Session,
+/// A stream's connection once upgraded.
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Why a stream ended.
+#[derive(Debug)]
+enum Ending {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The connection ended or broke: a FIN without a close frame, a reset, a protocol
+    /// violation, a write that failed or did not finish in time.
+    Gone,
+    /// The client sent `{"type":"CloseStream"}`.
+    CloseStream,
+    /// Nothing arrived for the idle timeout.
+    Idle,
+    /// A message of `size` bytes (or more) went over the size limit.
+    TooBig { size: usize },
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+/// The one loop per connection: charges every audio chunk to `session` until something ends
+/// the stream, and says what did. Every reason to end a session is an arm of its `select!`.
+async fn meter(
+    socket: &mut Socket,
+    session: &Session,
     mut clock: AudioClock,
+    limits: StreamLimits,
     mut closing: watch::Receiver<bool>,
-) {
+) -> Ending {
+    let ping_every = limits.idle_timeout / 3;
+    let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heard = Instant::now();
     loop {
-        let message = tokio::select! {
-            message = socket.recv() => message,
-            () = shutting_down(&mut closing) => {
-                let _ = socket
-                    .send(Message::Close(Some(CloseFrame {
-                        code: axum::extract::ws::close_code::AWAY,
-                        reason: "gateway shutting down".into(),
-                    })))
-                    .await;
-                return;
-            }
-        };
-        match message {
-            Some(Ok(Message::Binary(chunk))) => {
-                let ms = clock.charge(chunk.len());
-                if ms > 0 {
-                    session.add(ms);
+        tokio::select! {
+            message = socket.next() => {
+                heard = Instant::now();
+                match message {
+                    Some(Ok(Message::Binary(chunk))) => {
+                        let ms = clock.charge(chunk.len());
+                        if ms > 0 {
+                            session.add(ms);
+                        }
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        if is_close_stream(text.as_str()) {
+                            return Ending::CloseStream;
+                        }
+                    }
+                    // tungstenite answers pings itself; a pong only proves the client is there.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
+                    // Refused on its header (a frame) or when it grew too big (fragments), before
+                    // anything of it was charged.
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
+                        return Ending::TooBig { size };
+                    }
+                    Some(Err(_)) | None => return Ending::Gone,
                 }
             }
-            Some(Ok(Message::Text(text))) => {
-                if is_close_stream(text.as_str()) {
-                    let _ = socket.send(Message::Close(None)).await;
-                    return;
+            _ = pings.tick() => {
+                if heard.elapsed() >= limits.idle_timeout {
+                    return Ending::Idle;
+                }
+                let ping = socket.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(SEND_TIMEOUT, ping).await, Ok(Ok(()))) {
+                    return Ending::Gone;
                 }
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {} // pongs are automatic
-            // A close frame, an error (reset, protocol violation) or the end of the stream.
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+            () = shutting_down(&mut closing) => return Ending::ShuttingDown,
+            // Another reason to end a session (its budget running out, say) is one more arm here.
         }
     }
 }
@@ -366,6 +644,61 @@ async fn stream(
 /// Resolves once the gateway is shutting down (or its state is gone).
 async fn shutting_down(closing: &mut watch::Receiver<bool>) {
     let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Closes the connection of a stream that has ended: the close frame that says why, then the
+/// closing handshake, bounded by [`CLOSE_TIMEOUT`].
+async fn close(mut socket: Socket, ending: Ending, limits: StreamLimits) {
+    let (code, reason) = match ending {
+        Ending::Gone => return,
+        Ending::ClientClosed => {
+            // tungstenite has queued the answering close frame: reading sends it, then sees the
+            // end of the connection.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while socket.next().await.is_some() {}
+            })
+            .await;
+            return;
+        }
+        Ending::CloseStream => (CloseCode::Normal, "stream closed".to_owned()),
+        Ending::Idle => (
+            CloseCode::Policy,
+            format!("idle: nothing received for {:?}", limits.idle_timeout),
+        ),
+        Ending::TooBig { size } => (
+            CloseCode::Size,
+            format!(
+                "message too big: {size} bytes, at most {} accepted",
+                limits.max_message_bytes
+            ),
+        ),
+        Ending::ShuttingDown => (CloseCode::Away, "gateway shutting down".to_owned()),
+    };
+    let refused = code == CloseCode::Size;
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        if refused {
+            // The refused message's bytes are still arriving and the WebSocket reader cannot
+            // skip them. Close our half (the client reads the close frame, then the end of the
+            // stream) and read the connection dry until the client closes its half.
+            let connection = socket.get_mut();
+            if connection.shutdown().await.is_err() {
+                return;
+            }
+            let mut scratch = vec![0u8; 16 * 1024];
+            while matches!(connection.read(&mut scratch).await, Ok(n) if n > 0) {}
+        } else {
+            // The client answers the close frame, then the connection ends.
+            while socket.next().await.is_some() {}
+        }
+    })
+    .await;
 }
 
 fn is_close_stream(text: &str) -> bool {
@@ -465,8 +798,85 @@ async fn usage(State(state): State<AppState>, Path(uid): Path<String>) -> Respon
     Json(body).into_response()
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). fred logs through the `log` crate;
+/// the subscriber takes those records too.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(error) => {
+            if env_var("RUST_LOG").is_some() {
+                eprintln!("warning: RUST_LOG not understood ({error}); logging at info");
+            }
+            EnvFilter::new("info")
+        }
+    };
+    if let Err(error) = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init()
+    {
+        eprintln!("warning: no log subscriber: {error}");
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, with the signal's name.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                () = ctrl_c => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            },
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
+                ctrl_c.await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctrl_c.await;
+        "Ctrl-C"
+    }
+}
+
+/// Prints what shutdown wrote, could not write, and what Redis refused.
+fn print_report(report: &ShutdownReport) {
+    let rejected: u128 = report.rejected.iter().map(|r| u128::from(r.amount)).sum();
+    println!(
+        "shutdown: written {} ms to {} keys; unwritten {} ms in {} keys; rejected {} ms in {} keys",
+        report.amount_written,
+        report.keys_written,
+        report.unwritten_amount(),
+        report.unwritten.len(),
+        rejected,
+        report.rejected.len()
+    );
+    for (key, amount) in &report.unwritten {
+        println!("  unwritten {key}: {amount} ms");
+    }
+    for rejection in &report.rejected {
+        println!(
+            "  rejected {}: {} ms ({})",
+            rejection.key, rejection.amount, rejection.reason
+        );
+    }
+}
+
 #[allow(dead_code)] // `tests/gateway.rs` includes this file as a module and never calls `main`.
 fn main() -> std::process::ExitCode {
+    init_logging();
     let config = match GatewayConfig::from_env(std::env::args().nth(1)) {
         Ok(config) => config,
         Err(error) => {
@@ -497,23 +907,21 @@ fn main() -> std::process::ExitCode {
             gateway.addr()
         );
         println!("  http://{}/usage/<user>", gateway.addr());
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("shutting down; {} streams open", gateway.open_sessions());
+        let signal = shutdown_signal().await;
+        tracing::info!(
+            signal,
+            open_streams = gateway.open_streams(),
+            slots_in_use = gateway.stats().slots_in_use,
+            "shutting down"
+        );
         match gateway.shutdown().await {
-            Ok(report) if report.is_complete() => {
-                eprintln!(
-                    "flushed {} ms in {} key writes",
-                    report.amount_written, report.keys_written
-                );
-                std::process::ExitCode::SUCCESS
-            }
             Ok(report) => {
-                eprintln!(
-                    "{} ms could not be written: {:?}",
-                    report.unwritten_amount(),
-                    report.unwritten
-                );
-                std::process::ExitCode::FAILURE
+                print_report(&report);
+                if report.is_complete() {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::FAILURE
+                }
             }
             Err(error) => {
                 eprintln!("error: {error}");

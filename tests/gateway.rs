@@ -1,27 +1,32 @@
 //! The gateway example (`examples/gateway.rs`, included as a module) driven by real WebSocket
-//! clients against real Redis: the machine's shared Redis on 127.0.0.1:6379 for the main test
-//! (every key under a unique prefix, deleted afterwards), and a private `redis-server` for the
-//! outage test, which kills and restarts it.
+//! clients against real Redis: the machine's shared Redis on 127.0.0.1:6379 (every key under a
+//! unique prefix, deleted afterwards), and a private `redis-server` for the outage test, which
+//! kills and restarts it.
 //!
 //! Clients end their streams every way a gateway sees: a close frame, a `CloseStream` text
-//! message, a TCP close without a close frame, and a TCP reset. The totals in Redis and in
-//! `/usage/{uid}` must equal the audio sent, `floor(bytes * 1000 / (sample_rate * 2))` ms per
-//! stream. Waits are bounded; nothing asserts how long anything took.
+//! message, a TCP close without a close frame, a TCP reset, going silent (the idle timeout), a
+//! message over the size limit (close code 1009), and the gateway shutting down (close code
+//! 1001). The totals in Redis (a GET of each user's literal daily key) and in `/usage/{uid}` must
+//! equal the audio sent, `floor(bytes * 1000 / (sample_rate * 2))` ms per stream. Waits are
+//! bounded; nothing asserts how long anything took.
 
 #[path = "../examples/gateway.rs"]
 mod gateway;
 mod support;
 
 use futures_util::{SinkExt, StreamExt};
-use gateway::{Gateway, GatewayConfig, DAILY_LIMIT_MS};
+use gateway::{Gateway, GatewayConfig, StreamLimits, DAILY_LIMIT_MS, DEFAULT_MAX_MESSAGE_BYTES};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
 use support::wait::eventually;
 use support::{Keyspace, RedisServer, RespClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -43,11 +48,25 @@ fn run<F: Future>(future: F) -> F::Output {
 }
 
 async fn start(redis_url: String, key_prefix: &str) -> Gateway {
+    start_with(redis_url, key_prefix, |_| {}).await
+}
+
+async fn start_with(
+    redis_url: String,
+    key_prefix: &str,
+    limits: impl FnOnce(&mut StreamLimits),
+) -> Gateway {
     let mut config = GatewayConfig::from_env(Some("127.0.0.1:0".into())).expect("config");
     config.redis_url = redis_url;
     config.key_prefix = key_prefix.to_owned();
     // Long: usage reaches Redis because sessions end, not because a timer fired.
     config.flush_interval = Duration::from_secs(60);
+    // The defaults, whatever the environment says; a test changes what it tests.
+    config.limits = StreamLimits {
+        idle_timeout: Duration::from_secs(30),
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+    };
+    limits(&mut config.limits);
     Gateway::start(config).await.expect("gateway starts")
 }
 
@@ -182,19 +201,43 @@ async fn usage(addr: SocketAddr, uid: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-/// Sum of every key of `uid` under `prefix` (normally one: today's).
+/// What a budget reader of the deployment sees: a GET of the user's literal daily key (today's,
+/// plus yesterday's in case the test ran across midnight). The keys come from the engine's
+/// `KeyScheme::key_at`, the mapping the engine writes with.
 async fn stored_ms(redis: SocketAddr, prefix: &str, uid: &str) -> u64 {
-    let pattern = format!("{prefix}:{{{uid}}}:*");
+    let scheme = shardmeter::KeyScheme::daily_utc(prefix);
+    let now = SystemTime::now();
+    let keys = [
+        scheme.key_at(uid, now - Duration::from_secs(86_400)),
+        scheme.key_at(uid, now),
+    ];
     tokio::task::spawn_blocking(move || {
         let mut client = RespClient::connect(redis).expect("connect to Redis");
-        client
-            .scan(&pattern)
-            .iter()
+        keys.iter()
             .map(|key| client.get_i64(key).unwrap_or(0) as u64)
             .sum()
     })
     .await
     .expect("read Redis")
+}
+
+/// Waits (bounded) until no stream is open.
+async fn until_no_open_streams(gateway: &Gateway) {
+    until_open_streams(gateway, 0).await;
+}
+
+/// Waits (bounded) until `n` streams are open.
+async fn until_open_streams(gateway: &Gateway, n: usize) {
+    eventually(&format!("{n} open streams"), || gateway.open_streams() == n).await;
+}
+
+/// Waits (bounded) until the engine holds `n` slots: a session's slot returns to the free list
+/// once the flusher has taken its final amount.
+async fn until_slots_in_use(gateway: &Gateway, n: u64) {
+    eventually(&format!("{n} slots in use"), || {
+        gateway.stats().slots_in_use == n
+    })
+    .await;
 }
 
 /// Waits (bounded) until Redis holds `expected` ms for every uid; then they must match.
@@ -285,7 +328,7 @@ fn streams_are_charged_exactly_however_they_end() {
         for client in clients {
             client.await.expect("client");
         }
-        eventually("every stream closed", || gateway.open_sessions() == 0).await;
+        until_no_open_streams(&gateway).await;
         until_stored(redis, keyspace.prefix(), &expected).await;
 
         // The status endpoint reads the same key.
@@ -329,55 +372,334 @@ fn streams_are_charged_exactly_however_they_end() {
         assert_eq!(body["exhausted"], true);
         assert_eq!(body["remaining_ms"], 0);
 
-        // A stream still open at shutdown gets a close frame and is charged in full.
-        let late = Stream {
-            uid: uid("late"),
-            sample_rate: 16_000,
-            frames: vec![640; 25],
-            end: End::Drop,
+        let report = gateway.shutdown().await.expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
+        assert_eq!(
+            report.amount_written,
+            expected.values().map(|&ms| u128::from(ms)).sum::<u128>()
+        );
+    });
+}
+
+/// Reads what the gateway sends on a raw connection until it closes it (bounded), as (opcode,
+/// payload) frames; a server's frames are not masked (RFC 6455 §5.1).
+async fn frames_until_eof(tcp: &mut tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    tokio::time::timeout(STEP, tcp.read_to_end(&mut bytes))
+        .await
+        .expect("the gateway closes the connection in time")
+        .expect("the connection ends without a reset");
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 2 {
+        assert_eq!(rest[1] & 0x80, 0, "a masked frame from the server");
+        let (len, header) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => panic!("a frame of 64 KiB or more from the gateway: {rest:?}"),
+            n => (usize::from(n), 2),
         };
-        let url = format!("ws://{addr}/listen?uid={}&sample_rate=16000", late.uid);
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        frames.push((rest[0] & 0x0f, rest[header..header + len].to_vec()));
+        rest = &rest[header + len..];
+    }
+    assert!(rest.is_empty(), "a frame cut short: {rest:?}");
+    frames
+}
+
+#[test]
+fn a_silent_connection_is_closed_and_frees_its_slot() {
+    run(async {
+        let redis = support::shared_redis();
+        let keyspace = Keyspace::new(redis, "gateway-idle");
+        let idle = Duration::from_millis(1500);
+        let gateway = start_with(support::shared_redis_url(), keyspace.prefix(), |limits| {
+            limits.idle_timeout = idle
+        })
+        .await;
+        let addr = gateway.addr();
+
+        // A client that sends no audio but answers pings (tungstenite does, while it reads).
+        let listening = format!("listening-{}", support::unique_suffix());
+        let url = format!("ws://{addr}/listen?uid={listening}&sample_rate=16000");
+        let (mut live, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
             .await
-            .expect("connect");
-        for &size in &late.frames {
-            ws.send(Message::Binary(vec![7u8; size].into()))
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        // Six pings span two idle timeouts: one goes out every third of it.
+        let live = tokio::spawn(async move {
+            let mut pings = 0;
+            while pings < 6 {
+                match next_message(&mut live).await {
+                    Some(Message::Ping(_)) => pings += 1,
+                    Some(Message::Close(frame)) => {
+                        panic!("a client answering pings closed: {frame:?}")
+                    }
+                    Some(_) => {}
+                    None => panic!("a client answering pings lost its connection"),
+                }
+            }
+            live
+        });
+
+        // A client that sends 300 ms of audio and then nothing: it neither reads nor answers
+        // pings, like one that vanished without a FIN.
+        let silent = format!("silent-{}", support::unique_suffix());
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        {
+            let url = format!("ws://{addr}/listen?uid={silent}&sample_rate=16000");
+            let (mut ws, _) =
+                tokio::time::timeout(STEP, tokio_tungstenite::client_async(url, &mut tcp))
+                    .await
+                    .expect("handshake in time")
+                    .expect("upgrade accepted");
+            for _ in 0..10 {
+                ws.send(Message::Binary(vec![1u8; 960].into()))
+                    .await
+                    .expect("send");
+            }
+        } // The WebSocket is dropped without a close frame; the TCP connection stays open.
+
+        // The gateway ends its session (its audio reaches Redis), closes it with code 1008 and
+        // frees its slot.
+        until_stored(
+            redis,
+            keyspace.prefix(),
+            &BTreeMap::from([(silent.clone(), 300)]),
+        )
+        .await;
+        let frames = frames_until_eof(&mut tcp).await;
+        assert!(
+            frames.iter().any(|(opcode, _)| *opcode == 0x9),
+            "no ping: {frames:?}"
+        );
+        let (opcode, close) = frames.last().expect("frames");
+        assert_eq!(*opcode, 0x8, "the last frame is a close frame: {frames:?}");
+        assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1008);
+        let reason = String::from_utf8_lossy(&close[2..]);
+        assert_eq!(reason, "idle: nothing received for 1.5s");
+        until_open_streams(&gateway, 1).await;
+        until_slots_in_use(&gateway, 1).await;
+
+        // The client that answered pings stayed open across two idle timeouts.
+        let mut live = live.await.expect("listening client");
+        assert_eq!(gateway.open_streams(), 1);
+        live.close(None).await.expect("close");
+        while next_message(&mut live).await.is_some() {}
+        until_no_open_streams(&gateway).await;
+        until_slots_in_use(&gateway, 0).await;
+        assert_eq!(stored_ms(redis, keyspace.prefix(), &listening).await, 0);
+        let report = gateway.shutdown().await.expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
+        assert_eq!(report.amount_written, 300);
+    });
+}
+
+/// How the gateway refused a stream: its close frame, and how the connection ended after it
+/// (`Ok` when cleanly, an error for a reset).
+struct Refusal {
+    close: Option<tungstenite::protocol::CloseFrame>,
+    end: Result<(), tungstenite::Error>,
+}
+
+/// Sends `prelude` (binary frames of these sizes), then `oversized`, while reading what the
+/// gateway answers until the connection ends.
+async fn refused(
+    addr: SocketAddr,
+    uid: &str,
+    prelude: Vec<usize>,
+    oversized: Vec<Message>,
+) -> Refusal {
+    let url = format!("ws://{addr}/listen?uid={uid}&sample_rate=16000");
+    let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("upgrade accepted");
+    let (mut sink, mut stream) = ws.split();
+    // Sends on its own: a client writing a big message is blocked until the gateway reads it.
+    let sender = tokio::spawn(async move {
+        for size in prelude {
+            sink.send(Message::Binary(vec![5u8; size].into()))
                 .await
                 .expect("send");
         }
-        ws.send(Message::Ping(b"barrier".to_vec().into()))
-            .await
-            .expect("ping");
-        loop {
-            match next_message(&mut ws).await {
-                Some(Message::Pong(_)) => break,
-                Some(_) => {}
-                None => panic!("stream ended before the pong"),
+        for message in oversized {
+            if sink.send(message).await.is_err() {
+                break;
             }
         }
+    });
+    let mut close = None;
+    let end = loop {
+        match tokio::time::timeout(STEP, stream.next())
+            .await
+            .expect("the gateway answers in time")
+        {
+            Some(Ok(Message::Close(frame))) => close = frame,
+            Some(Ok(_)) => {}
+            Some(Err(error)) => break Err(error),
+            None => break Ok(()),
+        }
+    };
+    tokio::time::timeout(STEP, sender)
+        .await
+        .unwrap_or_else(|_| panic!("{uid}: the client's writes never finished"))
+        .expect("client writes");
+    Refusal { close, end }
+}
+
+#[test]
+fn an_oversized_message_is_refused_with_1009_and_not_charged() {
+    run(async {
+        let redis = support::shared_redis();
+        let keyspace = Keyspace::new(redis, "gateway-size");
+        let gateway = start(support::shared_redis_url(), keyspace.prefix()).await;
+        let addr = gateway.addr();
+        let uid = |name: &str| format!("{name}-{}", support::unique_suffix());
+        assert_eq!(DEFAULT_MAX_MESSAGE_BYTES, 131_072);
+
+        // 300 ms, then a message of exactly the limit (at 16 kHz, 131,072 bytes are 4,096 ms),
+        // then one frame of 20 MB, more than the 16 MiB that tungstenite refuses by default.
+        let one_frame = uid("one-frame");
+        let mut prelude = vec![960; 10];
+        prelude.push(DEFAULT_MAX_MESSAGE_BYTES);
+        let refusal = refused(
+            addr,
+            &one_frame,
+            prelude,
+            vec![Message::Binary(vec![9u8; 20_000_000].into())],
+        )
+        .await;
+        let close = refusal.close.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1009);
+        assert_eq!(
+            close.reason.as_str(),
+            "message too big: 20000000 bytes, at most 131072 accepted"
+        );
+        assert!(refusal.end.is_ok(), "not a clean end: {:?}", refusal.end);
+
+        // 150 ms, then a message in three fragments of 64 KiB: each frame is under the limit,
+        // the message is not.
+        let fragments = uid("fragments");
+        let fragment =
+            |opcode, last| Message::Frame(Frame::message(vec![9u8; 65_536], opcode, last));
+        let refusal = refused(
+            addr,
+            &fragments,
+            vec![960; 5],
+            vec![
+                fragment(OpCode::Data(Data::Binary), false),
+                fragment(OpCode::Data(Data::Continue), false),
+                fragment(OpCode::Data(Data::Continue), true),
+            ],
+        )
+        .await;
+        let close = refusal.close.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1009);
+        assert!(
+            close.reason.as_str().starts_with("message too big"),
+            "{close:?}"
+        );
+        assert!(refusal.end.is_ok(), "not a clean end: {:?}", refusal.end);
+
+        // What came before the refused message is charged, nothing of it.
+        let expected = BTreeMap::from([(one_frame.clone(), 300 + 4096), (fragments.clone(), 150)]);
+        until_stored(redis, keyspace.prefix(), &expected).await;
+        until_no_open_streams(&gateway).await;
+        until_slots_in_use(&gateway, 0).await;
         let report = gateway.shutdown().await.expect("shutdown");
         assert!(report.is_complete(), "{report:?}");
-        let mut close = None;
-        for _ in 0..1000 {
-            match next_message(&mut ws).await {
-                Some(Message::Close(frame)) => {
-                    close = frame;
-                    break;
-                }
-                Some(_) => {}
-                None => break,
-            }
+        assert_eq!(report.amount_written, 300 + 4096 + 150);
+    });
+}
+
+#[test]
+fn shutdown_closes_every_stream_and_writes_everything() {
+    run(async {
+        let redis = support::shared_redis();
+        let keyspace = Keyspace::new(redis, "gateway-shutdown");
+        let gateway = start(support::shared_redis_url(), keyspace.prefix()).await;
+        let addr = gateway.addr();
+        let uid = |name: &str| format!("{name}-{}", support::unique_suffix());
+        let streams = [
+            (uid("a"), 16_000u32, vec![640; 25]), // 500 ms
+            (uid("b"), 48_000, vec![1000; 77]),   // 802.08 ms
+            (uid("c"), 8_000, vec![333; 41]),     // 853.125 ms
+            (uid("quiet"), 16_000, Vec::new()),   // connected, nothing sent
+        ];
+        let expected: BTreeMap<String, u64> = streams
+            .iter()
+            .map(|(uid, rate, frames)| {
+                let bytes: u64 = frames.iter().map(|&n| n as u64).sum();
+                (uid.clone(), bytes * 1000 / (u64::from(*rate) * 2))
+            })
+            .collect();
+
+        // Each client sends its audio, makes sure the gateway has read it (a ping answered),
+        // says so, then reads until the gateway closes the stream.
+        let (read_tx, mut read_rx) = tokio::sync::mpsc::channel(streams.len());
+        let clients: Vec<_> = streams
+            .iter()
+            .cloned()
+            .map(|(uid, rate, frames)| {
+                let read_tx = read_tx.clone();
+                tokio::spawn(async move {
+                    let url = format!("ws://{addr}/listen?uid={uid}&sample_rate={rate}");
+                    let (mut ws, _) =
+                        tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+                            .await
+                            .expect("connect in time")
+                            .expect("upgrade accepted");
+                    for size in frames {
+                        ws.send(Message::Binary(vec![3u8; size].into()))
+                            .await
+                            .expect("send");
+                    }
+                    ws.send(Message::Ping(b"barrier".to_vec().into()))
+                        .await
+                        .expect("ping");
+                    loop {
+                        match next_message(&mut ws).await {
+                            Some(Message::Pong(_)) => break,
+                            Some(_) => {}
+                            None => panic!("{uid}: stream ended before the pong"),
+                        }
+                    }
+                    read_tx.send(()).await.expect("signal");
+                    loop {
+                        match next_message(&mut ws).await {
+                            Some(Message::Close(frame)) => return frame,
+                            Some(_) => {}
+                            None => return None,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..streams.len() {
+            tokio::time::timeout(STEP, read_rx.recv())
+                .await
+                .expect("every client's audio read in time");
         }
+        assert_eq!(gateway.open_streams(), streams.len());
+
+        let report = gateway.shutdown().await.expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
         assert_eq!(
-            close.map(|frame| u16::from(frame.code)),
-            Some(1001),
-            "going away"
+            report.amount_written,
+            expected.values().map(|&ms| u128::from(ms)).sum::<u128>()
         );
-        assert_eq!(
-            stored_ms(redis, keyspace.prefix(), &late.uid).await,
-            late.expected_ms()
-        );
-        assert_eq!(late.expected_ms(), 500);
+        // It stopped accepting connections.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        // Every open stream got a close frame: 1001, going away.
+        for client in clients {
+            let close = client.await.expect("client").expect("a close frame");
+            assert_eq!(u16::from(close.code), 1001);
+            assert_eq!(close.reason.as_str(), "gateway shutting down");
+        }
+        // Everything is in Redis as the deployment's readers see it, once shutdown returned.
+        for (uid, &ms) in &expected {
+            assert_eq!(stored_ms(redis, keyspace.prefix(), uid).await, ms, "{uid}");
+        }
+        assert_eq!(expected.values().sum::<u64>(), 500 + 802 + 853);
     });
 }
 
@@ -414,9 +736,10 @@ fn bad_requests_get_a_400_with_the_reason() {
             assert_eq!(status, 400, "{query}");
             assert!(body.contains(reason), "{query}: {body:?}");
         }
-        // A valid request that is not an upgrade is refused by the upgrade extractor.
-        let (status, _) = http_get(addr, "/listen?uid=a&sample_rate=16000").await;
-        assert!((400..500).contains(&status), "{status}");
+        // A valid request that is not an upgrade: 426, Upgrade Required.
+        let (status, body) = http_get(addr, "/listen?uid=a&sample_rate=16000").await;
+        assert_eq!(status, 426, "{body}");
+        assert_eq!(body, "this endpoint takes a WebSocket upgrade\n");
         let report = gateway.shutdown().await.expect("shutdown");
         assert!(report.is_complete());
         assert_eq!(report.amount_written, 0);
@@ -441,7 +764,7 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
             end: End::CloseFrame,
         };
         play(addr, stream.clone()).await;
-        eventually("every stream closed", || gateway.open_sessions() == 0).await;
+        until_no_open_streams(&gateway).await;
         let body = usage(addr, &uid).await;
         assert_eq!(body["used_ms"], Value::Null, "{body}");
         assert_eq!(body["exhausted"], false);
@@ -458,5 +781,73 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
         let report = gateway.shutdown().await.expect("shutdown");
         assert!(report.is_complete(), "{report:?}");
         assert_eq!(stored_ms(server.addr(), &prefix, &uid).await, 2000);
+    });
+}
+
+/// Everything logged at `WARN` and above in this test binary, once [`captured_logs`] installed
+/// the subscriber.
+#[derive(Debug, Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Installs (once) a global subscriber that keeps what is logged, fred's `log` records included.
+fn captured_logs() -> &'static CapturedLogs {
+    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = CapturedLogs::default();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .init();
+        logs
+    })
+}
+
+#[test]
+fn why_redis_refuses_the_gateway_is_logged() {
+    let logs = captured_logs();
+    run(async {
+        let server = RedisServer::start_with(&["--requirepass", "secret"]);
+        let gateway = start(format!("redis://:wrong@{}", server.addr()), "gw-auth").await;
+        // The engine alone would only say that Redis is not connected; the cause is logged.
+        for _ in 0..1000 {
+            if logs.text().contains("WRONGPASS") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|line| line.contains("WRONGPASS"))
+            .unwrap_or_else(|| panic!("no WRONGPASS logged within 10 s:\n{text}"));
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains("Redis connection error"), "{line}");
+        drop(gateway); // Not shut down: its usage (none) could not be written anyway.
     });
 }
