@@ -27,14 +27,19 @@
 //!   reason, and nothing of that message is charged (what came before it is). The gateway then
 //!   closes its half of the connection and reads and discards what the client still sends (at
 //!   most 2 s), so the client reads the close frame rather than a TCP reset.
-//! - Before upgrading, one `GET` of the user's daily key checks the budget (1,800,000 ms a day):
-//!   an exhausted user gets `429`. A Redis error or a slow answer lets the stream through (fail
-//!   open: Redis trouble never blocks audio).
-//! - `GET /usage/<uid>` returns the user's day as JSON: limit, used, remaining, exhausted and when
-//!   the budget resets (the next UTC midnight). It shows what Redis holds: usage of sessions in
-//!   progress appears there at the next flush (every `GATEWAY_FLUSH_SECS`, default 60 s) or when
-//!   they end. On a Redis error it answers `200` with `used_ms: null` and the error, and
-//!   `exhausted: false` (fail open).
+//! - Budgets are the engine's (`GATEWAY_DAILY_LIMIT_MS`, default 1,800,000 ms a day): no Redis
+//!   read per check. Before upgrading, the session is opened and the engine's view of the user is
+//!   awaited (for a user it does not track yet, one `GET`, pipelined with other users
+//!   connecting at the same moment, at most 250 ms): an exhausted user gets `429`. A Redis error
+//!   or a slow answer lets the stream through (fail open: Redis trouble never blocks audio).
+//!   While streaming, a user who crosses the limit (through this stream, or through this user's
+//!   streams on other gateway processes, seen at the next flush) is closed with code 1008,
+//!   "daily audio budget used up".
+//! - `GET /usage/<uid>` returns the user's day as JSON, answered by the engine, not by Redis:
+//!   limit, used, remaining, exhausted, when the budget resets (the next UTC midnight), and the
+//!   two parts of `used`: `global_ms` (all gateway processes, as of `global_age_ms` ago; `null`
+//!   while unknown, e.g. Redis down) and `pending_ms` (this process's, not yet written). A user
+//!   the engine does not track (no open stream) answers `tracked: false` with `used_ms: null`.
 //! - Bad input (no uid, a sample rate that is not an integer from 8000 to 192000, another
 //!   encoding) gets `400` with a one-line reason; a plain GET of `/listen` gets `426`.
 //! - Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG` (default `info`): the
@@ -49,7 +54,8 @@
 //! Settings come from the environment: `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //! `GATEWAY_ADDR` or the first argument (default `127.0.0.1:0`: a free port, printed),
 //! `GATEWAY_FLUSH_SECS` (default 60), `GATEWAY_KEY_PREFIX` (default `fair_use:dg_budget`),
-//! `GATEWAY_IDLE_SECS` (default 30) and `GATEWAY_MAX_MESSAGE_BYTES` (default 131072).
+//! `GATEWAY_DAILY_LIMIT_MS` (default 1800000), `GATEWAY_IDLE_SECS` (default 30) and
+//! `GATEWAY_MAX_MESSAGE_BYTES` (default 131072).
 //!
 //! What to adapt: [`admit`] is the one place a stream is let in (budget check, session opened);
 //! [`meter`] is the one loop per connection, where every reason to end a session is a `select!`
@@ -69,7 +75,7 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use shardmeter::sink::redis::RedisSink;
-use shardmeter::{Engine, KeyScheme, Session, ShutdownReport, StatsSnapshot};
+use shardmeter::{Budgets, Engine, KeyScheme, Session, ShutdownReport, StatsSnapshot};
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -87,11 +93,11 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-/// The daily audio budget per user, in milliseconds (30 minutes).
+/// The default daily audio budget per user, in milliseconds (30 minutes).
 pub(crate) const DAILY_LIMIT_MS: u64 = 1_800_000;
 /// Sample rates accepted, in Hz.
 const SAMPLE_RATES: RangeInclusive<u32> = 8_000..=192_000;
-/// How long a budget read may take before the gateway stops waiting (and lets audio through).
+/// How long admission waits for the engine's view of a new user before letting audio through.
 const BUDGET_READ_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long shutdown waits for open streams to close after asking them to.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -116,6 +122,8 @@ pub(crate) struct GatewayConfig {
     pub(crate) key_prefix: String,
     /// How often open sessions' usage is flushed.
     pub(crate) flush_interval: Duration,
+    /// Audio each user may send per UTC day, in milliseconds.
+    pub(crate) daily_limit_ms: u64,
     /// Limits every stream gets.
     pub(crate) limits: StreamLimits,
 }
@@ -184,6 +192,12 @@ impl GatewayConfig {
             key_prefix: env_var("GATEWAY_KEY_PREFIX")
                 .unwrap_or_else(|| "fair_use:dg_budget".into()),
             flush_interval: env_seconds("GATEWAY_FLUSH_SECS", 60.0, 0.01..=86_400.0)?,
+            daily_limit_ms: match env_var("GATEWAY_DAILY_LIMIT_MS") {
+                Some(text) => text.trim().parse().map_err(|_| {
+                    format!("GATEWAY_DAILY_LIMIT_MS={text:?}: want a whole number of ms")
+                })?,
+                None => DAILY_LIMIT_MS,
+            },
             limits: StreamLimits {
                 // At least 0.3 s, so that pings go out at most every 0.1 s.
                 idle_timeout: env_seconds("GATEWAY_IDLE_SECS", 30.0, 0.3..=86_400.0)?,
@@ -206,9 +220,8 @@ pub(crate) struct Gateway {
 #[derive(Debug, Clone)]
 struct AppState {
     engine: Engine,
-    /// The gateway's own Redis client: the sink writes through it, budget reads use it.
-    redis: Client,
     keys: KeyScheme,
+    daily_limit_ms: u64,
     limits: StreamLimits,
     /// Streams admitted and not yet closed (a gauge).
     open_streams: Arc<AtomicUsize>,
@@ -249,6 +262,7 @@ impl Gateway {
         let engine = Engine::builder()
             .flush_interval(config.flush_interval)
             .keys(keys.clone())
+            .budgets(Budgets::per_bucket(config.daily_limit_ms))
             .sink(RedisSink::new(redis.clone()))
             .build()
             .map_err(|e| format!("engine: {e}"))?;
@@ -260,8 +274,8 @@ impl Gateway {
         let (closing, closing_rx) = watch::channel(false);
         let state = AppState {
             engine,
-            redis: redis.clone(),
             keys,
+            daily_limit_ms: config.daily_limit_ms,
             limits: config.limits,
             open_streams: Arc::new(AtomicUsize::new(0)),
             closing: closing_rx.clone(),
@@ -535,24 +549,29 @@ async fn stream(
 
 /// Admission, the one place a stream is let in: refuses a user whose budget is used up (`429`),
 /// a full slot table and a gateway shutting down (`503`), and opens the session every chunk is
-/// charged to. A budget that cannot be read lets the stream through (fail open).
+/// charged to. The budget check is the engine's: for a user it does not track yet, it reads the
+/// user's total once (at most [`BUDGET_READ_TIMEOUT`]); a total that cannot be read lets the
+/// stream through (fail open).
 async fn admit(state: &AppState, uid: &str) -> Result<Session, Response> {
     if *state.closing.borrow() {
         return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
     }
-    if let Budget::Read { used_ms, .. } = read_budget(state, uid).await {
-        if used_ms >= DAILY_LIMIT_MS {
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("daily audio budget of {DAILY_LIMIT_MS} ms is used up for this uid\n"),
-            )
-                .into_response());
-        }
-    }
-    state
+    let session = state
         .engine
         .open_session(uid)
-        .map_err(|error| (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response())
+        .map_err(|error| (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response())?;
+    session.synced(BUDGET_READ_TIMEOUT).await;
+    if session.is_exhausted() {
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "daily audio budget of {} ms is used up for this uid\n",
+                state.daily_limit_ms
+            ),
+        )
+            .into_response());
+    }
+    Ok(session)
 }
 
 /// Decrements the open-stream gauge however the stream ends (even if the upgrade fails).
@@ -584,6 +603,8 @@ enum Ending {
     TooBig { size: usize },
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The user's budget for the day is used up.
+    BudgetUsedUp,
 }
 
 /// The one loop per connection: charges every audio chunk to `session` until something ends
@@ -599,6 +620,8 @@ async fn meter(
     let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut heard = Instant::now();
+    let budget_used_up = session.exhausted();
+    tokio::pin!(budget_used_up);
     loop {
         tokio::select! {
             message = socket.next() => {
@@ -636,7 +659,8 @@ async fn meter(
                 }
             }
             () = shutting_down(&mut closing) => return Ending::ShuttingDown,
-            // Another reason to end a session (its budget running out, say) is one more arm here.
+            // The engine says so after a flush: no Redis read per chunk.
+            () = &mut budget_used_up => return Ending::BudgetUsedUp,
         }
     }
 }
@@ -673,6 +697,7 @@ async fn close(mut socket: Socket, ending: Ending, limits: StreamLimits) {
             ),
         ),
         Ending::ShuttingDown => (CloseCode::Away, "gateway shutting down".to_owned()),
+        Ending::BudgetUsedUp => (CloseCode::Policy, "daily audio budget used up".to_owned()),
     };
     let refused = code == CloseCode::Size;
     let frame = CloseFrame {
@@ -737,35 +762,7 @@ impl AudioClock {
     }
 }
 
-/// What a budget read found.
-#[derive(Debug)]
-enum Budget {
-    /// Redis answered.
-    Read { key: String, used_ms: u64 },
-    /// Redis did not answer in time, or failed: the caller fails open.
-    Unknown { key: String, error: String },
-}
-
-async fn read_budget(state: &AppState, uid: &str) -> Budget {
-    let key = state.keys.key_at(uid, SystemTime::now());
-    let options = Options {
-        timeout: Some(BUDGET_READ_TIMEOUT),
-        max_attempts: Some(1),
-        ..Options::default()
-    };
-    let reply: Result<Option<u64>, Error> = state.redis.with_options(&options).get(&key).await;
-    match reply {
-        Ok(used) => Budget::Read {
-            key,
-            used_ms: used.unwrap_or(0),
-        },
-        Err(error) => Budget::Unknown {
-            key,
-            error: error.to_string(),
-        },
-    }
-}
-
+/// The user's day, as the engine knows it: no Redis read.
 async fn usage(State(state): State<AppState>, Path(uid): Path<String>) -> Response {
     let uid = match valid_uid(Some(&uid)) {
         Ok(uid) => uid.to_owned(),
@@ -774,25 +771,32 @@ async fn usage(State(state): State<AppState>, Path(uid): Path<String>) -> Respon
     let now = SystemTime::now();
     let resets_at = state.keys.bucket_end(now).unwrap_or(now);
     let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let limit = state.daily_limit_ms;
     let mut body = json!({
         "uid": uid,
-        "limit_ms": DAILY_LIMIT_MS,
+        "key": state.keys.key_at(&uid, now),
+        "limit_ms": limit,
         "resets_at_unix": unix(resets_at),
         "resets_in_seconds": resets_at.duration_since(now).unwrap_or_default().as_secs(),
     });
-    match read_budget(&state, &uid).await {
-        Budget::Read { key, used_ms } => {
-            body["key"] = json!(key);
-            body["used_ms"] = json!(used_ms);
-            body["remaining_ms"] = json!(DAILY_LIMIT_MS.saturating_sub(used_ms));
-            body["exhausted"] = json!(used_ms >= DAILY_LIMIT_MS);
+    match state.engine.usage(&uid) {
+        Some(usage) => {
+            body["tracked"] = json!(true);
+            body["used_ms"] = json!(usage.used);
+            body["remaining_ms"] = json!(limit.saturating_sub(usage.used));
+            body["exhausted"] = json!(state.engine.is_exhausted(&uid));
+            body["global_ms"] = json!(usage.global);
+            body["global_age_ms"] =
+                json!(usage
+                    .global_as_of
+                    .map(|at| now.duration_since(at).unwrap_or_default().as_millis() as u64));
+            body["pending_ms"] = json!(usage.local_pending);
         }
-        Budget::Unknown { key, error } => {
-            body["key"] = json!(key);
+        None => {
+            body["tracked"] = json!(false);
             body["used_ms"] = serde_json::Value::Null;
             body["remaining_ms"] = serde_json::Value::Null;
             body["exhausted"] = json!(false);
-            body["error"] = json!(format!("Redis did not answer: {error}"));
         }
     }
     Json(body).into_response()

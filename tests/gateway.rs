@@ -56,17 +56,26 @@ async fn start_with(
     key_prefix: &str,
     limits: impl FnOnce(&mut StreamLimits),
 ) -> Gateway {
+    start_configured(redis_url, key_prefix, |config| limits(&mut config.limits)).await
+}
+
+async fn start_configured(
+    redis_url: String,
+    key_prefix: &str,
+    configure: impl FnOnce(&mut GatewayConfig),
+) -> Gateway {
     let mut config = GatewayConfig::from_env(Some("127.0.0.1:0".into())).expect("config");
     config.redis_url = redis_url;
     config.key_prefix = key_prefix.to_owned();
     // Long: usage reaches Redis because sessions end, not because a timer fired.
     config.flush_interval = Duration::from_secs(60);
+    config.daily_limit_ms = DAILY_LIMIT_MS;
     // The defaults, whatever the environment says; a test changes what it tests.
     config.limits = StreamLimits {
         idle_timeout: Duration::from_secs(30),
         max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
     };
-    limits(&mut config.limits);
+    configure(&mut config);
     Gateway::start(config).await.expect("gateway starts")
 }
 
@@ -331,20 +340,24 @@ fn streams_are_charged_exactly_however_they_end() {
         until_no_open_streams(&gateway).await;
         until_stored(redis, keyspace.prefix(), &expected).await;
 
-        // The status endpoint reads the same key.
+        // The status endpoint answers from the engine: every write returned the key's total.
         for (uid, &ms) in &expected {
             let body = usage(addr, uid).await;
+            assert_eq!(body["tracked"], true, "{body}");
             assert_eq!(body["used_ms"], ms, "{body}");
+            assert_eq!(body["global_ms"], ms, "{body}");
+            assert_eq!(body["pending_ms"], 0, "{body}");
             assert_eq!(body["remaining_ms"], DAILY_LIMIT_MS - ms, "{body}");
             assert_eq!(body["limit_ms"], DAILY_LIMIT_MS);
             assert_eq!(body["exhausted"], false);
             assert!(body["resets_in_seconds"].as_u64().unwrap() <= 86_400);
             assert!(body["key"].as_str().unwrap().starts_with(keyspace.prefix()));
         }
-        // A user who has sent nothing today.
+        // A user without a stream: the engine tracks nothing of them, and says so.
         let nobody = usage(addr, &uid("nobody")).await;
-        assert_eq!(nobody["used_ms"], 0);
-        assert_eq!(nobody["remaining_ms"], DAILY_LIMIT_MS);
+        assert_eq!(nobody["tracked"], false, "{nobody}");
+        assert_eq!(nobody["used_ms"], Value::Null);
+        assert_eq!(nobody["limit_ms"], DAILY_LIMIT_MS);
 
         // An exhausted user is refused before the upgrade.
         let spent = uid("spent");
@@ -765,10 +778,18 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
         };
         play(addr, stream.clone()).await;
         until_no_open_streams(&gateway).await;
+        // The engine knows this process's part once it has collected the session's end; the
+        // global part is unknown (fail open).
+        support::until_ok("the ended session's usage", STEP, || async {
+            let body = usage(addr, &uid).await;
+            (body["pending_ms"] == 2000).then_some(()).ok_or(body)
+        })
+        .await;
         let body = usage(addr, &uid).await;
-        assert_eq!(body["used_ms"], Value::Null, "{body}");
+        assert_eq!(body["used_ms"], 2000, "{body}");
+        assert_eq!(body["pending_ms"], 2000, "{body}");
+        assert_eq!(body["global_ms"], Value::Null, "{body}");
         assert_eq!(body["exhausted"], false);
-        assert!(body["error"].as_str().is_some(), "{body}");
 
         // Redis is back: the engine's retries write the pending amount, once.
         server.restart();
@@ -849,5 +870,61 @@ fn why_redis_refuses_the_gateway_is_logged() {
         assert!(line.contains("WARN"), "{line}");
         assert!(line.contains("Redis connection error"), "{line}");
         drop(gateway); // Not shut down: its usage (none) could not be written anyway.
+    });
+}
+
+/// A user who crosses the daily limit while streaming is closed with 1008 at the engine's next
+/// flush (no Redis read per chunk), and refused at the next connection; the deployment's own
+/// reader (a GET of the literal key) agrees.
+#[test]
+fn a_stream_that_uses_up_the_budget_is_closed_and_the_next_one_refused() {
+    run(async {
+        let redis = support::shared_redis();
+        let keyspace = Keyspace::new(redis, "gateway-budget");
+        const LIMIT_MS: u64 = 500;
+        let gateway = start_configured(support::shared_redis_url(), keyspace.prefix(), |config| {
+            config.daily_limit_ms = LIMIT_MS;
+            config.flush_interval = Duration::from_millis(100);
+        })
+        .await;
+        let addr = gateway.addr();
+        let user = format!("talker-{}", support::unique_suffix());
+        let url = format!("ws://{addr}/listen?uid={user}&sample_rate=16000");
+        let (mut ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(&url))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        // 100 ms of audio every 20 ms until the gateway closes the stream.
+        let mut sent_ms = 0;
+        let close = loop {
+            tokio::select! {
+                message = next_message(&mut ws) => match message {
+                    Some(Message::Close(frame)) => break frame.expect("a close frame with a code"),
+                    Some(_) => {}
+                    None => panic!("the connection ended without a close frame"),
+                },
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    assert!(sent_ms < 60_000, "never closed after {sent_ms} ms of audio");
+                    if ws.send(Message::Binary(vec![0u8; 3200].into())).await.is_ok() {
+                        sent_ms += 100;
+                    }
+                }
+            }
+        };
+        assert_eq!(u16::from(close.code), 1008, "{close:?}");
+        assert_eq!(close.reason.as_str(), "daily audio budget used up");
+        assert!(sent_ms >= LIMIT_MS, "closed after {sent_ms} ms");
+        until_no_open_streams(&gateway).await;
+
+        // The user's next stream: the engine reads the total again and refuses it.
+        match tokio_tungstenite::connect_async(&url).await {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+            other => panic!("expected 429, got {other:?}"),
+        }
+        let report = gateway.shutdown().await.expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
+        let stored = stored_ms(redis, keyspace.prefix(), &user).await;
+        assert!(stored >= LIMIT_MS, "the literal key holds {stored} ms");
+        assert_eq!(report.amount_written, u128::from(stored));
     });
 }
