@@ -474,3 +474,39 @@ fn building_outside_a_runtime_is_a_typed_error() {
         .unwrap_err();
     assert!(matches!(error, EngineError::NoRuntime), "{error}");
 }
+
+/// An engine dropped without `shutdown()` says so at `ERROR`, on the dropping thread, with what is
+/// at risk: the usual `#[tokio::main]` ends the runtime right after, and its flusher never runs.
+#[test]
+fn dropping_the_engine_without_shutdown_is_logged_as_an_error() {
+    let logs = support::logs::captured_logs();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("dropped"))
+        .sink(MemorySink::new())
+        .build()
+        .unwrap();
+    let session = engine.open_session("uid-dropped").unwrap();
+    session.add(5);
+    drop(engine);
+    let text = logs.text();
+    assert!(
+        text.contains("Engine dropped without `shutdown().await`")
+            && text.contains("slots_in_use=1"),
+        "{text}"
+    );
+    // The documented recipe: shut down before the runtime ends, and nothing is said.
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("kept"))
+        .sink(MemorySink::new())
+        .build()
+        .unwrap();
+    runtime.block_on(engine.shutdown()).unwrap();
+    let before = logs.text().len();
+    drop(engine);
+    assert_eq!(logs.text().len(), before, "{}", logs.text());
+}

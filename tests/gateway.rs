@@ -20,8 +20,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+
 use std::time::{Duration, SystemTime};
+use support::logs::captured_logs;
 use support::wait::eventually;
 use support::{Keyspace, RedisServer, RespClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -803,50 +804,6 @@ fn a_redis_outage_does_not_block_audio_or_lose_it() {
         assert!(report.is_complete(), "{report:?}");
         assert_eq!(stored_ms(server.addr(), &prefix, &uid).await, 2000);
     });
-}
-
-/// Everything logged at `WARN` and above in this test binary, once [`captured_logs`] installed
-/// the subscriber.
-#[derive(Debug, Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl CapturedLogs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
-    type Writer = CapturedLogs;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// Installs (once) a global subscriber that keeps what is logged, fred's `log` records included.
-fn captured_logs() -> &'static CapturedLogs {
-    static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = CapturedLogs::default();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(logs.clone())
-            .init();
-        logs
-    })
 }
 
 #[test]

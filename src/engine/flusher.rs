@@ -37,6 +37,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 /// How many refused increments the shutdown report lists (all are counted in the stats).
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
+/// While writes keep failing, a WARN with the latest cause at most this often (DEBUG between).
+const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
 /// 2,048 × (sweep + aggregation) ≈ 0.3–0.6 ms on this machine's 2 cores (`benches/sweep.rs`,
 /// `benches/flush.rs`); idle slots cost a few ns each.
@@ -192,6 +194,8 @@ pub(crate) struct Flusher<S> {
     interval_start: SystemTime,
     write: Option<WriteFuture>,
     failures_in_a_row: u32,
+    /// When the last "flush failed" WARN was logged, while failures go on.
+    last_failure_warning: Option<Instant>,
     /// `failures_in_a_row` when the current backoff schedule started: 0, or its value when the
     /// shutdown began (the shutdown restarts the backoff from `retry_initial`).
     backoff_since: u32,
@@ -247,6 +251,7 @@ impl<S: Sink> Flusher<S> {
             usage: Vec::new(),
             write: None,
             failures_in_a_row: 0,
+            last_failure_warning: None,
             backoff_since: 0,
             retry_at: None,
             ended_due: None,
@@ -489,8 +494,17 @@ impl<S: Sink> Flusher<S> {
                 self.failures_in_a_row += 1;
                 Stats::add(&self.stats.write_failures, 1);
                 let delay = self.backoff();
-                if self.failures_in_a_row == 1 {
-                    tracing::warn!(%error, retry_in = ?delay, "flush failed; amounts stay pending");
+                // The first failure, then one WARN per interval while the sink keeps failing, each
+                // with the latest cause: an outage stays visible without flooding the log.
+                let now = Instant::now();
+                let warn_due = self
+                    .last_failure_warning
+                    .is_none_or(|at| now.duration_since(at) >= FAILURE_WARNING_INTERVAL);
+                if warn_due {
+                    self.last_failure_warning = Some(now);
+                    tracing::warn!(%error, failed_rounds = self.failures_in_a_row,
+                        pending = %self.pending.amount(), retry_in = ?delay,
+                        "flush failed; amounts stay pending");
                 } else {
                     tracing::debug!(%error, retry_in = ?delay, attempt = self.failures_in_a_row,
                         "flush failed again");
@@ -501,6 +515,7 @@ impl<S: Sink> Flusher<S> {
             None => {
                 if self.failures_in_a_row > 0 {
                     tracing::info!(failed_rounds = self.failures_in_a_row, "sink recovered");
+                    self.last_failure_warning = None;
                 }
                 self.failures_in_a_row = 0;
                 self.backoff_since = 0;

@@ -429,6 +429,28 @@ impl<S: Sink> EngineBuilder<S> {
     }
 }
 
+/// The last [`Engine`] handle is gone. Without [`Engine::shutdown`] the flusher still runs a
+/// shutdown, but only if the runtime lives on: a `#[tokio::main]` that returns right after the
+/// drop stops the runtime first, and nothing reaches the sink. Say so, loudly, while there is
+/// still a thread to say it on.
+impl Drop for EngineShared {
+    fn drop(&mut self) {
+        // Relaxed: read on the thread that dropped the last handle, after every other handle's
+        // drop; `shutdown` set it on some handle, and the Arc's release/acquire orders that.
+        if self.shut_down.load(Ordering::Relaxed) {
+            return;
+        }
+        let stats = self.stats.snapshot();
+        tracing::error!(
+            pending_amount = stats.pending_amount,
+            slots_in_use = self.ledger.slots_in_use(),
+            "Engine dropped without `shutdown().await`: the pending amount and the usage of \
+             open sessions are lost if the runtime stops now; call `engine.shutdown().await` \
+             before the runtime ends"
+        );
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")

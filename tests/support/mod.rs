@@ -25,6 +25,7 @@
 mod redis_process;
 
 pub mod load;
+pub mod logs;
 pub mod rng;
 pub mod wait;
 
