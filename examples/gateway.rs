@@ -40,6 +40,10 @@
 //!   two parts of `used`: `global_ms` (all gateway processes, as of `global_age_ms` ago; `null`
 //!   while unknown, e.g. Redis down) and `pending_ms` (this process's, not yet written). A user
 //!   the engine does not track (no open stream) answers `tracked: false` with `used_ms: null`.
+//! - `GET /metrics` exposes the engine's counters and timings (flush rounds, failures, retries,
+//!   pending, written, rejected, duplicates caught, sweep and write durations, the flusher's
+//!   longest poll) in Prometheus text format, through the `metrics` facade and its Prometheus
+//!   exporter.
 //! - Bad input (no uid, a sample rate that is not an integer from 8000 to 192000, another
 //!   encoding) gets `400` with a one-line reason; a plain GET of `/listen` gets `426`.
 //! - Logs go to stderr through `tracing-subscriber`, filtered by `RUST_LOG` (default `info`): the
@@ -73,6 +77,7 @@ use fred::prelude::*;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use shardmeter::sink::redis::RedisSink;
 use shardmeter::{Budgets, Engine, KeyScheme, Session, ShutdownReport, StatsSnapshot};
@@ -81,7 +86,7 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -222,6 +227,7 @@ struct AppState {
     engine: Engine,
     keys: KeyScheme,
     daily_limit_ms: u64,
+    metrics: &'static PrometheusHandle,
     limits: StreamLimits,
     /// Streams admitted and not yet closed (a gauge).
     open_streams: Arc<AtomicUsize>,
@@ -276,6 +282,7 @@ impl Gateway {
             engine,
             keys,
             daily_limit_ms: config.daily_limit_ms,
+            metrics: prometheus(),
             limits: config.limits,
             open_streams: Arc::new(AtomicUsize::new(0)),
             closing: closing_rx.clone(),
@@ -349,7 +356,31 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/listen", get(listen))
         .route("/usage/{uid}", get(usage))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The process's Prometheus recorder: the engine reports through the `metrics` facade (feature
+/// `metrics`), this exporter renders what it reported. Installed once per process.
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows only its own");
+        }
+        handle
+    })
+}
+
+/// `GET /metrics`: the engine's counters in Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// A `400` with a reason.

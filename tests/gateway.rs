@@ -885,3 +885,50 @@ fn a_stream_that_uses_up_the_budget_is_closed_and_the_next_one_refused() {
         assert_eq!(report.amount_written, u128::from(stored));
     });
 }
+
+/// `/metrics` is the engine's counters in Prometheus text format, scraped as Prometheus would.
+#[test]
+fn metrics_are_exposed_in_prometheus_text_format() {
+    run(async {
+        let redis = support::shared_redis();
+        let keyspace = Keyspace::new(redis, "gateway-metrics");
+        let gateway = start(support::shared_redis_url(), keyspace.prefix()).await;
+        let addr = gateway.addr();
+        let uid = format!("scraped-{}", support::unique_suffix());
+        let stream = Stream {
+            uid: uid.clone(),
+            sample_rate: 16_000,
+            frames: vec![3200; 5],
+            end: End::CloseFrame,
+        };
+        play(addr, stream.clone()).await;
+        until_stored(
+            redis,
+            keyspace.prefix(),
+            &BTreeMap::from([(uid, stream.expected_ms())]),
+        )
+        .await;
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        let value = |name: &str| -> f64 {
+            body.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no sample of {name} in:\n{body}"))
+        };
+        // Every gateway of this test binary reports into one recorder: at least this stream's.
+        assert!(value("shardmeter_keys_written_total") >= 1.0);
+        assert!(value("shardmeter_written_amount_total") >= 500.0);
+        assert!(value("shardmeter_flush_rounds_total") >= 1.0);
+        assert!(value("shardmeter_write_seconds_count") >= 1.0);
+        for name in [
+            "# TYPE shardmeter_write_failures_total counter",
+            "# TYPE shardmeter_pending_amount gauge",
+            "# TYPE shardmeter_flusher_longest_poll_seconds gauge",
+            "# TYPE shardmeter_duplicate_batches_total counter",
+        ] {
+            assert!(body.contains(name), "{name} missing in:\n{body}");
+        }
+        let report = gateway.shutdown().await.expect("shutdown");
+        assert!(report.is_complete(), "{report:?}");
+    });
+}

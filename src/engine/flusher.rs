@@ -23,6 +23,7 @@
 
 use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
 use super::keys::KeyScheme;
+use super::metrics;
 use super::pending::{Pending, Rejection};
 use super::stats::Stats;
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
@@ -347,6 +348,7 @@ impl<S: Sink> Flusher<S> {
     /// between them, so that a sweep of a million slots never holds a runtime worker for long:
     /// the gateway's audio tasks run between the slices.
     async fn sweep_all(&mut self) {
+        let started = Instant::now();
         let now = self.config.clock.now();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
         self.book.roll_bucket(now);
@@ -364,6 +366,8 @@ impl<S: Sink> Flusher<S> {
         self.interval_start = now;
         self.book.after_full_sweep(&self.registry);
         self.publish_tracked();
+        metrics::sweep_took(started.elapsed());
+        metrics::export(&self.stats.snapshot());
     }
 
     fn collect_ended(&mut self) {
@@ -447,6 +451,7 @@ impl<S: Sink> Flusher<S> {
     fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
         self.write = None;
         Stats::set(&self.stats.last_flush_micros, took.as_micros());
+        metrics::write_took(took);
         Stats::set(&self.stats.sink_commands, self.sink.commands_sent().into());
         let timeout = SinkError::Timeout(self.config.write_timeout);
         let results =
@@ -523,6 +528,7 @@ impl<S: Sink> Flusher<S> {
             }
         }
         self.publish_pending();
+        metrics::export(&self.stats.snapshot());
     }
 
     /// Answers `flush_now` callers: with the error of a failed round, or with what was written

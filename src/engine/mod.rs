@@ -32,6 +32,7 @@ mod accounts;
 mod clock;
 mod flusher;
 mod keys;
+mod metrics;
 mod pending;
 mod session;
 mod stats;
