@@ -33,7 +33,10 @@ pub(crate) fn export(stats: &StatsSnapshot) {
             ("shardmeter_write_failures_total", stats.write_failures),
             ("shardmeter_retries_total", stats.retries),
             ("shardmeter_batches_written_total", stats.batches_written),
-            ("shardmeter_duplicate_batches_total", stats.duplicate_batches),
+            (
+                "shardmeter_duplicate_batches_total",
+                stats.duplicate_batches,
+            ),
             ("shardmeter_keys_written_total", stats.keys_written),
             ("shardmeter_written_amount_total", stats.amount_written),
             ("shardmeter_keys_rejected_total", stats.keys_rejected),

@@ -103,9 +103,11 @@ pub(crate) fn mode_json(r: &ModeReport, worker_threads: usize) -> Value {
                 "p50": (!e.flush_micros.is_empty()).then(|| e.flush_micros.value_at_quantile(0.5)),
                 "max": (!e.flush_micros.is_empty()).then(|| e.flush_micros.max()),
             },
+            "longest_flusher_poll_micros": e.stats.longest_flusher_poll_micros,
             "shutdown_micros": e.shutdown.as_micros() as u64,
             "shutdown_complete": e.report.is_complete(),
             "unwritten_ms": e.report.unwritten_amount() as u64,
+            "in_doubt_ms": e.report.in_doubt_amount() as u64,
             "rejected": e.report.rejected.len(),
         })),
     })
@@ -223,6 +225,11 @@ const ROWS: &[(&str, &str, Show)] = &[
     ("hot path max", "/hot_path_ns/max", Show::Nanos),
     ("hot path samples", "/hot_path_ns/samples", Show::Count),
     ("max tick lag", "/max_tick_lag_ms", Show::Millis),
+    (
+        "flusher's longest poll",
+        "/engine/longest_flusher_poll_micros",
+        Show::Micros,
+    ),
     ("flush rounds", "/engine/flushes", Show::Count),
     ("batches written", "/engine/batches_written", Show::Count),
     (
