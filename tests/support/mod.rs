@@ -21,6 +21,8 @@
 // Each test crate compiles this module privately and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
