@@ -439,6 +439,19 @@ impl RedisCluster {
             .sum()
     }
 
+    /// The sum of `MEMORY USAGE` over `keys` (each asked of the primary that owns it).
+    pub fn memory_usage(&self, keys: &[String]) -> u64 {
+        let mut clients = self.owner_clients();
+        keys.iter()
+            .map(
+                |key| match clients.client_for(key).command(&["MEMORY", "USAGE", key]) {
+                    Ok(Reply::Integer(bytes)) => bytes as u64,
+                    other => panic!("MEMORY USAGE {key}: {other:?}"),
+                },
+            )
+            .sum()
+    }
+
     /// Deletes `keys` (each on the primary that owns it); returns how many existed.
     pub fn delete(&self, keys: &[String]) -> u64 {
         let mut clients = self.owner_clients();
