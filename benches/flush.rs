@@ -3,9 +3,9 @@
 //!
 //! | id | what one iteration times (N accounts, one element each) |
 //! | --- | --- |
-//! | `engine/N` | `Engine::flush_now` with N dirty accounts: sweep, per-key totals, batches of 500, one `EVALSHA` per batch through `RedisSink` (inside: `SET` marker, `INCRBY` + `EXPIRE` per key), replies parsed |
+//! | `engine/N` | `Engine::flush_now` with N dirty accounts: sweep, per-key totals, batches of 500, one `EVALSHA` per batch through `RedisSink` (inside: `SET … GET` of the dedup record, `INCRBY` per key, `EXPIRE` for new keys and refreshes), replies parsed |
 //! | `sink/N` | `RedisSink::write` of N increments in batches of 500, built beforehand: the sink alone, without the engine's sweep |
-//! | `fred_pipeline/N` | one fred pipeline of N × (`INCRBY`, `EXPIRE`), as the reference gateway wrote: no marker, no script, no exactly-once |
+//! | `fred_pipeline/N` | one fred pipeline of N × (`INCRBY`, `EXPIRE`), as the reference gateway wrote: no dedup record, no script, no exactly-once |
 //! | `server_incrby_expire/N` | the server's limit for the same writes: N × (`INCRBY`, `EXPIRE`) encoded beforehand and written on one raw socket while the replies are counted — what `redis-benchmark -P` measures, with the flush's commands and keys |
 //! | `server_incrby/N` | the same with `INCRBY` alone (cf. `redis-benchmark -P 1000 -t incr`) |
 //!
@@ -161,7 +161,7 @@ fn flush_to_redis(c: &mut Criterion) {
     drop(keyspace); // deletes every key of the run
 }
 
-/// A sink on `url` with its markers under `keyspace` and the script loaded.
+/// A sink on `url` with its dedup records under `keyspace` and the script loaded.
 async fn redis_sink(url: &str, keyspace: &support::Keyspace) -> RedisSink {
     let sink = RedisSink::builder()
         .marker_prefix(keyspace.key("batch"))
