@@ -11,6 +11,7 @@
 
 mod support;
 
+use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 use shardmeter::sink::redis::RedisSink;
 use shardmeter::sink::{Batch, BatchId, BatchOutcome, Increment, Sink};
 use shardmeter::{Engine, KeyScheme};
@@ -158,7 +159,7 @@ async fn wait_for_round(progress: &AtomicU64, round: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_and_hash_tagged_keys_add_up_exactly_one_call_per_slot() {
+async fn plain_and_hash_tagged_keys_add_up_exactly_with_one_call_per_slot() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
@@ -208,6 +209,20 @@ async fn plain_and_hash_tagged_keys_add_up_exactly_one_call_per_slot() {
         slots.len()
     );
     assert_totals(&cluster, &keys, rounds + 1);
+
+    // A clustered fred client of the gateway's own, passed in, works the same.
+    let config = Config::from_url(&cluster.url()).unwrap();
+    assert!(config.server.is_clustered());
+    let client = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let passed_in = RedisSink::new(client.clone());
+    let batches = writer.round(&keys, rounds + 1);
+    writer.settle(&passed_in, batches).await;
+    assert_totals(&cluster, &keys, rounds + 2);
+    let _ = client.quit().await;
 
     // Every key carries its TTL; the tagged keys of one account share a slot.
     let primary = cluster.primaries()[0];
