@@ -1,6 +1,8 @@
 //! `RedisSink` against real Redis servers: totals and TTLs, deduplication by batch id, lost
 //! replies (through a fault-injecting proxy) contrasted with a plain `INCRBY` pipeline and a
-//! `MULTI`/`EXEC`, refused keys, `NOSCRIPT`, start-up errors, a killed and a paused Redis.
+//! `MULTI`/`EXEC`, refused keys, `NOSCRIPT`, start-up errors, a killed and a paused Redis, the
+//! commands a steady flush costs, TTLs given back, and the bound on the dedup records. The same
+//! sink on a Redis Cluster: `tests/cluster.rs`.
 //!
 //! Tests that only write their own keys use the shared Redis on 127.0.0.1:6379 under a unique
 //! prefix; tests that count commands, kill, pause or need a password start their own
@@ -42,7 +44,7 @@ async fn write_one(sink: &RedisSink, batch: &Batch) -> Result<BatchOutcome, Sink
     results.remove(0)
 }
 
-/// A sink on `url` whose markers live under `keyspace`.
+/// A sink on `url` whose dedup records live under `keyspace`.
 async fn sink_on(url: &str, keyspace: &Keyspace, timeout: Duration) -> RedisSink {
     RedisSink::builder()
         .marker_prefix(keyspace.key("batch"))
@@ -138,7 +140,7 @@ async fn the_same_batch_id_is_applied_once() {
     );
     assert_eq!((redis.get_i64(&a), redis.get_i64(&b)), (Some(7), Some(11)));
 
-    // Twice in one pipelined write: Redis runs them in order, the second finds the marker.
+    // Twice in one write: sent once, the copy is a duplicate of the first.
     let second = batch(writer, 2, &[(&a, 100, MINUTE)]);
     let results = sink.write(&[second.clone(), second.clone()]).await;
     assert_eq!(
@@ -314,7 +316,7 @@ async fn a_lost_evalsha_reply_is_applied_once() {
     eprintln!("first answer after the lost reply: {first:?}");
 
     assert_eq!(proxy.faults_fired(), 1);
-    // The first run applied it; the re-send or retry found the marker.
+    // The first run applied it; the re-send or retry found the record.
     assert_eq!(outcome, BatchOutcome::AlreadyApplied);
     assert_eq!(server.get(&a).as_deref(), Some("100"));
     assert_eq!(server.get(&b).as_deref(), Some("5"));
@@ -395,10 +397,10 @@ async fn random_lost_replies_never_change_the_totals() {
     }
 }
 
-/// The trap the marker exists for: a plain pipeline (as the reference gateway wrote) and a
+/// The trap the dedup record exists for: a plain pipeline (as the reference gateway wrote) and a
 /// MULTI/EXEC through the same fault count twice, and the caller sees success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_marker_the_same_fault_double_counts() {
+async fn without_the_dedup_record_the_same_fault_double_counts() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.addr()).await;
     let keys = Keyspace::new(server.addr(), "trap");
@@ -542,7 +544,7 @@ async fn a_redis_down_at_start_up_is_unavailable_until_it_comes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_redis_fails_writes_until_it_is_back() {
-    // AOF on, so what was acknowledged (markers included) survives the SIGKILL.
+    // AOF on, so what was acknowledged (dedup records included) survives the SIGKILL.
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let keys = Keyspace::new(server.addr(), "killed");
     let sink = sink_on(&server.url(), &keys, Duration::from_secs(2)).await;
@@ -578,7 +580,7 @@ async fn a_killed_redis_fails_writes_until_it_is_back() {
     })
     .await;
     assert_eq!(outcome, BatchOutcome::Applied(vec![added(30)]));
-    // The first batch's marker survived the restart: a late retry of it is recognised.
+    // The first batch's record survived the restart: a late retry of it is recognised.
     assert_eq!(
         write_one(&sink, &before).await,
         Ok(BatchOutcome::AlreadyApplied)
@@ -834,4 +836,48 @@ async fn dedup_records_are_bounded_per_writer_and_outside_the_counters() {
         vec![keys.key("acct:0"), keys.key("acct:1"), keys.key("acct:2")]
     );
     assert_eq!(redis.get_i64(&keys.key("acct:0")), Some(700));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_never_looks_applied_because_of_a_later_one() {
+    let server = RedisServer::start();
+    let keys = Keyspace::new(server.addr(), "failed-lane");
+    let sink = sink_on(&server.url(), &keys, Duration::from_secs(3)).await;
+    let writer = unique_u64();
+    let (a, b) = (keys.key("a"), keys.key("b"));
+    let earlier = batch(writer, 1, &[(&a, 5, MINUTE)]);
+    let later = batch(writer, 2, &[(&b, 7, MINUTE)]);
+    // The earlier batch's call fails as a whole (its record holds a hash: SET answers
+    // WRONGTYPE and the script stops before any INCRBY); the later one, pipelined behind it in
+    // the same write, applies.
+    let record = sink.dedup_record_key(earlier.id, &a);
+    assert_ne!(record, sink.dedup_record_key(later.id, &b));
+    let mut redis = server.client();
+    assert_eq!(
+        redis.command(&["HSET", &record, "f", "1"]).unwrap(),
+        Reply::Integer(1)
+    );
+    let results = sink.write(&[earlier.clone(), later.clone()]).await;
+    assert!(
+        matches!(&results[0], Err(SinkError::Failed(e)) if e.contains("WRONGTYPE")),
+        "{results:?}"
+    );
+    assert_eq!(results[1], Ok(BatchOutcome::Applied(vec![added(7)])));
+    assert_eq!(server.get(&a), None);
+
+    // The flusher re-sends the earlier batch alone: it is applied now, not taken for a
+    // duplicate of the later one.
+    redis.command(&["DEL", &record]).unwrap();
+    assert_eq!(
+        write_one(&sink, &earlier).await,
+        Ok(BatchOutcome::Applied(vec![added(5)]))
+    );
+    assert_eq!(
+        write_one(&sink, &earlier).await,
+        Ok(BatchOutcome::AlreadyApplied)
+    );
+    assert_eq!(
+        (server.get(&a), server.get(&b)),
+        (Some("5".into()), Some("7".into()))
+    );
 }
