@@ -3,11 +3,24 @@
 //!
 //! | id | what one iteration times (N accounts, one element each) |
 //! | --- | --- |
-//! | `engine/N` | `Engine::flush_now` with N dirty accounts: sweep, per-key totals, batches of 500, one `EVALSHA` per batch through `RedisSink` (inside: `SET` marker, `INCRBY` + `EXPIRE` per key), replies parsed |
+//! | `engine/N` | `Engine::flush_now` with N dirty accounts: sweep, per-key totals, batches of 500, one `EVALSHA` per batch through `RedisSink` (inside: `SET … GET` of the dedup record, `INCRBY` per key, `EXPIRE` for new keys and refreshes), replies parsed |
 //! | `sink/N` | `RedisSink::write` of N increments in batches of 500, built beforehand: the sink alone, without the engine's sweep |
-//! | `fred_pipeline/N` | one fred pipeline of N × (`INCRBY`, `EXPIRE`), as the reference gateway wrote: no marker, no script, no exactly-once |
+//! | `fred_pipeline/N` | one fred pipeline of N × (`INCRBY`, `EXPIRE`), as the reference gateway wrote: no dedup record, no script, no exactly-once |
 //! | `server_incrby_expire/N` | the server's limit for the same writes: N × (`INCRBY`, `EXPIRE`) encoded beforehand and written on one raw socket while the replies are counted — what `redis-benchmark -P` measures, with the flush's commands and keys |
 //! | `server_incrby/N` | the same with `INCRBY` alone (cf. `redis-benchmark -P 1000 -t incr`) |
+//!
+//!
+//! A second group, `flush_plain_keys`, writes the reference deployment's plain keys
+//! (`fair_use:dg_budget:uid-<i>:20261129`, no hash tag, spread over all 16,384 slots) through
+//! `RedisSink::write` in batches of 500, to a `redis-server` of its own (`one_redis/N`) and to a
+//! local 3-primary Redis Cluster (`cluster/N`, 3 replicas; `tests/support/cluster.rs`) in the
+//! same run. After it (not with `--test`), a figures pass prints for both, at 100k accounts:
+//! server calls per account per steady flush (primaries' `INFO commandstats`, script-internal
+//! calls included) and the bytes of one writer's dedup records (Redis' `MEMORY USAGE` of each,
+//! and `used_memory` when they are written and when they are deleted: allocator and hash-table
+//! effects make those two differ). The records reach their bound (256 lanes on one Redis, one per slot written
+//! on a Cluster) within two flushes and never grow after that, so that figure is also the
+//! state per writer per day.
 //!
 //! Before each timed flush every account gets one `add` (outside the timed span), so every
 //! flush writes N keys; each iteration checks that it did. Sessions stay open and the interval is
@@ -24,7 +37,8 @@
 //! faster than one account per max(server, client) CPU time; the engine adds its sweep, which runs
 //! before its write.
 //!
-//! Run: `cargo bench --bench flush`; smoke (one iteration each): `cargo bench --bench flush --
+//! Run: `cargo bench --bench flush` (`-- flush_plain_keys` for the Cluster group and figures);
+//! smoke (one iteration each): `cargo bench --bench flush --
 //! --test`.
 
 #[path = "../tests/support/mod.rs"]
@@ -35,7 +49,7 @@ use criterion::{
 };
 use fred::clients::Pipeline;
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface, Value};
-use shardmeter::sink::redis::RedisSink;
+use shardmeter::sink::redis::{RedisSink, DEFAULT_MARKER_PREFIX};
 use shardmeter::sink::{Batch, BatchId, Increment, Sink};
 use shardmeter::{Engine, KeyScheme, Session, Ttl};
 use std::io::{Read, Write};
@@ -147,7 +161,7 @@ fn flush_to_redis(c: &mut Criterion) {
     drop(keyspace); // deletes every key of the run
 }
 
-/// A sink on `url` with its markers under `keyspace` and the script loaded.
+/// A sink on `url` with its dedup records under `keyspace` and the script loaded.
 async fn redis_sink(url: &str, keyspace: &support::Keyspace) -> RedisSink {
     let sink = RedisSink::builder()
         .marker_prefix(keyspace.key("batch"))
@@ -388,5 +402,186 @@ fn client_cpu() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-criterion_group!(benches, flush_to_redis);
+/// The reference deployment's keys: no hash tag.
+fn plain_keys(accounts: usize) -> Vec<String> {
+    (0..accounts)
+        .map(|i| format!("fair_use:dg_budget:uid-{i}:20261129"))
+        .collect()
+}
+
+/// A sink on `url` (one Redis or a Cluster) with its records under `prefix` and the script
+/// loaded.
+async fn plain_sink(url: &str, prefix: &str) -> RedisSink {
+    let sink = RedisSink::builder()
+        .marker_prefix(prefix)
+        .command_timeout(Duration::from_secs(60))
+        .connect(url)
+        .await
+        .expect("RedisSink::connect");
+    sink.load_script().await.expect("SCRIPT LOAD");
+    sink
+}
+
+fn flush_plain_keys(c: &mut Criterion) {
+    let server = support::RedisServer::start();
+    let cluster = support::cluster::RedisCluster::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let one = runtime.block_on(plain_sink(&server.url(), DEFAULT_MARKER_PREFIX));
+    let clustered = runtime.block_on(plain_sink(&cluster.url(), DEFAULT_MARKER_PREFIX));
+
+    let mut group = c.benchmark_group("flush_plain_keys");
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(4));
+    for accounts in [10_000, 100_000] {
+        group.throughput(Throughput::Elements(accounts as u64));
+        let keys = plain_keys(accounts);
+        for (name, sink) in [("one_redis", &one), ("cluster", &clustered)] {
+            let (writer, mut sequence) = (support::unique_u64(), 0);
+            group.bench_function(BenchmarkId::new(name, accounts), |b| {
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let batches = batches(&keys, writer, &mut sequence);
+                        let start = Instant::now();
+                        let results = runtime.block_on(sink.write(&batches));
+                        timed += start.elapsed();
+                        assert!(results.iter().all(Result::is_ok), "a batch failed");
+                    }
+                    timed
+                })
+            });
+        }
+    }
+    group.finish();
+    drop((one, clustered));
+
+    if !std::env::args().any(|arg| arg == "--test" || arg == "--list") {
+        plain_key_figures(&runtime, &server, &cluster);
+    }
+}
+
+/// Server calls per account per steady flush and one writer's dedup bytes, at 100k accounts,
+/// with the default record prefix and with a 4-byte one: record keys of at most 28 bytes fit
+/// the allocator's 32-byte class instead of the 48-byte one.
+fn plain_key_figures(
+    runtime: &tokio::runtime::Runtime,
+    server: &support::RedisServer,
+    cluster: &support::cluster::RedisCluster,
+) {
+    const N: usize = 100_000;
+    const ROUNDS: u64 = 5;
+    let keys = plain_keys(N);
+    let single = Target {
+        name: "one_redis",
+        calls: &|| {
+            server
+                .commandstats()
+                .0
+                .iter()
+                .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+                .map(|(_, stat)| stat.calls)
+                .sum()
+        },
+        reset: &|| {
+            server
+                .client()
+                .command(&["CONFIG", "RESETSTAT"])
+                .expect("RESETSTAT");
+        },
+        scan: &|pattern| server.client().scan(pattern),
+        used_memory: &|| {
+            server.client().info("memory")["used_memory"]
+                .parse()
+                .unwrap()
+        },
+        memory_usage: &|records| {
+            let mut client = server.client();
+            records
+                .iter()
+                .map(
+                    |record| match client.command(&["MEMORY", "USAGE", record]) {
+                        Ok(support::Reply::Integer(bytes)) => bytes as u64,
+                        other => panic!("MEMORY USAGE: {other:?}"),
+                    },
+                )
+                .sum()
+        },
+        delete: &|records| {
+            let mut client = server.client();
+            for record in records {
+                client.command(&["DEL", record]).expect("DEL");
+            }
+        },
+    };
+    let clustered = Target {
+        name: "cluster",
+        calls: &|| cluster.server_calls(),
+        reset: &|| cluster.reset_stats(),
+        scan: &|pattern| cluster.scan(pattern),
+        used_memory: &|| cluster.used_memory(),
+        memory_usage: &|records| cluster.memory_usage(records),
+        delete: &|records| {
+            cluster.delete(records);
+        },
+    };
+    let runs = [
+        (&single, server.url(), DEFAULT_MARKER_PREFIX),
+        (&clustered, cluster.url(), DEFAULT_MARKER_PREFIX),
+        (&clustered, cluster.url(), "sm:d"),
+    ];
+    for (target, url, prefix) in runs {
+        let sink = runtime.block_on(plain_sink(&url, prefix));
+        let (writer, mut sequence) = (support::unique_u64(), 0);
+        let mut flush = || {
+            let batches = batches(&keys, writer, &mut sequence);
+            let results = runtime.block_on(sink.write(&batches));
+            assert!(results.iter().all(Result::is_ok), "a batch failed");
+        };
+        // The counters exist from the criterion group: what the first flushes add is records.
+        let empty = (target.used_memory)();
+        flush();
+        (target.reset)();
+        for _ in 0..ROUNDS {
+            flush();
+        }
+        let per_account = (target.calls)() as f64 / (ROUNDS as f64 * N as f64);
+        let records = (target.scan)(&format!("{prefix}:*:{writer:016x}"));
+        let usage = (target.memory_usage)(&records);
+        let before = (target.used_memory)();
+        let added = before.saturating_sub(empty);
+        (target.delete)(&records);
+        let freed = before.saturating_sub((target.used_memory)());
+        let each = |bytes: u64| bytes as f64 / records.len().max(1) as f64;
+        eprintln!(
+            "figures/{:<9} {N} accounts: {per_account:.3} server calls per account per flush; \
+             dedup state of one writer ({prefix}): {} records, MEMORY USAGE {usage} B ({:.0} B \
+             each), used_memory +{added} B when written ({:.0} B each), -{freed} B when deleted \
+             ({:.0} B each)",
+            target.name,
+            records.len(),
+            each(usage),
+            each(added),
+            each(freed),
+        );
+    }
+}
+
+/// What the figures pass needs of one Redis or of a Cluster.
+struct Target<'a> {
+    name: &'static str,
+    calls: &'a dyn Fn() -> u64,
+    reset: &'a dyn Fn(),
+    scan: &'a dyn Fn(&str) -> Vec<String>,
+    used_memory: &'a dyn Fn() -> u64,
+    memory_usage: &'a dyn Fn(&[String]) -> u64,
+    delete: &'a dyn Fn(&[String]),
+}
+
+criterion_group!(benches, flush_to_redis, flush_plain_keys);
 criterion_main!(benches, cpu_per_account);

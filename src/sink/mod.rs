@@ -5,11 +5,15 @@
 //!
 //! # The contract that makes flushes exactly-once
 //!
-//! - A batch is applied **atomically**: all of its increments or none.
-//! - A batch is applied **at most once per [`BatchId`]**, for at least the sink's dedup window:
-//!   the flusher retries a batch whose outcome it does not know (an error, a timeout, a dropped
-//!   connection) with the same id and the same increments, and a sink that sees an id again
-//!   answers [`BatchOutcome::AlreadyApplied`] without applying it twice.
+//! - A batch is applied **exactly once per [`BatchId`]**, for at least the sink's dedup window. A
+//!   sink may apply it in parts (`RedisSink` on a Cluster: one part per hash slot), each part at
+//!   most once, and reports the batch settled only when every part is. The flusher retries a
+//!   batch whose outcome it does not know (an error, a timeout, a dropped connection) with the
+//!   same id and the same increments, until it settles; parts applied earlier are skipped, and a
+//!   batch whose every part was applied before answers [`BatchOutcome::AlreadyApplied`].
+//! - An error says whether the batch may have been (partly) applied
+//!   ([`SinkError::may_have_applied`]): the shutdown report relies on it to tell amounts that are
+//!   safe to replay from amounts in doubt.
 //! - An increment the target refuses for good (a key holding a non-integer, an overflow) is a
 //!   [`KeyOutcome::Rejected`] for that key alone; the others still apply.
 //!

@@ -1,9 +1,9 @@
-//! The Redis sink: every [`Batch`] is one `EVALSHA` of a Lua script that applies it at most
-//! once, with [fred](https://docs.rs/fred/10.1.0).
+//! The Redis sink: batches are applied at most once by a Lua script, one call per hash slot
+//! on Redis Cluster, with [fred](https://docs.rs/fred/10.1.0).
 //!
 //! # Usage
 //!
-//! A gateway that has no Redis client yet lets the sink make one:
+//! A gateway that has no Redis client yet lets the sink make one, for one Redis or a Cluster:
 //!
 //! ```no_run
 //! use shardmeter::sink::redis::RedisSink;
@@ -13,6 +13,8 @@
 //! // Fails on a URL that does not parse or credentials Redis refuses; a Redis that is down
 //! // is not an error here: writes report `SinkError::Unavailable` until it is back.
 //! let sink = RedisSink::connect("redis://127.0.0.1:6379").await?;
+//! // A Cluster: one reachable node is enough, more are tried in turn.
+//! let clustered = RedisSink::connect("redis-cluster://10.0.0.1:6379?node=10.0.0.2:6379").await?;
 //! let engine = Engine::builder()
 //!     .keys(KeyScheme::daily_utc("fair_use:dg_budget"))
 //!     .sink(sink)
@@ -21,80 +23,108 @@
 //! # }
 //! ```
 //!
-//! One that already has a fred client passes it to [`RedisSink::new`] (or to
-//! [`RedisSinkBuilder::build`]); see there. Settings: [`RedisSink::builder`].
+//! One that already has a fred client (clustered or not) passes it to [`RedisSink::new`] (or
+//! to [`RedisSinkBuilder::build`]); see there. Settings: [`RedisSink::builder`].
+//!
+//! # Lanes and calls
+//!
+//! A [`Sink::write`] call regroups the increments of all its batches by **lane**: on a Cluster
+//! the lane is the key's hash slot (`fred::util::redis_keyslot`), on one Redis it is the
+//! batch's sequence modulo 256 (a key's slot does not matter there, and a batch of 500 keys is
+//! a good size for one script). Each (writer, lane) of the write becomes one `EVALSHA` whose
+//! keys are all declared in `KEYS` and, on a Cluster, all lie in that slot, so Redis never
+//! answers `CROSSSLOT`, whatever the keys look like: the reference deployment's plain keys
+//! (`fair_use:dg_budget:uid-42:20261129`, spread over all 16,384 slots) as well as hash-tagged
+//! ones. All calls of a write go out in one fred pipeline; fred routes each call to the node
+//! that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work concurrently.
 //!
 //! # Exactly-once
 //!
-//! The script first runs `SET <marker> 1 NX EX <dedup window>`. If the marker already exists,
-//! the batch was applied by an earlier attempt whose reply was lost: the script changes nothing
-//! and the sink answers [`BatchOutcome::AlreadyApplied`]. Otherwise it runs, for each increment,
-//! `INCRBY key amount` and then `EXPIRE key ttl`, and returns the new totals. A script runs
-//! atomically in Redis, so the marker and the increments are written together or not at all:
-//! a batch is applied once however many times it is sent, **within the dedup window**.
+//! Redis keeps one **dedup record** per writer and lane: a string holding the highest batch
+//! sequence applied in that lane, `<prefix>:{<lane tag>}:<writer>`, for example
+//! `shardmeter:dedup:{8411}:00c0ffee00c0ffee`. The lane tag is a short number chosen so that
+//! the record lies in the lane's hash slot. A call passes the highest sequence of its batches;
+//! the script swaps it into the record (`SET … GET EX`, one command) and
 //!
-//! The dedup window is the marker's lifetime: 24 hours unless set with
-//! [`RedisSinkBuilder::dedup_window`]. If a batch is retried after its marker expired (a
-//! flusher that kept retrying for longer than the window, or a marker evicted under memory
-//! pressure), nothing remembers that it was applied, and **its amounts are counted a second
-//! time**. Keep the window far longer than the longest retry, and run this Redis with
-//! `maxmemory-policy noeviction` (the default), so markers are not evicted before they expire.
+//! - if the record held a lower sequence (or none), applies every increment of the call:
+//!   `INCRBY` per key, and returns the new totals;
+//! - if it held this sequence or a higher one, the call was applied before (by an attempt
+//!   whose reply was lost): it restores the record, changes nothing, and the batch is
+//!   [`BatchOutcome::AlreadyApplied`].
+//!
+//! A script runs atomically, so a record and the increments it covers are written together or
+//! not at all. Why one number per (writer, lane) is enough rests on the engine's contract:
+//! batch sequences of a writer increase; a write re-sends every batch of the writer that is not
+//! settled yet, unchanged; a new round starts only when every batch of the previous one is
+//! settled. So a call for a lane carries either new batches, all above the record, or a
+//! re-send whose lane contents are a subset of an earlier call that was applied as a whole or
+//! not at all. Within one write each (writer, lane) is one call, so a later pipelined call
+//! never advances the record over an earlier one that failed. A process restart is a new
+//! writer id, with records of its own.
+//!
+//! On a Cluster a batch spans many slots. A batch is settled ([`BatchOutcome::Applied`] or
+//! [`BatchOutcome::AlreadyApplied`]) only when all of its calls were; if some failed, the
+//! batch is an error, the flusher re-sends it, and the lanes already applied are skipped. So
+//! a batch is applied **exactly once, lane by lane**: for a moment some of its slots may hold
+//! their share while others do not yet. The totals of lanes applied by an earlier attempt are
+//! read back with a `GET`.
+//!
+//! The dedup window is a record's lifetime after its last write: 24 hours unless set with
+//! [`RedisSinkBuilder::dedup_window`]. If a batch is retried after its record expired (a
+//! flusher that kept retrying for longer than the window, or a record evicted under memory
+//! pressure), **its amounts are counted a second time**. Keep the window far longer than the
+//! longest retry, and run Redis with `maxmemory-policy noeviction` (the default).
+//!
+//! The dedup state is bounded by writers × lanes, whatever the uptime: at most 256 records per
+//! writer on one Redis, at most 16,384 (one per slot written) on a Cluster, and a dead writer's
+//! records expire after the window. See `docs/benchmarks.md` for the bytes measured.
 //!
 //! An increment that Redis refuses (the key holds a non-integer or a hash, or the sum would
 //! overflow) is run with `redis.pcall`: that key is left unchanged and reported as
-//! [`KeyOutcome::Rejected`], the other keys of the batch are applied.
+//! [`KeyOutcome::Rejected`], the other keys are applied.
 //!
-//! The marker is `<marker prefix>:{<hash tag>}:<batch id>`, for example
-//! `shardmeter:batch:{uid-42}:00c0ffee00c0ffee-17`, where the hash tag is that of the batch's first
-//! key (see *Redis Cluster* below). One marker per batch lives for the dedup window: with a
-//! flush every 60 s, a gateway keeps at least 1,440 × (its batches per flush) markers (more with
-//! session-end flushes), about 100 bytes each.
+//! # Commands per account
 //!
-//! # Commands per batch
+//! Per call: one `EVALSHA` on the wire; inside it one `SET` (the record) and one `INCRBY` per
+//! key. `EXPIRE` runs only when `INCRBY` created the key (its total equals the amount): a
+//! key's TTL targets a fixed instant (end of its bucket plus a margin), so setting it once is
+//! enough. To give a key back a TTL that someone removed (`PERSIST`, or a `SET` without one),
+//! each key is also sent with "set the TTL anyway" in about one write out of 16 it appears in
+//! (a hash of the key and of the sink's write count decides). A `GET` reads a total too large
+//! for a Lua number to carry exactly (2^53 and beyond).
 //!
-//! One `EVALSHA` on the wire; inside it, one `SET` and two commands per key (`INCRBY`,
-//! `EXPIRE`), plus a `GET` for a total too large for a Lua number to carry exactly (2^53 and
-//! beyond). The script is loaded lazily: when Redis answers `NOSCRIPT` (first use, a restart, a
-//! failover, `SCRIPT FLUSH`), the sink sends one `SCRIPT LOAD` and the affected batches again.
-//! All batches of one [`Sink::write`] call are sent at once and pipelined on the connection.
+//! So a flush costs `1 + 2/k + 1/16` server calls per account, `k` being the keys per call: on
+//! one Redis `k` is the batch size (500 by default: 1.07); on a Cluster it is the accounts per
+//! slot (100,000 accounts over 16,384 slots: about 6, so 1.39). The script is loaded lazily:
+//! when Redis answers `NOSCRIPT` (first use, a restart, a promoted replica, `SCRIPT FLUSH`),
+//! the sink loads it on every primary and sends the affected calls again.
 //!
-//! [`Sink::commands_sent`] counts the `EVALSHA` and `SCRIPT LOAD` commands this sink issued. The
-//! commands the script runs (`SET`, `INCRBY`, `EXPIRE`) do not travel on the wire but do appear in
-//! Redis' own `INFO commandstats`, and fred's transparent re-sends (next section) are not
-//! counted here.
+//! [`Sink::commands_sent`] counts the `EVALSHA` and `SCRIPT LOAD` commands this sink issued.
+//! The commands the script runs do not travel on the wire but do appear in Redis' own
+//! `INFO commandstats`, and fred's transparent re-sends (next section) are not counted here.
 //!
-//! # Connection loss, timeouts and re-sends
+//! # Connection loss, timeouts, failover and re-sends
 //!
-//! When a connection drops, or a command gets no reply within the command timeout, the batch's
-//! outcome is unknown: Redis may have run the script before the reply was lost. The sink answers
-//! [`SinkError::Unavailable`] or [`SinkError::Timeout`], and the flusher retries the batch later
-//! with the same id. If it had been applied, the retry finds its marker.
+//! When a connection drops, or the pipeline gets no complete reply within the command timeout,
+//! the outcome of its calls is unknown: Redis may have run some before the replies were lost.
+//! The sink answers [`SinkError::Unavailable`] or [`SinkError::Timeout`], and the flusher
+//! retries with the same ids; calls that had been applied find their record.
 //!
 //! fred itself re-sends a command that was in flight when its connection closed, once it has
-//! reconnected (up to its `max_command_attempts`). For a plain `INCRBY` pipeline or a
-//! `MULTI`/`EXEC` that re-send double-counts (the caller even sees `Ok`); for this script it is
-//! harmless: the second run finds the marker and the caller sees `AlreadyApplied`. The sink sets
-//! two attempts per command (one transparent re-send after a reconnect), whatever the client's
-//! own setting: a retry is safe, but a third attempt rarely fits in the command timeout, and a
-//! command that itself breaks the connection must not loop. A command that timed out is not
-//! re-sent by fred; one already written may still run when a stalled Redis resumes — again
-//! harmless.
+//! reconnected (or, on a Cluster, once it has found the slot's new owner after a failover or a
+//! `MOVED`). For a plain `INCRBY` pipeline or a `MULTI`/`EXEC` that re-send double-counts (the
+//! caller even sees `Ok`); for this script it is harmless: the second run finds the record.
+//! The sink sets two attempts per command whatever the client's own setting. A command that
+//! timed out is not re-sent by fred; one already written may still run when a stalled Redis
+//! resumes — again harmless.
 //!
 //! While the client is not connected (Redis down, reconnecting), [`Sink::write`] answers
 //! [`SinkError::Unavailable`] at once, without queueing commands: the flusher keeps the amounts
 //! pending and retries with backoff, and a shutdown is not held up by a dead Redis.
 //!
-//! # Redis Cluster
-//!
-//! A script may only touch keys of one hash slot. Engine keys carry the account as a hash tag
-//! (`fair_use:dg_budget:{uid-42}:20261129`) and the marker carries the tag of the batch's first
-//! key, so a batch whose keys share one tag works on Cluster as on a single node. A batch that
-//! mixes hash slots cannot run as one script: on a clustered client the sink detects it before
-//! sending and answers [`SinkError::Failed`] (the flusher keeps retrying it, so the amounts are
-//! not lost, but they are not written either). The engine's batches mix accounts, so on
-//! Cluster nearly every batch would be refused today: splitting batches by slot
-//! (`fred::util::redis_keyslot`) is future work, and single-node Redis (or single-slot batches)
-//! is what this sink supports now.
+//! Redis replicates asynchronously: a primary killed right after it answered may take writes
+//! its replica never received with it. Those amounts are lost, never doubled; what the sink
+//! cannot know is reported as unknown and retried.
 //!
 //! # Totals
 //!
@@ -102,26 +132,25 @@
 //! other writer's additions: a free, fresh view of an account's usage across gateways.
 
 use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError};
-use fred::clients::{Client, WithOptions};
+use fred::clients::{Client, Pipeline, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
 use fred::types::config::{Config, Options, ReconnectPolicy};
 use fred::types::scripts::Script;
-use fred::types::{Builder, Key, Value};
-use std::future::Future;
-use std::pin::Pin;
+use fred::types::{Builder, ClusterHash, CustomCommand, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// The script that applies one batch; its reply format is described at its top.
-const APPLY_BATCH_LUA: &str = include_str!("redis_apply_batch.lua");
+/// The script that applies one (writer, lane) call; its reply format is described at its top.
+const APPLY_LUA: &str = include_str!("redis_apply.lua");
 
-/// Default prefix of marker keys.
-pub const DEFAULT_MARKER_PREFIX: &str = "shardmeter:batch";
-/// Default dedup window (marker lifetime): 24 hours.
+/// Default prefix of the dedup records.
+pub const DEFAULT_MARKER_PREFIX: &str = "shardmeter:dedup";
+/// Default dedup window (a record's lifetime after its last write): 24 hours.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// Default time allowed for one command's reply. Below the engine's default write timeout
+/// Default time allowed for one write's replies. Below the engine's default write timeout
 /// (5 s), so the sink, not the flusher, reports which batches timed out.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -134,8 +163,13 @@ const RECONNECT_MAX_DELAY_MS: u32 = 5_000;
 /// The longest time-to-live sent to Redis, in seconds (about 35 million years). Redis refuses
 /// an `EXPIRE` whose deadline does not fit in 64-bit milliseconds; this keeps far from that.
 const MAX_TTL_SECS: u64 = 1 << 50;
-/// Lua numbers are doubles; totals of this magnitude and beyond come back as strings.
-const LUA_EXACT_LIMIT: i64 = 1 << 53;
+/// Hash slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
+/// Lanes on one Redis: batch sequences modulo this. More lanes than batches in a round keep
+/// one batch per call; fewer records per writer keep the dedup state small (256 × ~150 B).
+const SINGLE_NODE_LANES: u64 = 256;
+/// A key is sent with "set the TTL anyway" in about one write out of this many.
+const TTL_REFRESH_EVERY: u64 = 16;
 
 /// Why a [`RedisSink`] could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,14 +210,16 @@ impl Default for RedisSinkBuilder {
 }
 
 impl RedisSinkBuilder {
-    /// The prefix of marker keys (default `shardmeter:batch`). Not empty, no braces.
+    /// The prefix of the dedup records (default `shardmeter:dedup`). Not empty, no braces. Keep
+    /// it outside the counters' prefix, so that a `SCAN` of the counters finds counters only.
     pub fn marker_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.marker_prefix = prefix.into();
         self
     }
 
-    /// How long a batch's marker lives, so how long a retry of it is recognised (default 24 h,
-    /// at least 1 s, rounded up to whole seconds). See the module's *Exactly-once* section.
+    /// How long a dedup record lives after its last write, so how long a retry is recognised
+    /// (default 24 h, at least 1 s, rounded up to whole seconds). See the module's
+    /// *Exactly-once* section.
     pub fn dedup_window(mut self, window: Duration) -> Self {
         self.dedup_window = window;
         self
@@ -283,11 +319,11 @@ impl RedisSinkBuilder {
     fn validate(&self) -> Result<(), RedisSinkError> {
         let invalid = |message: String| Err(RedisSinkError::InvalidConfig(message));
         if self.marker_prefix.is_empty() {
-            return invalid("the marker prefix is empty".into());
+            return invalid("the dedup record prefix is empty".into());
         }
         if self.marker_prefix.contains(['{', '}']) {
             return invalid(format!(
-                "the marker prefix {:?} contains a brace; braces are reserved for the hash tag",
+                "the dedup record prefix {:?} contains a brace; braces are reserved for the hash tag",
                 self.marker_prefix
             ));
         }
@@ -379,8 +415,8 @@ fn stop(client: &Client) {
     tokio::spawn(async move { client.quit().await });
 }
 
-/// Writes batches to Redis, each as one `EVALSHA` of a script that applies it at most once. See
-/// the [module docs](self).
+/// Writes batches to Redis or Redis Cluster, one script call per (writer, lane), each applied
+/// at most once. See the [module docs](self).
 pub struct RedisSink {
     /// The client with this sink's per-command timeout and attempts.
     client: WithOptions<Client>,
@@ -390,6 +426,8 @@ pub struct RedisSink {
     dedup_window_secs: i64,
     command_timeout: Duration,
     commands_sent: AtomicU64,
+    /// Writes so far: picks the keys whose TTL is set anyway (see the module docs).
+    writes: AtomicU64,
     /// The client was made by `connect`: close it when the sink is dropped.
     owns_client: bool,
 }
@@ -398,6 +436,7 @@ impl std::fmt::Debug for RedisSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSink")
             .field("client", &self.client.id())
+            .field("clustered", &self.client.is_clustered())
             .field("script", &self.script.sha1())
             .field("marker_prefix", &self.marker_prefix)
             .field("dedup_window", &self.dedup_window)
@@ -408,18 +447,20 @@ impl std::fmt::Debug for RedisSink {
 }
 
 impl RedisSink {
-    /// Settings: marker prefix, dedup window, command timeout.
+    /// Settings: dedup record prefix, dedup window, command timeout.
     pub fn builder() -> RedisSinkBuilder {
         RedisSinkBuilder::default()
     }
 
     /// A sink with default settings writing through `client`, a fred client the gateway already
-    /// has (connected, with a reconnect policy). See [`RedisSinkBuilder::build`] for an example.
+    /// has (connected, with a reconnect policy; clustered or not). See
+    /// [`RedisSinkBuilder::build`] for an example.
     pub fn new(client: Client) -> Self {
         Self::assemble(RedisSinkBuilder::default(), client, false)
     }
 
-    /// Parses `url` (`redis://[[user]:password@]host[:port][/db]`, `rediss://` needs a TLS
+    /// Parses `url` (`redis://[[user]:password@]host[:port][/db]`, or
+    /// `redis-cluster://host:port?node=host2:port2` for a Cluster; `rediss://` needs a TLS
     /// feature of fred), makes a client and connects it, with default settings.
     ///
     /// The client times out commands after the command timeout, re-sends a command at most
@@ -447,13 +488,14 @@ impl RedisSink {
         };
         Self {
             client: client.with_options(&options),
-            script: Script::from_lua(APPLY_BATCH_LUA),
+            script: Script::from_lua(APPLY_LUA),
             marker_prefix: settings.marker_prefix,
             dedup_window: settings.dedup_window,
             // `validate` keeps it below 2^50 and the default is 86,400.
             dedup_window_secs: whole_seconds(settings.dedup_window) as i64,
             command_timeout: settings.command_timeout,
             commands_sent: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             owns_client,
         }
     }
@@ -463,21 +505,20 @@ impl RedisSink {
         &self.client
     }
 
-    /// How long a batch's marker lives.
+    /// How long a dedup record lives after its last write.
     pub fn dedup_window(&self) -> Duration {
         self.dedup_window
     }
 
-    /// How long a command may wait for its reply.
+    /// How long a write may wait for its replies.
     pub fn command_timeout(&self) -> Duration {
         self.command_timeout
     }
 
-    /// The key whose presence marks `batch` as applied, or `None` for a batch without
-    /// increments (nothing is sent for those).
-    pub fn marker_key(&self, batch: &Batch) -> Option<String> {
-        let first = batch.increments.first()?;
-        Some(marker_key(&self.marker_prefix, &first.key, batch.id))
+    /// The dedup record that guards `key` of batch `id`: `<prefix>:{<lane tag>}:<writer>`,
+    /// where the lane is `key`'s hash slot on a Cluster and `id.sequence % 256` on one Redis.
+    pub fn dedup_record_key(&self, id: BatchId, key: &str) -> String {
+        record_key(&self.marker_prefix, id.writer, self.lane(id, key))
     }
 
     /// Loads the script into Redis' script cache now (optional: writes load it when Redis
@@ -486,70 +527,94 @@ impl RedisSink {
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent.fetch_add(1, Ordering::Relaxed);
         self.client
-            .script_load_cluster::<Value, _>(APPLY_BATCH_LUA)
+            .script_load_cluster::<Value, _>(APPLY_LUA)
             .await
             .map(drop)
             .map_err(|error| self.sink_error(&error))
     }
 
-    /// The keys and arguments of a batch's `EVALSHA` (see `redis_apply_batch.lua`).
-    fn prepare(&self, batch: &Batch, first_key: &str) -> Result<(Vec<Key>, Vec<Value>), SinkError> {
-        let marker = marker_key(&self.marker_prefix, first_key, batch.id);
-        if self.client.is_clustered() {
-            if let Some(key) = key_outside_slot_of(&marker, batch) {
-                return Err(SinkError::Failed(format!(
-                    "batch {} mixes Redis Cluster hash slots: key {key:?} is not in the slot of \
-                     its marker {marker:?}; RedisSink needs every key of a batch in one slot",
-                    batch.id
-                )));
-            }
-        }
-        let mut keys = Vec::with_capacity(batch.increments.len() + 1);
-        let mut args = Vec::with_capacity(2 * batch.increments.len() + 1);
-        keys.push(Key::from(marker));
-        args.push(Value::Integer(self.dedup_window_secs));
-        for increment in &batch.increments {
-            keys.push(Key::from(increment.key.as_str()));
-            // Above i64::MAX (outside the contract) the amount goes as text, and Redis rejects
-            // that key ("value is not an integer or out of range"): no panic, no wrap-around.
-            args.push(match i64::try_from(increment.amount) {
-                Ok(amount) => Value::Integer(amount),
-                Err(_) => Value::from(increment.amount.to_string()),
-            });
-            // `whole_seconds` is at most 2^50.
-            args.push(Value::Integer(whole_seconds(increment.ttl) as i64));
-        }
-        Ok((keys, args))
+    fn lane(&self, id: BatchId, key: &str) -> u16 {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        lane(self.client.is_clustered(), id.sequence, slot)
     }
 
-    /// Sends one batch's `EVALSHA`.
-    async fn send(&self, batch: &Batch) -> Reply {
-        let Some(first) = batch.increments.first() else {
-            return Reply::Empty;
-        };
-        if !self.client.is_connected() {
-            return Reply::Failed(SinkError::NotSent(format!(
-                "not connected to Redis (client state: {:?})",
-                self.client.state()
-            )));
-        }
-        let (keys, args) = match self.prepare(batch, &first.key) {
-            Ok(call) => call,
-            Err(error) => return Reply::Failed(error),
-        };
-        // Relaxed: a statistic, read without ordering against anything else.
-        self.commands_sent.fetch_add(1, Ordering::Relaxed);
-        match self
-            .client
-            .evalsha::<Value, _, _, _>(self.script.sha1().clone(), keys, args)
-            .await
-        {
-            Ok(value) => Reply::Ran(value),
-            Err(error) if error.details().starts_with("NOSCRIPT") => {
-                Reply::NoScript(error.details().to_owned())
+    /// Regroups `batches` into one call per (writer, lane). A batch id seen earlier in the same
+    /// write is left out (see `Sink::write`).
+    fn plan(&self, batches: &[Batch], first_of: &[usize]) -> Vec<Call> {
+        let clustered = self.client.is_clustered();
+        // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
+        let write = self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut calls: Vec<Call> = Vec::new();
+        let mut by_lane: HashMap<(u64, u16), usize> = HashMap::new();
+        for (b, batch) in batches.iter().enumerate() {
+            if first_of[b] != b {
+                continue;
             }
-            Err(error) => Reply::Failed(self.sink_error(&error)),
+            for (i, increment) in batch.increments.iter().enumerate() {
+                let slot = fred::util::redis_keyslot(increment.key.as_bytes());
+                let lane = lane(clustered, batch.id.sequence, slot);
+                let writer = batch.id.writer;
+                let c = *by_lane.entry((writer, lane)).or_insert_with(|| {
+                    calls.push(Call::new(&self.marker_prefix, writer, lane));
+                    calls.len() - 1
+                });
+                let call = &mut calls[c];
+                call.sequence = call.sequence.max(batch.id.sequence);
+                call.parts.push((b, i));
+                call.keys.push(Value::from(increment.key.as_str()));
+                // Above i64::MAX (outside the contract) the amount goes as text, and Redis
+                // rejects that key ("value is not an integer or out of range"): no panic, no
+                // wrap-around.
+                call.args.push(match i64::try_from(increment.amount) {
+                    Ok(amount) => Value::Integer(amount),
+                    Err(_) => Value::from(increment.amount.to_string()),
+                });
+                // `whole_seconds` is at most 2^50; negative asks the script to set it anyway.
+                let ttl = whole_seconds(increment.ttl) as i64;
+                let refresh = spread(u64::from(slot) << 32 ^ write) % TTL_REFRESH_EVERY == 0;
+                call.args
+                    .push(Value::Integer(if refresh { -ttl } else { ttl }));
+            }
         }
+        calls
+    }
+
+    /// Sends `calls` (the indices into `all`) in one pipeline; one reply per call, in order.
+    async fn send(&self, all: &[Call], calls: &[usize]) -> Vec<Result<Value, FredError>> {
+        let pipeline = Pipeline::from(self.client.clone());
+        for &c in calls {
+            let call = &all[c];
+            // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
+            let mut args = Vec::with_capacity(call.keys.len() + call.args.len() + 5);
+            args.push(Value::from(self.script.sha1().clone()));
+            args.push(Value::Integer(call.keys.len() as i64 + 1));
+            args.push(Value::from(call.record.as_str()));
+            args.extend(call.keys.iter().cloned());
+            args.push(Value::from(call.sequence.to_string()));
+            args.push(Value::Integer(self.dedup_window_secs));
+            args.extend(call.args.iter().cloned());
+            // Routed to the owner of the lane's slot, where the record and every key lie
+            // (fred's `evalsha` has no pipeline form, so it goes as a custom command).
+            let command =
+                CustomCommand::new_static("EVALSHA", ClusterHash::Custom(call.lane), false);
+            // Queued in memory; an error here is one of the whole pipeline.
+            if let Err(error) = pipeline.custom::<(), Value>(command, args).await {
+                return calls.iter().map(|_| Err(error.clone())).collect();
+            }
+        }
+        // Relaxed: a statistic, read without ordering against anything else.
+        self.commands_sent
+            .fetch_add(calls.len() as u64, Ordering::Relaxed);
+        let mut replies = pipeline.try_all::<Value>().await;
+        if replies.len() != calls.len() {
+            // fred answers a pipeline that failed as a whole (timeout, lost connection) with
+            // one error: every call's outcome is unknown.
+            let error = replies.pop().and_then(Result::err).unwrap_or_else(|| {
+                FredError::new(ErrorKind::Unknown, "pipeline answered with a wrong count")
+            });
+            return calls.iter().map(|_| Err(error.clone())).collect();
+        }
+        replies
     }
 
     fn sink_error(&self, error: &FredError) -> SinkError {
@@ -558,8 +623,8 @@ impl RedisSink {
             ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Routing | ErrorKind::Backpressure => {
                 SinkError::Unavailable(error.to_string())
             }
-            // Redis answered with an error for the whole command (OOM, READONLY, LOADING...):
-            // the script did not run, a retry may succeed later.
+            // Redis answered with an error for the whole command (OOM, READONLY, LOADING,
+            // CLUSTERDOWN...): the script did not run, a retry may succeed later.
             _ => SinkError::Failed(error.to_string()),
         }
     }
@@ -578,57 +643,113 @@ impl Drop for RedisSink {
     }
 }
 
-/// What became of one batch's `EVALSHA`.
-enum Reply {
-    /// The batch had no increments: nothing was sent.
-    Empty,
-    /// The script ran; its reply.
-    Ran(Value),
-    /// Redis did not have the script (first use, restart, failover, `SCRIPT FLUSH`): nothing ran.
-    NoScript(String),
-    /// Not sent, or sent with an unknown outcome.
-    Failed(SinkError),
+/// One script call: the increments of one writer in one lane, over the batches of a write.
+struct Call {
+    /// The lane: on a Cluster the hash slot of the record and of every key.
+    lane: u16,
+    /// The dedup record of (writer, lane).
+    record: String,
+    /// The highest batch sequence among `parts`.
+    sequence: u64,
+    /// (batch index, increment index) of each key, in `keys` order.
+    parts: Vec<(usize, usize)>,
+    keys: Vec<Value>,
+    /// Amount and TTL per key.
+    args: Vec<Value>,
+}
+
+impl Call {
+    fn new(prefix: &str, writer: u64, lane: u16) -> Self {
+        Self {
+            lane,
+            record: record_key(prefix, writer, lane),
+            sequence: 0,
+            parts: Vec::new(),
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
 }
 
 impl Sink for RedisSink {
     async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
-        let mut replies = join_all(batches.iter().map(|batch| self.send(batch))).await;
+        if !self.client.is_connected() {
+            // Nothing is sent: the batches are certainly not applied (see `SinkError::NotSent`).
+            let error = SinkError::NotSent(format!(
+                "not connected to Redis (client state: {:?})",
+                self.client.state()
+            ));
+            return batches.iter().map(|_| Err(error.clone())).collect();
+        }
+        // A batch id given twice in one write (outside the engine's contract) is sent once;
+        // the later copies are duplicates of the first.
+        let first_of: Vec<usize> = {
+            let mut seen: HashMap<BatchId, usize> = HashMap::new();
+            (0..batches.len())
+                .map(|b| *seen.entry(batches[b].id).or_insert(b))
+                .collect()
+        };
+        let calls = self.plan(batches, &first_of);
+        let everything: Vec<usize> = (0..calls.len()).collect();
+        let mut replies = self.send(&calls, &everything).await;
 
         let missing: Vec<usize> = (0..replies.len())
-            .filter(|&i| matches!(replies[i], Reply::NoScript(_)))
+            .filter(|&c| matches!(&replies[c], Err(e) if e.details().starts_with("NOSCRIPT")))
             .collect();
         if !missing.is_empty() {
-            // Nothing ran for these batches: load the script once, send them again.
+            // Nothing ran for these calls: load the script (on every primary), send them again.
             match self.load_script().await {
                 Ok(()) => {
-                    let again = join_all(missing.iter().map(|&i| self.send(&batches[i]))).await;
-                    for (i, reply) in missing.into_iter().zip(again) {
-                        replies[i] = reply;
+                    let again = self.send(&calls, &missing).await;
+                    for (c, reply) in missing.into_iter().zip(again) {
+                        replies[c] = reply;
                     }
                 }
                 Err(error) => {
-                    for i in missing {
-                        replies[i] = Reply::Failed(error.clone());
+                    for c in missing {
+                        replies[c] = Err(FredError::new(ErrorKind::IO, error.to_string()));
                     }
                 }
             }
         }
 
-        replies
-            .into_iter()
-            .zip(batches)
-            .map(|(reply, batch)| match reply {
-                Reply::Empty => Ok(BatchOutcome::Applied(Vec::new())),
-                Reply::Ran(value) => parse_reply(value, batch),
-                // Still missing right after a load: someone flushes scripts in a loop.
-                Reply::NoScript(message) => Err(SinkError::Failed(message)),
-                Reply::Failed(error) => Err(error),
+        let mut settled: Vec<Settling> = batches
+            .iter()
+            .map(|batch| Settling {
+                outcomes: vec![None; batch.increments.len()],
+                applied_now: batch.increments.is_empty(),
+                error: None,
             })
-            .collect()
+            .collect();
+        for (call, reply) in calls.iter().zip(replies) {
+            let parsed = reply
+                .map_err(|error| self.sink_error(&error))
+                .and_then(|value| parse_reply(value, call.parts.len()));
+            match parsed {
+                Ok((applied_now, outcomes)) => {
+                    for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                        settled[b].outcomes[i] = Some(outcome);
+                        settled[b].applied_now |= applied_now;
+                    }
+                }
+                Err(error) => {
+                    for &(b, _) in &call.parts {
+                        settled[b].error.get_or_insert_with(|| error.clone());
+                    }
+                }
+            }
+        }
+        let mut results: Vec<Result<BatchOutcome, SinkError>> =
+            settled.into_iter().map(Settling::finish).collect();
+        for (b, &first) in first_of.iter().enumerate() {
+            if first != b {
+                results[b] = results[first].clone().map(|_| BatchOutcome::AlreadyApplied);
+            }
+        }
+        results
     }
 
-    /// Pipelined `GET`s (fred sends concurrent commands back to back on one connection; on a
-    /// cluster each goes to its key's node).
+    /// One pipeline of `GET`s; on a Cluster fred routes each to its key's node.
     async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
         if !self.client.is_connected() {
             return Err(SinkError::NotSent(format!(
@@ -636,10 +757,24 @@ impl Sink for RedisSink {
                 self.client.state()
             )));
         }
+        let pipeline = Pipeline::from(self.client.clone());
+        for key in keys {
+            // Queued in memory; an error here is one of the whole pipeline.
+            if let Err(error) = pipeline.get::<(), _>(key.as_str()).await {
+                return Err(self.sink_error(&error));
+            }
+        }
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        let replies = join_all(keys.iter().map(|key| self.client.get::<Value, _>(key))).await;
+        let mut replies = pipeline.try_all::<Value>().await;
+        if replies.len() != keys.len() {
+            // A pipeline that failed as a whole answers with one error.
+            let error = replies.pop().and_then(Result::err).unwrap_or_else(|| {
+                FredError::new(ErrorKind::Unknown, "pipeline answered with a wrong count")
+            });
+            return Err(self.sink_error(&error));
+        }
         replies
             .into_iter()
             .map(|reply| match reply {
@@ -656,20 +791,54 @@ impl Sink for RedisSink {
     }
 }
 
-/// Reads the script's reply (format at the top of `redis_apply_batch.lua`).
-fn parse_reply(reply: Value, batch: &Batch) -> Result<BatchOutcome, SinkError> {
+/// What the calls of a write said about one batch.
+struct Settling {
+    outcomes: Vec<Option<KeyOutcome>>,
+    /// Some lane of the batch was applied now (or it has no increments).
+    applied_now: bool,
+    error: Option<SinkError>,
+}
+
+impl Settling {
+    fn finish(self) -> Result<BatchOutcome, SinkError> {
+        if let Some(error) = self.error {
+            // Some lanes applied, another failed: whatever the failure says, the batch is no
+            // longer certainly unapplied (a shutdown must not call it safe to replay).
+            if self.outcomes.iter().any(Option::is_some) && !error.may_have_applied() {
+                return Err(SinkError::Unavailable(format!(
+                    "batch partly applied, the rest failed: {error}"
+                )));
+            }
+            return Err(error);
+        }
+        if !self.applied_now {
+            return Ok(BatchOutcome::AlreadyApplied);
+        }
+        self.outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.ok_or_else(|| SinkError::Failed("a key of the batch got no reply".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(BatchOutcome::Applied)
+    }
+}
+
+/// Reads a call's reply (format at the top of `redis_apply.lua`): whether it was applied now,
+/// and one outcome per key.
+fn parse_reply(reply: Value, keys: usize) -> Result<(bool, Vec<KeyOutcome>), SinkError> {
     let unexpected = |what: &dyn std::fmt::Debug| {
-        SinkError::Failed(format!("unexpected reply to batch {}: {what:?}", batch.id))
+        SinkError::Failed(format!("unexpected script reply: {what:?}"))
     };
     let Value::Array(items) = reply else {
         return Err(unexpected(&reply));
     };
-    match items.first() {
-        Some(Value::Integer(0)) if items.len() == 1 => return Ok(BatchOutcome::AlreadyApplied),
-        Some(Value::Integer(1)) if items.len() == batch.increments.len() + 1 => {}
+    let applied_now = match items.first() {
+        Some(Value::Integer(1)) if items.len() == keys + 1 => true,
+        Some(Value::Integer(0)) if items.len() == keys + 1 => false,
         _ => return Err(unexpected(&items)),
-    }
-    items
+    };
+    let outcomes = items
         .into_iter()
         .skip(1)
         .map(|item| match item {
@@ -684,47 +853,60 @@ fn parse_reply(reply: Value, batch: &Batch) -> Result<BatchOutcome, SinkError> {
                 [total] => total
                     .as_string()
                     .and_then(|text| text.parse::<i64>().ok())
-                    .filter(|total| total.unsigned_abs() >= LUA_EXACT_LIMIT.unsigned_abs())
                     .map(|total| KeyOutcome::Added { total })
                     .ok_or_else(|| unexpected(&exact)),
                 _ => Err(unexpected(&exact)),
             },
             other => Err(unexpected(&other)),
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(BatchOutcome::Applied)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((applied_now, outcomes))
 }
 
-/// The marker of batch `id` whose first key is `first_key`: `<prefix>:{<tag>}:<id>`, in the hash
-/// slot of `first_key`.
-fn marker_key(prefix: &str, first_key: &str, id: BatchId) -> String {
-    match hash_tag(first_key) {
-        Some(tag) => format!("{prefix}:{{{tag}}}:{id}"),
-        // No tag: the whole key decides its slot, so it becomes the marker's tag...
-        None if !first_key.contains('}') => format!("{prefix}:{{{first_key}}}:{id}"),
-        // ...unless it holds a `}`, which would end the tag early. Only a Cluster cares, and
-        // there `prepare` reports the batch as crossing slots.
-        None => format!("{prefix}:{id}"),
+/// The lane of a key in hash slot `slot` of a batch with `sequence`: the slot on a Cluster,
+/// the sequence modulo 256 on one Redis.
+fn lane(clustered: bool, sequence: u64, slot: u16) -> u16 {
+    if clustered {
+        slot
+    } else {
+        // Below 256: the cast keeps the value.
+        (sequence % SINGLE_NODE_LANES) as u16
     }
 }
 
-/// The hash tag of `key` by Redis Cluster's rule: the text between the first `{` and the first
-/// `}` after it, if not empty.
-fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let rest = &key[open + 1..];
-    let close = rest.find('}')?;
-    (close > 0).then(|| &rest[..close])
+/// `<prefix>:{<tag>}:<writer as 16 hex digits>`, in hash slot `lane`.
+fn record_key(prefix: &str, writer: u64, lane: u16) -> String {
+    format!(
+        "{prefix}:{{{}}}:{writer:016x}",
+        lane_tags()[usize::from(lane)]
+    )
 }
 
-/// The first key of `batch` that is not in the hash slot of `marker`.
-fn key_outside_slot_of<'a>(marker: &str, batch: &'a Batch) -> Option<&'a str> {
-    let slot = fred::util::redis_keyslot(marker.as_bytes());
-    batch
-        .increments
-        .iter()
-        .map(|increment| increment.key.as_str())
-        .find(|key| fred::util::redis_keyslot(key.as_bytes()) != slot)
+/// For each hash slot, the smallest number whose decimal text hashes to it: the record's hash
+/// tag. Computed once (about 200,000 CRC16s of six bytes, a few milliseconds).
+fn lane_tags() -> &'static [u32] {
+    static TAGS: OnceLock<Box<[u32]>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![u32::MAX; usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n = 0u32;
+        while missing > 0 {
+            let slot = usize::from(fred::util::redis_keyslot(n.to_string().as_bytes()));
+            if tags[slot] == u32::MAX {
+                tags[slot] = n;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags.into_boxed_slice()
+    })
+}
+
+/// A 64-bit mix (splitmix64's finaliser): spreads the TTL refreshes over writes.
+fn spread(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// `duration` in whole seconds, rounded up, between 1 and `MAX_TTL_SECS`.
@@ -735,115 +917,50 @@ fn whole_seconds(duration: Duration) -> u64 {
     seconds.clamp(1, MAX_TTL_SECS)
 }
 
-/// Polls all `futures` together and returns their outputs in order: the batches' commands all
-/// reach fred before any reply is awaited, so they are pipelined on the connection. (The crate
-/// has no `futures` dependency; a write holds at most a few hundred batches, so polling all of
-/// them on each wake-up is cheap.)
-async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut slots: Vec<Slot<F>> = futures
-        .into_iter()
-        .map(|future| Slot::Pending(Box::pin(future)))
-        .collect();
-    std::future::poll_fn(|cx| {
-        let mut all_done = true;
-        for slot in &mut slots {
-            if let Slot::Pending(future) = slot {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(output) => *slot = Slot::Done(output),
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    slots
-        .into_iter()
-        .filter_map(|slot| match slot {
-            Slot::Done(output) => Some(output),
-            Slot::Pending(_) => None,
-        })
-        .collect()
-}
-
-enum Slot<F: Future> {
-    Pending(Pin<Box<F>>),
-    Done(F::Output),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::Increment;
-
-    fn batch(keys: &[&str]) -> Batch {
-        Batch {
-            id: BatchId {
-                writer: 0xc0ffee,
-                sequence: 7,
-            },
-            increments: keys
-                .iter()
-                .map(|key| Increment {
-                    key: (*key).to_owned(),
-                    amount: 1,
-                    ttl: Duration::from_secs(60),
-                })
-                .collect(),
-        }
-    }
 
     #[test]
-    fn hash_tags_follow_the_cluster_rule() {
-        assert_eq!(
-            hash_tag("fair_use:dg_budget:{uid-42}:20261129"),
-            Some("uid-42")
-        );
-        assert_eq!(hash_tag("a{b}{c}"), Some("b"));
-        assert_eq!(hash_tag("a{{b}c"), Some("{b"));
-        assert_eq!(hash_tag("a{}b{c}"), None);
-        assert_eq!(hash_tag("a{b"), None);
-        assert_eq!(hash_tag("plain"), None);
-    }
-
-    #[test]
-    fn markers_share_the_slot_of_the_first_key() {
-        let id = BatchId {
-            writer: 1,
-            sequence: 2,
-        };
-        for key in [
-            "usage:{uid-42}:20261129",
-            "usage:{%7B%20x}",
-            "no-tag",
-            "a{{b}c",
-            "a{b",
-        ] {
-            let marker = marker_key("shardmeter:batch", key, id);
+    fn every_lane_has_a_tag_in_its_own_slot() {
+        let tags = lane_tags();
+        assert_eq!(tags.len(), 16_384);
+        for (slot, tag) in tags.iter().enumerate() {
+            let key = record_key("shardmeter:dedup", 0xc0ffee, slot as u16);
             assert_eq!(
-                fred::util::redis_keyslot(marker.as_bytes()),
-                fred::util::redis_keyslot(key.as_bytes()),
-                "{key} vs {marker}"
+                usize::from(fred::util::redis_keyslot(key.as_bytes())),
+                slot,
+                "{key}"
             );
+            assert!(*tag < 1_000_000, "tags stay short: {tag}");
         }
+        // The format is pinned: readers and operators look for these keys.
         assert_eq!(
-            marker_key("m", "usage:{uid-42}:20261129", id),
-            "m:{uid-42}:0000000000000001-2"
+            record_key("shardmeter:dedup", 0x00c0_ffee_00c0_ffee, 0),
+            format!("shardmeter:dedup:{{{}}}:00c0ffee00c0ffee", tags[0])
         );
-        // A `}` without a tag cannot be carried over: the marker is untagged.
-        assert_eq!(marker_key("m", "a}b", id), "m:0000000000000001-2");
+        // Checked with an independent CRC16 (XMODEM): "3560" is the first number in slot 0.
+        assert_eq!(fred::util::redis_keyslot(b"3560"), 0);
+        assert_eq!(tags[0], 3560);
     }
 
     #[test]
-    fn batches_that_cross_slots_are_detected() {
-        let same = batch(&["u:{a}:1", "u:{a}:2", "v:{a}"]);
-        assert_eq!(key_outside_slot_of("m:{a}:1", &same), None);
-        let mixed = batch(&["u:{a}:1", "u:{b}:1"]);
-        assert_eq!(key_outside_slot_of("m:{a}:1", &mixed), Some("u:{b}:1"));
+    fn lanes_are_slots_on_a_cluster_and_sequences_on_one_redis() {
+        assert_eq!(lane(true, 7, 12_345), 12_345);
+        assert_eq!(lane(false, 7, 12_345), 7);
+        assert_eq!(lane(false, 256 + 7, 12_345), 7);
+        assert_eq!(lane(false, u64::MAX, 0), 255);
+    }
+
+    #[test]
+    fn ttl_refreshes_reach_every_key_about_once_in_sixteen_writes() {
+        // Over 1,600 writes, every slot is picked, and about 100 times.
+        for slot in [0u64, 1, 777, 16_383] {
+            let picked = (0..1_600u64)
+                .filter(|write| spread(slot << 32 ^ write) % TTL_REFRESH_EVERY == 0)
+                .count();
+            assert!((60..=140).contains(&picked), "slot {slot}: {picked}");
+        }
     }
 
     #[test]
@@ -857,37 +974,37 @@ mod tests {
 
     #[test]
     fn replies_are_parsed_strictly() {
-        let two = batch(&["k:{a}:1", "k:{a}:2"]);
         let reply = Value::Array(vec![
             Value::Integer(1),
             Value::Integer(5),
             Value::String("WRONGTYPE nope".into()),
         ]);
         assert_eq!(
-            parse_reply(reply, &two),
-            Ok(BatchOutcome::Applied(vec![
-                KeyOutcome::Added { total: 5 },
-                KeyOutcome::Rejected {
-                    reason: "WRONGTYPE nope".into()
-                },
-            ]))
+            parse_reply(reply, 2),
+            Ok((
+                true,
+                vec![
+                    KeyOutcome::Added { total: 5 },
+                    KeyOutcome::Rejected {
+                        reason: "WRONGTYPE nope".into()
+                    },
+                ]
+            ))
         );
-        let duplicate = Value::Array(vec![Value::Integer(0)]);
-        assert_eq!(
-            parse_reply(duplicate, &two),
-            Ok(BatchOutcome::AlreadyApplied)
-        );
-        let big = Value::Array(vec![
-            Value::Integer(1),
+        let before = Value::Array(vec![
+            Value::Integer(0),
+            Value::Array(vec![Value::String("12".into())]),
             Value::Array(vec![Value::String(i64::MAX.to_string().into())]),
-            Value::Integer(1),
         ]);
         assert_eq!(
-            parse_reply(big, &two),
-            Ok(BatchOutcome::Applied(vec![
-                KeyOutcome::Added { total: i64::MAX },
-                KeyOutcome::Added { total: 1 },
-            ]))
+            parse_reply(before, 2),
+            Ok((
+                false,
+                vec![
+                    KeyOutcome::Added { total: 12 },
+                    KeyOutcome::Added { total: i64::MAX },
+                ]
+            ))
         );
         for bad in [
             Value::Integer(1),
@@ -897,14 +1014,14 @@ mod tests {
                 Value::Integer(5),
                 Value::Integer(5),
             ]),
-            Value::Array(vec![Value::Integer(0), Value::Integer(5)]),
+            Value::Array(vec![Value::Integer(0)]),
             Value::Array(vec![
                 Value::Integer(1),
-                Value::Array(vec![Value::String("12".into())]),
+                Value::Array(vec![Value::String("twelve".into())]),
                 Value::Integer(5),
             ]),
         ] {
-            assert!(matches!(parse_reply(bad, &two), Err(SinkError::Failed(_))));
+            assert!(matches!(parse_reply(bad, 2), Err(SinkError::Failed(_))));
         }
     }
 }

@@ -24,6 +24,7 @@
 #[path = "../../src/bin/shardmeter-sim/redis_process.rs"]
 mod redis_process;
 
+pub mod cluster;
 pub mod load;
 pub mod logs;
 pub mod rng;
