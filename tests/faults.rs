@@ -1423,3 +1423,51 @@ async fn soak_run(secs: u64, seed: u64) {
         "nothing was pending while Redis was away: the outages were not exercised"
     );
 }
+
+/// Redis starts requiring a password mid-run (and drops the sink's connection): flushes fail,
+/// and the WARN an operator sees names the cause (`NOAUTH`), not only a timeout or a client
+/// state. Once the password requirement is lifted, the pending amounts are written exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_auth_mid_run_is_warned_with_its_cause() {
+    within(TEST_LIMIT, async {
+        let logs = support::logs::captured_logs();
+        let server = RedisServer::start();
+        let engine = engine(sink(&server.url()).await, HEALTHY_SHUTDOWN);
+        engine.record("before", 10).unwrap();
+        engine.flush_now().await.expect("flush before");
+
+        let mut admin = server.client();
+        admin
+            .command(&["CONFIG", "SET", "requirepass", "sesame"])
+            .unwrap();
+        admin
+            .command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .unwrap();
+        engine.record("during", 20).unwrap();
+        support::until_ok("a WARN naming NOAUTH", Duration::from_secs(20), || {
+            let text = logs.text();
+            let warned = text
+                .lines()
+                .any(|line| line.contains("WARN") && line.contains("NOAUTH"));
+            async move { warned.then_some(()).ok_or("no such WARN yet") }
+        })
+        .await;
+
+        admin
+            .command(&["CONFIG", "SET", "requirepass", ""])
+            .unwrap();
+        support::until_ok(
+            "a flush after AUTH is lifted",
+            Duration::from_secs(20),
+            || engine.flush_now(),
+        )
+        .await;
+        let report = shutdown_complete(&engine).await;
+        assert_redis_holds(
+            server.addr(),
+            &BTreeMap::from([(key_of("before"), 10), (key_of("during"), 20)]),
+        );
+        assert_eq!(report.amount_written, 30);
+    })
+    .await;
+}

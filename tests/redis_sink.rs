@@ -878,3 +878,27 @@ async fn a_failed_call_never_looks_applied_because_of_a_later_one() {
         (Some("5".into()), Some("7".into()))
     );
 }
+
+/// Nothing listens: the sink still starts (a gateway must), and what it answers names the
+/// address and fred's cause, not only a client state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_nowhere_names_the_address_and_the_cause() {
+    let port = support::free_port();
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .expect("a Redis that is down is not a start-up error");
+    let b = batch(unique_u64(), 1, &[("nowhere", 1, MINUTE)]);
+    let (message, _) = until_ok("the cause in the error", PATIENCE, || async {
+        match write_one(&sink, &b).await {
+            Err(SinkError::NotSent(message)) if message.contains("refused") => Ok(message),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!("not connected to Redis at 127.0.0.1:{port}: ")),
+        "{message}"
+    );
+}

@@ -38,7 +38,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 /// How many refused increments the shutdown report lists (all are counted in the stats).
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
-/// While writes keep failing, a WARN with the latest cause at most this often (DEBUG between).
+/// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
 /// 2,048 × (sweep + aggregation) ≈ 0.3–0.6 ms on this machine's 2 cores (`benches/sweep.rs`,
@@ -195,8 +195,8 @@ pub(crate) struct Flusher<S> {
     interval_start: SystemTime,
     write: Option<WriteFuture>,
     failures_in_a_row: u32,
-    /// When the last "flush failed" WARN was logged, while failures go on.
-    last_failure_warning: Option<Instant>,
+    /// When the last "flush failed" WARN was logged while failures go on, and the cause it gave.
+    last_failure_warning: Option<(Instant, String)>,
     /// `failures_in_a_row` when the current backoff schedule started: 0, or its value when the
     /// shutdown began (the shutdown restarts the backoff from `retry_initial`).
     backoff_since: u32,
@@ -499,14 +499,16 @@ impl<S: Sink> Flusher<S> {
                 self.failures_in_a_row += 1;
                 Stats::add(&self.stats.write_failures, 1);
                 let delay = self.backoff();
-                // The first failure, then one WARN per interval while the sink keeps failing, each
-                // with the latest cause: an outage stays visible without flooding the log.
+                // A WARN at the first failure, whenever the cause changes (a timeout becomes
+                // NOAUTH...), and once per interval while the same cause goes on: an outage stays
+                // visible, with its cause, without flooding the log.
                 let now = Instant::now();
-                let warn_due = self
-                    .last_failure_warning
-                    .is_none_or(|at| now.duration_since(at) >= FAILURE_WARNING_INTERVAL);
+                let cause = error.to_string();
+                let warn_due = self.last_failure_warning.as_ref().is_none_or(|(at, said)| {
+                    *said != cause || now.duration_since(*at) >= FAILURE_WARNING_INTERVAL
+                });
                 if warn_due {
-                    self.last_failure_warning = Some(now);
+                    self.last_failure_warning = Some((now, cause));
                     tracing::warn!(%error, failed_rounds = self.failures_in_a_row,
                         pending = %self.pending.amount(), retry_in = ?delay,
                         "flush failed; amounts stay pending");

@@ -140,8 +140,8 @@ use fred::types::scripts::Script;
 use fred::types::{Builder, ClusterHash, CustomCommand, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The script that applies one (writer, lane) call; its reply format is described at its top.
 const APPLY_LUA: &str = include_str!("redis_apply.lua");
@@ -156,6 +156,10 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Attempts per command: one transparent re-send after a reconnect (see the module docs).
 const MAX_COMMAND_ATTEMPTS: u32 = 2;
+/// How long a diagnosis of why the client cannot connect is reused (see `RedisSink::diagnose`).
+const DIAGNOSIS_EVERY: Duration = Duration::from_secs(5);
+/// The longest a diagnosis may take.
+const MAX_DIAGNOSIS_TIME: Duration = Duration::from_secs(1);
 /// Reconnect backoff of a client made by [`RedisSink::connect`]: 100 ms doubling to 5 s,
 /// forever (a gateway outlives a Redis outage).
 const RECONNECT_MIN_DELAY_MS: u32 = 100;
@@ -430,6 +434,12 @@ pub struct RedisSink {
     writes: AtomicU64,
     /// The client was made by `connect`: close it when the sink is dropped.
     owns_client: bool,
+    /// Where the client connects (`host:port`, comma-separated for several), for error messages.
+    address: String,
+    /// Why a connection to Redis fails, as a connection of the sink's own found out, and when:
+    /// fred's reconnect loop keeps the cause (refused, `NOAUTH`, `WRONGPASS`, a DNS failure...) in
+    /// its debug log only. See `diagnose`.
+    diagnosis: Mutex<Option<(Instant, String)>>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -486,7 +496,17 @@ impl RedisSink {
             max_attempts: Some(MAX_COMMAND_ATTEMPTS),
             ..Options::default()
         };
+        let address = client
+            .client_config()
+            .server
+            .hosts()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         Self {
+            address,
+            diagnosis: Mutex::new(None),
             client: client.with_options(&options),
             script: Script::from_lua(APPLY_LUA),
             marker_prefix: settings.marker_prefix,
@@ -617,6 +637,54 @@ impl RedisSink {
         replies
     }
 
+    /// Why nothing could be sent: where the client connects and why it cannot. The text does
+    /// not change while the cause does not, so the flusher's log can tell a new cause apart.
+    async fn not_connected(&self) -> String {
+        format!(
+            "not connected to Redis at {}: {}",
+            self.address,
+            self.diagnose().await
+        )
+    }
+
+    /// Connects once, on a connection of the sink's own with the client's settings and no
+    /// retries, to learn why the client cannot; at most every [`DIAGNOSIS_EVERY`], the answer
+    /// reused in between. Bounded by [`MAX_DIAGNOSIS_TIME`], so a write that calls it still
+    /// answers well within the engine's write timeout.
+    async fn diagnose(&self) -> String {
+        if let Some((at, cause)) = &*lock(&self.diagnosis) {
+            if at.elapsed() < DIAGNOSIS_EVERY {
+                return cause.clone();
+            }
+        }
+        let limit = self.command_timeout.min(MAX_DIAGNOSIS_TIME);
+        let mut config = self.client.client_config();
+        // Answer with the first failure, not keep trying (`connect` turns this off for the
+        // sink's own client).
+        config.fail_fast = true;
+        let probe = Builder::from_config(config)
+            .with_connection_config(|connection| {
+                connection.connection_timeout = limit;
+                connection.internal_command_timeout = limit;
+                connection.max_command_attempts = 1;
+            })
+            .build();
+        let cause = match probe {
+            Err(error) => format!("cannot set up a client: {error}"),
+            Ok(probe) => {
+                let cause = match tokio::time::timeout(limit, probe.init()).await {
+                    Ok(Ok(_)) => "reconnecting (a new connection succeeds)".to_owned(),
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => format!("no connection within {limit:?}"),
+                };
+                stop(&probe);
+                cause
+            }
+        };
+        *lock(&self.diagnosis) = Some((Instant::now(), cause.clone()));
+        cause
+    }
+
     fn sink_error(&self, error: &FredError) -> SinkError {
         match error.kind() {
             ErrorKind::Timeout => SinkError::Timeout(self.command_timeout),
@@ -641,6 +709,12 @@ impl Drop for RedisSink {
             stop(&self.client);
         }
     }
+}
+
+/// Locks `cell`; a panic under this lock cannot leave the value half-written.
+fn lock<T>(cell: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    cell.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One script call: the increments of one writer in one lane, over the batches of a write.
@@ -675,10 +749,7 @@ impl Sink for RedisSink {
     async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
         if !self.client.is_connected() {
             // Nothing is sent: the batches are certainly not applied (see `SinkError::NotSent`).
-            let error = SinkError::NotSent(format!(
-                "not connected to Redis (client state: {:?})",
-                self.client.state()
-            ));
+            let error = SinkError::NotSent(self.not_connected().await);
             return batches.iter().map(|_| Err(error.clone())).collect();
         }
         // A batch id given twice in one write (outside the engine's contract) is sent once;
@@ -752,10 +823,7 @@ impl Sink for RedisSink {
     /// One pipeline of `GET`s; on a Cluster fred routes each to its key's node.
     async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
         if !self.client.is_connected() {
-            return Err(SinkError::NotSent(format!(
-                "not connected to Redis (client state: {:?})",
-                self.client.state()
-            )));
+            return Err(SinkError::NotSent(self.not_connected().await));
         }
         let pipeline = Pipeline::from(self.client.clone());
         for key in keys {
