@@ -40,6 +40,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
+/// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
+const ACCOUNTS_TRACKED_PER_POLL: usize = 1_024;
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
 /// 2,048 × (sweep + aggregation) ≈ 0.3–0.6 ms on this machine's 2 cores (`benches/sweep.rs`,
 /// `benches/flush.rs`); idle slots cost a few ns each.
@@ -305,9 +307,14 @@ impl<S: Sink> Flusher<S> {
                     }
                 },
                 Some(state) = self.new_accounts.recv() => {
-                    // Everything announced meanwhile joins the same pipelined read.
+                    // What was announced meanwhile joins the same pipelined read, up to a bound
+                    // per poll (the rest comes next turn), so that a burst of new accounts
+                    // never holds the runtime worker for long.
                     self.book.track(state);
-                    while let Ok(state) = self.new_accounts.try_recv() {
+                    for _ in 1..ACCOUNTS_TRACKED_PER_POLL {
+                        let Ok(state) = self.new_accounts.try_recv() else {
+                            break;
+                        };
                         self.book.track(state);
                     }
                     self.publish_tracked();
