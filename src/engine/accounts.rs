@@ -30,7 +30,7 @@ use super::keys::{BucketSpan, KeyScheme};
 use crate::ledger::Account;
 use arc_swap::ArcSwap;
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -250,6 +250,10 @@ impl std::fmt::Debug for AccountState {
     }
 }
 
+/// Most totals one read asks for: a pipeline of this many `GET`s, and as many answers applied in
+/// one poll of the flusher (~0.3 ms).
+const MAX_READS_PER_REQUEST: usize = 2_048;
+
 /// Shards of the registry: enough that sessions opening on many threads rarely meet.
 const REGISTRY_SHARDS: usize = 64;
 
@@ -336,6 +340,8 @@ struct Tracked {
     limit: Option<u64>,
     synced: bool,
     read_wanted: bool,
+    /// Changed by an acknowledgement and not yet published (listed in `unpublished`).
+    unpublished: bool,
 }
 
 /// A read of global totals: which accounts, and their keys in the same order.
@@ -352,8 +358,10 @@ pub(crate) struct AccountBook {
     bucket: BucketSpan,
     tracked: HashMap<Account, Tracked>,
     by_key: HashMap<String, Account>,
+    /// Accounts changed by acknowledgements, not yet published; each at most once.
+    unpublished: Vec<Account>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
-    wanted: Vec<Account>,
+    wanted: VecDeque<Account>,
 }
 
 impl AccountBook {
@@ -364,7 +372,8 @@ impl AccountBook {
             budgets,
             tracked: HashMap::new(),
             by_key: HashMap::new(),
-            wanted: Vec::new(),
+            wanted: VecDeque::new(),
+            unpublished: Vec::new(),
         }
     }
 
@@ -399,6 +408,7 @@ impl AccountBook {
             limit,
             synced: false,
             read_wanted: false,
+            unpublished: false,
         };
         let tracked = self.tracked.entry(account.clone()).or_insert(tracked);
         want_read(&mut self.wanted, &account, tracked);
@@ -436,17 +446,37 @@ impl AccountBook {
         if let Some(total) = total {
             observe(tracked, total, now);
         }
-        publish(tracked, &self.bucket);
+        // A write round acknowledges every key it carried: publishing each at once would make
+        // settling a round of a million keys one long poll. The flusher publishes them in slices
+        // right after (`publish_acknowledged`).
+        if !tracked.unpublished {
+            tracked.unpublished = true;
+            self.unpublished.push(by_account_key(&self.by_key, key));
+        }
     }
 
-    /// The accounts whose global total should be read now, if any (taken: the next call
-    /// returns only accounts wanted since).
+    /// Publishes up to `most` accounts changed by acknowledgements; returns whether some remain.
+    pub(crate) fn publish_acknowledged(&mut self, most: usize) -> bool {
+        let from = self.unpublished.len().saturating_sub(most);
+        for account in self.unpublished.drain(from..) {
+            if let Some(tracked) = self.tracked.get_mut(&account) {
+                tracked.unpublished = false;
+                publish(tracked, &self.bucket);
+            }
+        }
+        !self.unpublished.is_empty()
+    }
+
+    /// The accounts whose global total should be read now, if any, at most
+    /// [`MAX_READS_PER_REQUEST`] (taken: the next call returns the others, then accounts wanted
+    /// since).
     pub(crate) fn take_reads(&mut self) -> Option<ReadRequest> {
         if self.wanted.is_empty() {
             return None;
         }
         let mut request = ReadRequest::default();
-        for account in self.wanted.drain(..) {
+        let taken = self.wanted.len().min(MAX_READS_PER_REQUEST);
+        for account in self.wanted.drain(..taken) {
             if let Some(tracked) = self.tracked.get_mut(&account) {
                 tracked.read_wanted = false;
                 request.keys.push(tracked.key.clone());
@@ -502,25 +532,33 @@ impl AccountBook {
         }
     }
 
-    /// After a full sweep: forgets accounts without a session and with nothing pending,
-    /// re-reads the accounts that have nothing to write (so other processes' usage shows), and
-    /// refreshes limits (a lookup's answer may have changed).
-    pub(crate) fn after_full_sweep(&mut self, registry: &Registry) {
-        let mut retired = Vec::new();
-        for (account, tracked) in &mut self.tracked {
+    /// Every tracked account, for [`AccountBook::review`] in slices after a full sweep.
+    pub(crate) fn tracked_accounts(&self) -> Vec<Account> {
+        self.tracked.keys().cloned().collect()
+    }
+
+    /// After a full sweep, for `accounts`: forgets those without a session and with nothing
+    /// pending, re-reads those that have nothing to write (so other processes' usage shows), and
+    /// refreshes limits (a lookup's answer may have changed). Accounts no longer tracked are
+    /// skipped, so the flusher may review a full sweep's list in slices.
+    pub(crate) fn review(&mut self, accounts: &[Account], registry: &Registry) {
+        for account in accounts {
+            let Some(tracked) = self.tracked.get_mut(account) else {
+                continue;
+            };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                retired.push(account.clone());
+                let key = std::mem::take(&mut tracked.key);
+                self.tracked.remove(account);
+                self.by_key.remove(&key);
                 continue;
             }
-            tracked.limit = self.budgets.limit_of(account);
             if tracked.pending == 0 {
                 want_read(&mut self.wanted, account, tracked);
             }
-            publish(tracked, &self.bucket);
-        }
-        for account in retired {
-            if let Some(tracked) = self.tracked.remove(&account) {
-                self.by_key.remove(&tracked.key);
+            let limit = self.budgets.limit_of(account);
+            if limit != tracked.limit {
+                tracked.limit = limit;
+                publish(tracked, &self.bucket);
             }
         }
     }
@@ -544,10 +582,15 @@ impl std::fmt::Debug for AccountBook {
     }
 }
 
-fn want_read(wanted: &mut Vec<Account>, account: &Account, tracked: &mut Tracked) {
+/// The account of `key` (which `acknowledged` has just found in `by_key`).
+fn by_account_key(by_key: &HashMap<String, Account>, key: &str) -> Account {
+    by_key[key].clone()
+}
+
+fn want_read(wanted: &mut VecDeque<Account>, account: &Account, tracked: &mut Tracked) {
     if !tracked.read_wanted {
         tracked.read_wanted = true;
-        wanted.push(account.clone());
+        wanted.push_back(account.clone());
     }
 }
 
@@ -618,6 +661,7 @@ mod tests {
 
         // The write is acknowledged: the reply's total replaces the pending part.
         book.acknowledged("b:u:20261129", 40, Some(101), at(NOON + 2));
+        assert!(!book.publish_acknowledged(16), "one account to publish");
         let usage = state.usage();
         assert_eq!(
             (usage.used, usage.global, usage.local_pending),
@@ -649,16 +693,17 @@ mod tests {
         assert_eq!(book.take_reads().unwrap().keys, ["b:u:20261130"]);
         // An acknowledgement for yesterday's key no longer moves today's usage.
         book.acknowledged("b:u:20261129", 5, Some(55), at(NOON + 43_201));
+        book.publish_acknowledged(16);
         assert_eq!(state.usage().used, 0);
     }
 
     #[test]
     fn accounts_without_sessions_are_forgotten() {
         let (registry, mut book, state) = setup(Budgets::unlimited());
-        book.after_full_sweep(&registry);
+        book.review(&book.tracked_accounts(), &registry);
         assert_eq!(book.len(), 1, "a session holds it");
         drop(state);
-        book.after_full_sweep(&registry);
+        book.review(&book.tracked_accounts(), &registry);
         assert_eq!(book.len(), 0);
         assert!(registry.get("u").is_none());
     }

@@ -40,6 +40,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
+/// Tracked accounts reviewed after a full sweep between two yields to the runtime.
+const REVIEW_SLICE_ACCOUNTS: usize = 2_048;
 /// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
 const ACCOUNTS_TRACKED_PER_POLL: usize = 1_024;
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
@@ -319,7 +321,10 @@ impl<S: Sink> Flusher<S> {
                     }
                     self.publish_tracked();
                 }
-                output = next_write(&mut self.write) => self.settle(output),
+                output = next_write(&mut self.write) => {
+                    self.settle(output);
+                    self.publish_acknowledged().await;
+                }
                 (request, values) = next_read(&mut self.read) => {
                     self.read = None;
                     self.book.read_done(request, values, self.config.clock.now());
@@ -371,7 +376,11 @@ impl<S: Sink> Flusher<S> {
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
-        self.book.after_full_sweep(&self.registry);
+        let accounts = self.book.tracked_accounts();
+        for slice in accounts.chunks(REVIEW_SLICE_ACCOUNTS) {
+            tokio::task::yield_now().await;
+            self.book.review(slice, &self.registry);
+        }
         self.publish_tracked();
         metrics::sweep_took(started.elapsed());
         metrics::export(&self.stats.snapshot());
@@ -501,6 +510,11 @@ impl<S: Sink> Flusher<S> {
             }
         }
 
+        if !self.waiters.is_empty() {
+            // A `flush_now` caller reads the read side next: publish everything before answering
+            // it (a rare, operator-driven round; periodic rounds publish in slices).
+            self.book.publish_acknowledged(usize::MAX);
+        }
         match settlement.failure {
             Some(error) => {
                 self.failures_in_a_row += 1;
@@ -561,6 +575,14 @@ impl<S: Sink> Flusher<S> {
             let _ = waiter.reply.send(answer);
         }
         self.waiters = still_waiting;
+    }
+
+    /// Publishes what the last settlement changed on the read side, in slices with a yield
+    /// between them.
+    async fn publish_acknowledged(&mut self) {
+        while self.book.publish_acknowledged(REVIEW_SLICE_ACCOUNTS) {
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Starts reading the global totals the read side wants, unless a read is in flight.
@@ -630,7 +652,10 @@ impl<S: Sink> Flusher<S> {
                 break;
             }
             tokio::select! {
-                output = next_write(&mut self.write) => self.settle(output),
+                output = next_write(&mut self.write) => {
+                    self.settle(output);
+                    self.publish_acknowledged().await;
+                }
                 _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
