@@ -63,7 +63,15 @@ for name in "$@"; do
 done
 
 scratch="$(mktemp -d "${TMPDIR:-/tmp}/shardmeter-mutations.XXXXXX")"
-trap 'rm -rf "$scratch"' EXIT
+# The scratch copy builds into this checkout's target dirs under the same crate hashes (cargo
+# hashes workspace members by their relative path), and cargo decides freshness by file times:
+# the last mutated build would look up to date to the checkout, whose files are older. So, on
+# the way out, touch the checkout's files: its next build rebuilds the workspace crates.
+restore() {
+  rm -rf "$scratch"
+  find "$repo" \( -path "$repo/target" -o -path "$repo/.git" \) -prune -o -type f -exec touch {} +
+}
+trap restore EXIT
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export LOOM_LOCATION=1 # source locations in loom's causality reports
 unset RUSTFLAGS
