@@ -109,9 +109,13 @@ if toolchain "$msrv" "" "rustc +$msrv --version"; then
   log "MSRV $msrv: cargo +$msrv check (the library, every feature, MSRV-resolved lockfile)"
   msrv_copy="$(mktemp -d "${TMPDIR:-/tmp}/shardmeter-msrv.XXXXXX")"
   tar --exclude=./target --exclude=./.git -cf - . | tar -C "$msrv_copy" -xf -
-  (cd "$msrv_copy" && CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS=fallback cargo update --quiet &&
-    CARGO_TARGET_DIR="$root/target/msrv" cargo "+$msrv" check --lib --all-features) ||
-    { rm -rf "$msrv_copy"; exit 1; }
+  if (cd "$msrv_copy" && CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS=fallback cargo update --quiet); then
+    (cd "$msrv_copy" && CARGO_TARGET_DIR="$root/target/msrv" cargo "+$msrv" check --lib --all-features) ||
+      { rm -rf "$msrv_copy"; exit 1; }
+  else
+    echo "SKIPPED: the declared MSRV ($msrv) was NOT checked: no lockfile could be resolved for it" \
+      "(is crates.io reachable?)"
+  fi
   rm -rf "$msrv_copy"
 else
   echo "SKIPPED: the declared MSRV ($msrv) was NOT checked: rustup could not install it here"
