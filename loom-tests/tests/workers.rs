@@ -52,6 +52,61 @@ fn worker_handoff() {
     );
 }
 
+/// Model 8. The single-writer rule after a hand-over: a thread that gave its index back must
+/// stop writing the worker shard at once. "first" registers, adds, unregisters and adds again;
+/// "second" registers, adds and unregisters (1 worker shard). When second claims index 0 after
+/// first released it, first's second add must go to the striped shard: were first still on
+/// index 0, both threads would `load` + `store` one cell with nothing ordering them, and one add
+/// would be lost (caught: mutation `unregister-keeps-index` in `scripts/mutations.sh`).
+#[test]
+fn old_owner_leaves_the_worker_shard() {
+    static SEEN: Seen = Seen::new();
+    run_model("old_owner_leaves_the_worker_shard", || {
+        let (ledger, mut sweeper) = Ledger::builder()
+            .capacity(1)
+            .worker_shards(1)
+            .striped_shards(1)
+            .build()
+            .unwrap();
+        let session = ledger.open_session("a").unwrap();
+
+        let first = {
+            let session = session.clone();
+            spawn("first", move || {
+                let index = register_worker_thread().unwrap();
+                session.add(1);
+                unregister_worker_thread();
+                session.add(2);
+                index
+            })
+        };
+        let second = {
+            let session = session.clone();
+            spawn("second", move || {
+                let index = register_worker_thread().unwrap();
+                session.add(4);
+                unregister_worker_thread();
+                index
+            })
+        };
+        let indexes = [first.join().unwrap(), second.join().unwrap()];
+        SEEN.note(format!("indexes {indexes:?}"));
+
+        let mut usage = Vec::new();
+        sweeper.sweep(&mut usage);
+        assert_eq!(
+            totals(&usage),
+            expected(&[("a", 7)]),
+            "worker indexes {indexes:?}"
+        );
+    });
+    // The hand-over (both got index 0) is the case this model is about.
+    SEEN.assert_reached(
+        "old_owner_leaves_the_worker_shard",
+        &["indexes [0, 0]", "indexes [0, 1]", "indexes [1, 0]"],
+    );
+}
+
 /// Model 7. The worker registry is a process-wide static (a `loom::lazy_static` under the cfg) and the
 /// worker index a thread-local: both must start afresh in every loom iteration, or iterations
 /// would leak indexes into each other. Here neither thread unregisters (under loom a thread's

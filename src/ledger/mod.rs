@@ -264,9 +264,17 @@ struct SessionHandle {
 impl Session {
     /// Adds `amount` to this session: no lock, no allocation, no syscall.
     ///
-    /// On a registered worker thread this is a plain load and store to a cell only this thread
-    /// writes; elsewhere an atomic add to a striped cell. A session's total in one shard stops at
-    /// `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
+    /// On a registered worker thread this is a `Relaxed` atomic load and store of a cell only
+    /// this thread writes: no locked instruction, no read-modify-write, 13 instructions once
+    /// inlined (`scripts/hot-path-guard.sh` holds it to its budget). Elsewhere it is an atomic
+    /// read-modify-write (`fetch_update`) on a striped cell. A session's total in one shard stops
+    /// at `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
+    ///
+    /// # Not async-signal-safe
+    ///
+    /// Do not call `add` from a signal handler. On a registered worker, `add` reads the cell and
+    /// then stores the sum: a handler that interrupts it between the two, on the same thread, and
+    /// adds to the same session has its amount overwritten, so that add is lost.
     #[inline]
     pub fn add(&self, amount: u64) {
         let handle = &*self.inner;

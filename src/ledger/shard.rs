@@ -76,10 +76,26 @@ impl Shards {
     }
 
     /// The cursor a session keeps so that `add` needs no lookups.
+    ///
+    /// Its pointer is derived from the whole line array, not from a reference to one cell: a
+    /// `&AtomicU64` only grants access to its own 8 bytes, so moving a pointer taken from it to
+    /// another shard's cell would be undefined behaviour (Miri's Stacked Borrows rejects it).
     pub(super) fn slot_cells(&self, slot: usize) -> SlotCells {
+        assert!(
+            slot < self.lines_per_shard * CELLS_PER_LINE,
+            "slot {slot} out of range"
+        );
+        let line_bytes = std::mem::size_of::<CellLine>();
+        let offset = (slot / CELLS_PER_LINE) * line_bytes
+            + std::mem::offset_of!(CellLine, 0)
+            + (slot % CELLS_PER_LINE) * std::mem::size_of::<AtomicU64>();
+        let lines = NonNull::from(&*self.lines).cast::<u8>();
+        // SAFETY: `slot` is in range (asserted above), so `offset` is the byte offset of its cell
+        // in shard 0's lines, inside the `lines` allocation, whose provenance `lines` carries.
+        let first = unsafe { lines.add(offset) }.cast::<AtomicU64>();
         SlotCells {
-            first: NonNull::from(self.cell(0, slot)),
-            shard_stride_bytes: self.lines_per_shard * std::mem::size_of::<CellLine>(),
+            first,
+            shard_stride_bytes: self.lines_per_shard * line_bytes,
             worker_shards: self.worker_shards,
             striped_shards: self.striped_shards,
         }
@@ -130,6 +146,8 @@ impl std::fmt::Debug for Shards {
 /// `Shards` alive (in the session handle), so the pointer is valid for as long as it exists.
 pub(super) struct SlotCells {
     /// The slot's cell in shard 0; the same cell of shard `n` is `n * shard_stride_bytes` on.
+    /// Derived from the whole line array (see [`Shards::slot_cells`]), so it may reach every
+    /// shard's cell.
     first: NonNull<AtomicU64>,
     shard_stride_bytes: usize,
     worker_shards: u32,
@@ -148,8 +166,9 @@ impl SlotCells {
         debug_assert!(shard < self.worker_shards + self.striped_shards);
         // SAFETY: every caller passes `shard < worker_shards + striped_shards`, and shard `n`'s
         // line array starts `n * shard_stride_bytes` after shard 0's, with the same layout, so
-        // the result is this slot's cell in shard `n`, inside the `Shards` allocation. That
-        // allocation outlives `self` (type docs), and cells are only accessed atomically.
+        // the result is this slot's cell in shard `n`, inside the `Shards` allocation. `first`
+        // carries the provenance of that whole allocation (`Shards::slot_cells`), which
+        // outlives `self` (type docs), and cells are only accessed atomically.
         unsafe {
             &*self
                 .first

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Checks the checks: each mutation below breaks the ledger in one known way, and the check named
+# beside it (a loom model, the stress test, the hot-path guard or Miri) must fail on it. For each
+# mutation the script copies the working tree to a scratch directory, applies one edit there
+# (never in this checkout), runs the check and requires the expected failure. Exits 0 only if
+# every selected mutation is caught. `scripts/test.sh` runs it last.
+#
+#   scripts/mutations.sh                          # every mutation
+#   scripts/mutations.sh claim-acquire worker-rmw # just the named ones (all of their checks)
+#   scripts/mutations.sh --list
+#
+# Kinds of check:
+#   loom   a model of loom-tests/ (release, debug assertions on, as scripts/test.sh runs them)
+#   test   a test of tests/ (debug build, all features, as scripts/test.sh runs them)
+#   guard  scripts/hot-path-guard.sh (the registered-worker `add` within its budget)
+#   miri   a test of tests/ under Miri (Stacked Borrows); skipped, with a message, where the
+#          nightly toolchain with Miri is not installed (scripts/test.sh installs it if it can)
+#
+# Builds share the target directories of scripts/test.sh (target/loom, target, target/miri), so
+# after its earlier stages each mutation costs one rebuild of the crate plus the check.
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+
+# One line per (mutation, check), tab-separated: name, file, perl substitution (run on the whole
+# file), kind, test binary (or -), test or model name (or -), and what the failure must print
+# (an extended regular expression: `a|b` accepts either).
+mutations="$(
+  cat <<'EOF'
+open-release	src/ledger/slots.rs	s/state\.store\(OPEN, Ordering::Release\)/state.store(OPEN, Ordering::Relaxed)/	loom	lifetime	reused_slot_racing_late_sweep	Causality violation
+account-acquire	src/ledger/slots.rs	s/state\.load\(Ordering::Acquire\) != OPEN/state.load(Ordering::Relaxed) != OPEN/	loom	lifetime	reused_slot_racing_late_sweep	Causality violation
+claim-acquire	src/ledger/worker.rs	s/(bits \| \(1 << bit\),\s*)Ordering::Acquire,/${1}Ordering::Relaxed,/	loom	workers	worker_handoff	assertion `left == right` failed
+release-release	src/ledger/worker.rs	s/\(index % 64\)\), Ordering::Release\)/(index % 64)), Ordering::Relaxed)/	loom	workers	worker_handoff	assertion `left == right` failed
+striped-no-rmw	src/ledger/shard.rs	s/let previous = cell\s*\.fetch_update\(.*?\.unwrap_or_else\(\|value\| value\);/let previous = cell.load(Ordering::Relaxed);\n        cell.store(previous.saturating_add(amount), Ordering::Relaxed);/s	loom	adds	striped_adds_share_a_shard	assertion `left == right` failed
+no-reset-on-free	src/ledger/mod.rs	s/shards\.reset\(shard, slot\);/let _ = shards;/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
+keep-seen-on-free	src/ledger/mod.rs	s/\*seen = 0;/let _ = &seen;/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
+free-before-collect	src/ledger/mod.rs	s/(let total = self\.take_delta\(slot as usize, true\);)(\s*)(let account = self\.shared\.slots\.free\(slot\);)/$3$2$1/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
+unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(NOT_A_WORKER\)/cell.get()/	loom	workers	old_owner_leaves_the_worker_shard	assertion `left == right` failed
+unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(NOT_A_WORKER\)/cell.get()/	test	ledger_stress	worker_indexes_change_hands_while_old_owners_keep_adding	adds lost or counted twice|cell went back from
+worker-rmw	src/ledger/shard.rs	s/Some\(total\) => cell\.store\(total, Ordering::Relaxed\),/Some(total) => {\n                    cell.fetch_max(total, Ordering::Relaxed);\n                }/	guard	-	-	HOT PATH OVER BUDGET: locked instruction
+lazy-worker-index	src/loom.rs	s/static \$name: \$t = const \{ \$init \};/static \$name: \$t = \$init;/	guard	-	-	HOT PATH OVER BUDGET
+cell-provenance	src/ledger/shard.rs	s/NonNull::from\(&\*self\.lines\)\.cast::<u8>\(\)/NonNull::from(self.cell(0, 0)).cast::<u8>()/	miri	ledger	open_add_sweep_is_exact_on_both_paths	Undefined Behavior
+EOF
+)"
+
+if [[ "${1:-}" == "--list" ]]; then
+  while IFS=$'\t' read -r name file _ kind test check _; do
+    case "$kind" in
+    guard) target="scripts/hot-path-guard.sh" ;;
+    *) target="$test::$check" ;;
+    esac
+    printf '%-24s %-22s %-6s %s\n' "$name" "$file" "$kind" "$target"
+  done <<<"$mutations"
+  exit 0
+fi
+
+names="$(cut -f1 <<<"$mutations")"
+for name in "$@"; do
+  if ! grep -qxF -- "$name" <<<"$names"; then
+    echo "no mutation named $name; see --list" >&2
+    exit 2
+  fi
+done
+
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/shardmeter-mutations.XXXXXX")"
+# The scratch copy builds into this checkout's target dirs under the same crate hashes (cargo
+# hashes workspace members by their relative path), and cargo decides freshness by file times:
+# the last mutated build would look up to date to the checkout, whose files are older. So, on
+# the way out, touch the checkout's files: its next build rebuilds the workspace crates.
+restore() {
+  rm -rf "$scratch"
+  find "$repo" \( -path "$repo/target" -o -path "$repo/.git" \) -prune -o -type f -exec touch {} +
+}
+trap restore EXIT
+export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
+export LOOM_LOCATION=1 # source locations in loom's causality reports
+unset RUSTFLAGS
+
+have_miri() { cargo +nightly miri --version >/dev/null 2>&1; }
+
+# Runs one check in the scratch copy; its output goes to the file $2.
+run_check() {
+  local kind="$1" log="$2" test="$3" check="$4"
+  case "$kind" in
+  loom)
+    (cd "$scratch" && RUSTFLAGS="--cfg shardmeter_loom" CARGO_TARGET_DIR="$repo/target/loom" \
+      CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \
+      cargo test -q -p shardmeter-loom-tests --release --test "$test" -- --exact "$check") \
+      >"$log" 2>&1
+    ;;
+  test)
+    (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" \
+      cargo test -q --all-features --test "$test" -- --exact "$check") >"$log" 2>&1
+    ;;
+  guard)
+    (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" bash scripts/hot-path-guard.sh) >"$log" 2>&1
+    ;;
+  miri)
+    (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" \
+      cargo +nightly miri test -q --no-default-features --test "$test" -- --exact "$check") \
+      >"$log" 2>&1
+    ;;
+  esac
+}
+
+# The working tree, without build output or history. tar keeps the files' times, which can be
+# older than the artifacts a previous run left in the shared target dirs (cargo shares them across
+# scratch copies); touching every source makes cargo rebuild from this copy instead of reusing them.
+tar -C "$repo" --exclude=./target --exclude=./.git -cf - . | tar -C "$scratch" -xf -
+find "$scratch" -type f -exec touch {} +
+
+selected=" $* "
+wanted() { [[ "$selected" == "  " || "$selected" == *" $1 "* ]]; }
+skip_kind() { [[ "$1" == miri ]] && ! have_miri; }
+
+# Baseline: every check used below must pass on the unmodified copy, or a failure below would
+# prove nothing.
+printf '==> baseline: every check passes on the unmodified code\n'
+checked=" "
+while IFS=$'\t' read -r name _ _ kind test check _; do
+  wanted "$name" || continue
+  skip_kind "$kind" && continue
+  [[ "$checked" == *" $kind:$test::$check "* ]] && continue
+  checked+="$kind:$test::$check "
+  if ! run_check "$kind" "$scratch/baseline.log" "$test" "$check"; then
+    echo "    $kind $test::$check fails without any mutation:" >&2
+    tail -n 20 "$scratch/baseline.log" | sed 's/^/      /' >&2
+    exit 1
+  fi
+  echo "    $kind $test::$check passes"
+done <<<"$mutations"
+
+ran=0
+skipped=0
+failures=0
+while IFS=$'\t' read -r name file substitution kind test check expect; do
+  wanted "$name" || continue
+  if skip_kind "$kind"; then
+    printf '\n==> %s: SKIPPED (%s check): cargo +nightly miri is not installed here\n' "$name" "$kind"
+    skipped=$((skipped + 1))
+    continue
+  fi
+  ran=$((ran + 1))
+  printf '\n==> %s: mutate %s, run %s %s::%s\n' "$name" "$file" "$kind" "$test" "$check"
+  cp "$repo/$file" "$scratch/$file"
+  perl -0pi -e "$substitution" "$scratch/$file"
+  if cmp -s "$repo/$file" "$scratch/$file"; then
+    echo "    the edit did not apply: has $file changed? Update this script." >&2
+    failures=$((failures + 1))
+    continue
+  fi
+  { diff -U1 "$repo/$file" "$scratch/$file" || true; } | tail -n +3 | grep -v '^@@' | sed 's/^/    /'
+  log="$scratch/$name.$kind.log"
+  if run_check "$kind" "$log" "$test" "$check"; then
+    echo "    NOT CAUGHT: the check passed with the mutated code" >&2
+    failures=$((failures + 1))
+  elif grep -qE -- "$expect" "$log"; then
+    echo "    caught; the check reported:"
+    grep -m1 -A3 -E -- "$expect" "$log" | cut -c1-160 | sed 's/^/      /'
+  else
+    echo "    the check failed, but not with \"$expect\":" >&2
+    tail -n 20 "$log" | sed 's/^/      /' >&2
+    failures=$((failures + 1))
+  fi
+  cp "$repo/$file" "$scratch/$file"
+done <<<"$mutations"
+
+if ((failures)); then
+  printf '\n%d of %d mutation check(s) not caught as expected\n' "$failures" "$ran" >&2
+  exit 1
+fi
+if ((skipped)); then
+  printf '\nall %d mutation check(s) run were caught; %d SKIPPED (see above)\n' "$ran" "$skipped"
+else
+  printf '\nall %d mutation check(s) caught\n' "$ran"
+fi
