@@ -1,4 +1,4 @@
-//! The engine a gateway embeds: a [`Ledger`](crate::ledger::Ledger) plus one tokio flusher task
+//! The engine a gateway embeds: a [`Ledger`] plus one tokio flusher task
 //! that sweeps it and writes per-key totals to a [`Sink`].
 //!
 //! ```

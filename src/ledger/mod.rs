@@ -52,7 +52,12 @@ pub const MAX_CELL_BYTES: u128 = 4 << 30;
 #[non_exhaustive]
 pub enum LedgerError {
     /// Every slot is held by an open session or awaits the sweeper.
-    #[error("all {capacity} session slots are in use; raise the capacity or flush ended sessions")]
+    #[error(
+        "all {capacity} session slots are in use: open sessions, and ended ones whose slots wait \
+         for the flusher to collect their remainder (within the engine's session_end_delay); \
+         raise the capacity, or open fewer sessions at once (a burst of `record` calls holds one \
+         slot each until collected)"
+    )]
     Full {
         /// The ledger's capacity.
         capacity: usize,

@@ -625,13 +625,9 @@ impl RedisSink {
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(calls.len() as u64, Ordering::Relaxed);
-        let mut replies = pipeline.try_all::<Value>().await;
-        if replies.len() != calls.len() {
-            // fred answers a pipeline that failed as a whole (timeout, lost connection) with
-            // one error: every call's outcome is unknown.
-            let error = replies.pop().and_then(Result::err).unwrap_or_else(|| {
-                FredError::new(ErrorKind::Unknown, "pipeline answered with a wrong count")
-            });
+        let replies = pipeline.try_all::<Value>().await;
+        if let Err(error) = whole_pipeline(&replies, calls.len()) {
+            // Every call's outcome is unknown.
             return calls.iter().map(|_| Err(error.clone())).collect();
         }
         replies
@@ -709,6 +705,18 @@ impl Drop for RedisSink {
             stop(&self.client);
         }
     }
+}
+
+/// fred answers a pipeline that failed as a whole (timeout, lost connection) with one error
+/// instead of one reply per command: that error, if `replies` is not one per command sent.
+fn whole_pipeline(replies: &[Result<Value, FredError>], sent: usize) -> Result<(), FredError> {
+    if replies.len() == sent {
+        return Ok(());
+    }
+    Err(match replies.last() {
+        Some(Err(error)) => error.clone(),
+        _ => FredError::new(ErrorKind::Unknown, "pipeline answered with a wrong count"),
+    })
 }
 
 /// Locks `cell`; a panic under this lock cannot leave the value half-written.
@@ -835,14 +843,8 @@ impl Sink for RedisSink {
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
-        let mut replies = pipeline.try_all::<Value>().await;
-        if replies.len() != keys.len() {
-            // A pipeline that failed as a whole answers with one error.
-            let error = replies.pop().and_then(Result::err).unwrap_or_else(|| {
-                FredError::new(ErrorKind::Unknown, "pipeline answered with a wrong count")
-            });
-            return Err(self.sink_error(&error));
-        }
+        let replies = pipeline.try_all::<Value>().await;
+        whole_pipeline(&replies, keys.len()).map_err(|error| self.sink_error(&error))?;
         replies
             .into_iter()
             .map(|reply| match reply {

@@ -27,8 +27,10 @@ const SCRIPT_RUNNERS: &[&str] = &[
     "fcall_ro",
 ];
 /// Commands that never run inside a script (connection and script management).
+/// `get` is the engine's read side (one per account's first session and per idle account per
+/// flush); the script's own `GET` runs only for totals beyond 2^53, never in a simulation.
 const CLIENT_ONLY: &[&str] = &[
-    "script", "function", "ping", "hello", "auth", "client", "select", "command", "quit",
+    "script", "function", "ping", "hello", "auth", "client", "select", "command", "quit", "get",
 ];
 
 /// A `redis-server` started for this run (127.0.0.1, a free port, nothing on disk); killed and

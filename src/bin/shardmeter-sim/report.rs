@@ -125,9 +125,12 @@ fn interference(r: &ModeReport) -> Option<String> {
         ),
         (Mode::Shardmeter, Some(e)) => (
             &[
-                "evalsha", "eval", "script", "set", "incrby", "expire", "quit",
+                "evalsha", "eval", "script", "set", "incrby", "expire", "quit", "get",
             ][..],
-            vec![("incrby", e.stats.keys_written + e.stats.keys_rejected)],
+            vec![
+                ("incrby", e.stats.keys_written + e.stats.keys_rejected),
+                ("get", e.stats.account_reads),
+            ],
         ),
         (Mode::Shardmeter, None) => return None,
     };
