@@ -3,7 +3,7 @@
 //!
 //! The plan is made up front: each of `--sessions` slots holds one session from its ramp-up
 //! start to the end of the run or, with `--churn`, a chain of sessions with random lifetimes and
-//! short gaps. Sessions are driven in groups of `--sessions-per-task`, one tokio task and one
+//! short gaps. Sessions are driven in groups (`modes::sessions_per_task`), one tokio task and one
 //! `interval` per group, the groups phase-shifted across the tick (a task per session costs
 //! 500,000 timer wake-ups a second at 10,000 sessions). A task that falls behind catches up
 //! (missed ticks fire at once) until `stop_at`, then stops; the checks compare the store with
@@ -25,17 +25,6 @@ use std::time::{Duration, Instant, SystemTime};
 pub(crate) const CHUNK_MS: u64 = 20;
 /// One chunk per session and channel per tick.
 const TICK: Duration = Duration::from_millis(CHUNK_MS);
-
-/// The parts of the command line that shape the load.
-#[derive(Debug)]
-pub(crate) struct LoadSettings {
-    pub(crate) sessions: usize,
-    pub(crate) duration: Duration,
-    pub(crate) ramp_up: Duration,
-    pub(crate) churn: bool,
-    pub(crate) channels: u32,
-    pub(crate) seed: u64,
-}
 
 /// One session of the plan: `uid` streams from tick `start` (included) to `end` (excluded).
 #[derive(Debug, Clone)]
@@ -61,20 +50,29 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn new(settings: &LoadSettings) -> Self {
+    /// `sessions` slots streaming for `duration`, their starts spread over `ramp_up`; `churn`:
+    /// see the module docs.
+    pub(crate) fn new(
+        sessions: usize,
+        duration: Duration,
+        ramp_up: Duration,
+        churn: bool,
+        channels: u32,
+    ) -> Self {
         let ticks = |d: Duration| (d.as_nanos() / TICK.as_nanos()) as u64;
-        let total_ticks = ticks(settings.duration).max(1);
-        let ramp_ticks = ticks(settings.ramp_up).min(total_ticks - 1);
+        let total_ticks = ticks(duration).max(1);
+        let ramp_ticks = ticks(ramp_up).min(total_ticks - 1);
         // Churn: lifetimes from 1/8 to 3/8 of the run (at least 10 ticks), then a gap of up to
-        // half a second before the slot's next user connects.
+        // half a second before the slot's next user connects. A fixed seed: every run with the
+        // same settings streams the same plan.
         let shortest = (total_ticks / 8).max(10);
         let longest = (total_ticks * 3 / 8).max(shortest + 1);
-        let mut rng = XorShift(settings.seed | 1);
-        let slots = settings.sessions as u64;
+        let mut rng = XorShift(0x5eed);
+        let slots = sessions as u64;
         let by_slot: Vec<Vec<PlannedSession>> = (0..slots)
             .map(|slot| {
                 let mut start = ramp_ticks * slot / slots;
-                if !settings.churn {
+                if !churn {
                     let (uid, end) = (format!("u{slot}").into(), total_ticks);
                     return vec![PlannedSession { uid, start, end }];
                 }
@@ -90,15 +88,13 @@ impl Plan {
             .collect();
         let all = by_slot.iter().flatten();
         Self {
-            planned_chunks: all
-                .map(|s| (s.end - s.start) * u64::from(settings.channels))
-                .sum(),
+            planned_chunks: all.map(|s| (s.end - s.start) * u64::from(channels)).sum(),
             session_count: by_slot.iter().map(Vec::len).sum(),
             by_slot,
-            duration: settings.duration,
+            duration,
             total_ticks,
-            channels: settings.channels,
-            slots: settings.sessions,
+            channels,
+            slots: sessions,
         }
     }
 
@@ -173,17 +169,13 @@ pub(crate) struct LoadOutcome {
     samples: Vec<u64>,
     /// Largest delay between a tick's due time and its handling.
     pub(crate) max_lag: Duration,
-    /// Tasks that hit `stop_at` with ticks left, and the chunks they did not send.
-    pub(crate) tasks_behind: u64,
+    /// Chunks not sent by tasks that hit `stop_at` with ticks left.
     pub(crate) chunks_behind: u64,
     /// Per-chunk writes that failed (their amount may or may not be in Redis).
     pub(crate) write_errors: u64,
     pub(crate) sessions_refused: u64,
     pub(crate) sessions_started: u64,
     pub(crate) first_error: Option<String>,
-    /// Shardmeter: bit `i` set when adds ran on the thread with worker index `i` (bit 63: an
-    /// index of 63 or more, or an unregistered thread).
-    pub(crate) worker_indices: u64,
 }
 
 impl LoadOutcome {
@@ -192,13 +184,11 @@ impl LoadOutcome {
         self.per_uid.extend(other.per_uid);
         self.samples.extend(other.samples);
         self.max_lag = self.max_lag.max(other.max_lag);
-        self.tasks_behind += other.tasks_behind;
         self.chunks_behind += other.chunks_behind;
         self.write_errors += other.write_errors;
         self.sessions_refused += other.sessions_refused;
         self.sessions_started += other.sessions_started;
         self.first_error = self.first_error.take().or(other.first_error);
-        self.worker_indices |= other.worker_indices;
     }
 
     /// The hot-path samples' distribution, in picoseconds.
@@ -265,7 +255,6 @@ async fn drive_group(
         let due = interval.tick().await;
         let now = tokio::time::Instant::now();
         if now >= stop_at {
-            outcome.tasks_behind = 1;
             let left = |s: &PlannedSession| s.end - s.start.max(tick).min(s.end);
             outcome.chunks_behind = sessions.iter().map(left).sum::<u64>() * u64::from(channels);
             break;
@@ -308,10 +297,6 @@ async fn drive_group(
                     sent[*index] += u64::from(channels);
                 }
                 outcome.chunks += adds;
-                // Which worker shard those adds went to: on a registered thread this returns
-                // its index (one thread-local read); the runtime registers every worker.
-                let index = shardmeter::register_worker_thread().map_or(63, |i| i.min(63));
-                outcome.worker_indices |= 1 << index;
             }
             Writer::PerChunk { client, keys } => {
                 let writes = active.iter().flat_map(|&(index, _)| {
@@ -350,14 +335,7 @@ mod tests {
     use super::*;
 
     fn plan(churn: bool) -> Plan {
-        Plan::new(&LoadSettings {
-            sessions: 10,
-            duration: Duration::from_secs(4),
-            ramp_up: Duration::from_secs(1),
-            churn,
-            channels: 2,
-            seed: 7,
-        })
+        Plan::new(10, Duration::from_secs(4), Duration::from_secs(1), churn, 2)
     }
 
     #[test]
@@ -385,7 +363,7 @@ mod tests {
             }
             assert!((chain.iter()).all(|s| s.start < s.end && s.end <= plan.total_ticks));
         }
-        // Same seed, same plan.
+        // Same settings, same plan.
         assert_eq!(self::plan(true).planned_chunks, plan.planned_chunks);
     }
 }

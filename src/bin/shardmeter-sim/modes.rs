@@ -3,11 +3,11 @@
 //! `engine.shutdown()` has flushed everything), then the totals are read back and checked.
 
 use crate::load::{self, LoadOutcome, Plan, Writer, CHUNK_MS};
-use crate::redis::{self, CommandDelta, PrivateRedis};
+use crate::redis::{self, CommandDelta};
 use fred::prelude::{Client, ClientLike};
 use hdrhistogram::Histogram;
 use shardmeter::sink::{Batch, BatchOutcome, SinkError};
-use shardmeter::{Engine, KeyScheme, MemorySink, RedisSink, ShutdownReport, Sink};
+use shardmeter::{Engine, KeyScheme, RedisSink, ShutdownReport, Sink};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -28,106 +28,29 @@ impl Mode {
     }
 }
 
-/// Where totals go.
-#[derive(Debug)]
-pub(crate) enum Store {
-    /// A Redis server, and the sim's own connection to it (reads, `INFO`, cleanup).
-    Redis {
-        url: String,
-        admin: Client,
-        version: String,
-        /// Started by the sim for this run.
-        private: bool,
-    },
-    /// No Redis: the engine writes to a `MemorySink` (shardmeter mode only).
-    Memory,
-}
-
-impl Store {
-    /// `--redis`/`REDIS_URL` if given, else a private server (returned: it stops when dropped),
-    /// else memory.
-    pub(crate) async fn open(url: Option<&str>) -> Result<(Self, Option<PrivateRedis>), String> {
-        let private = match url {
-            Some(_) => None,
-            None => PrivateRedis::start()?,
-        };
-        let Some(url) = url
-            .map(str::to_owned)
-            .or(private.as_ref().map(PrivateRedis::url))
-        else {
-            return Ok((Store::Memory, None));
-        };
-        let admin = redis::connect(&url).await?;
-        let version = redis::version(&admin).await;
-        let store = Store::Redis {
-            url,
-            admin,
-            version,
-            private: private.is_some(),
-        };
-        Ok((store, private))
-    }
-
-    pub(crate) fn is_redis(&self) -> bool {
-        matches!(self, Store::Redis { .. })
-    }
-
-    /// Where the run's Redis was, for the report (password left out).
-    pub(crate) fn json(&self) -> serde_json::Value {
-        match self {
-            Store::Redis {
-                url,
-                version,
-                private,
-                ..
-            } => {
-                serde_json::json!({"url": redis::redact(url), "version": version, "private": private})
-            }
-            Store::Memory => serde_json::Value::Null,
-        }
-    }
-
-    /// Deletes every key under `run_prefix` and closes the admin connection; the count deleted.
-    pub(crate) async fn delete_run_keys(&self, run_prefix: &str) -> Option<u64> {
-        let Store::Redis { admin, .. } = self else {
-            return None;
-        };
-        let pattern = format!("{run_prefix}:*");
-        let deleted = redis::delete_matching(admin, &pattern).await;
-        let _ = admin.quit().await;
-        deleted
-            .inspect_err(|e| {
-                eprintln!("warning: could not delete this run's keys ({pattern}): {e}")
-            })
-            .ok()
-    }
-}
-
 /// Everything a mode needs.
 #[derive(Debug)]
 pub(crate) struct Context {
     pub(crate) plan: Plan,
     /// `shardmeter_sim:<run id>`: every key of the run starts with it.
     pub(crate) run_prefix: String,
-    pub(crate) store: Store,
+    /// The run's Redis, and the sim's own connection to it (`INFO`, reads, cleanup).
+    pub(crate) url: String,
+    pub(crate) admin: Client,
     pub(crate) flush_interval: Duration,
     pub(crate) session_end_delay: Duration,
     pub(crate) worker_threads: usize,
-    /// `--sessions-per-task`, if given.
-    pub(crate) per_task: Option<usize>,
 }
 
-impl Context {
-    /// Sessions per driver task in `mode`. Per-chunk: one task per session, each awaiting its
-    /// own round trip as the old gateway's handler did (grouping sessions makes their writes
-    /// queue behind each other: p50 155 µs alone, 575 µs in groups of 50, measured at 100
-    /// sessions). Shardmeter: 50, so that one `Instant` pair times a batch of adds and 10,000
-    /// sessions cost 0.5 s of CPU per 5 s run instead of 3.4 s with a task each.
-    fn sessions_per_task(&self, mode: Mode) -> usize {
-        self.per_task.unwrap_or(match mode {
-            Mode::PerChunk => 1,
-            Mode::Shardmeter => 50,
-        })
+/// Sessions per driver task in `mode`. Per-chunk: one task per session, each awaiting its own
+/// round trip as the old gateway's handler did (grouping sessions makes their writes queue
+/// behind each other: p50 155 µs alone, 575 µs in groups of 50, measured at 100 sessions).
+/// Shardmeter: 50, so that one `Instant` pair times a batch of adds and 10,000 sessions cost
+/// 0.5 s of CPU per 5 s run instead of 3.4 s with a task each.
+pub(crate) fn sessions_per_task(mode: Mode) -> usize {
+    match mode {
+        Mode::PerChunk => 1,
+        Mode::Shardmeter => 50,
     }
 }
 
@@ -166,15 +89,11 @@ pub(crate) struct EngineFigures {
 #[derive(Debug)]
 pub(crate) struct ModeReport {
     pub(crate) mode: Mode,
-    /// `redis` or `memory`.
-    pub(crate) sink: &'static str,
-    pub(crate) key_prefix: String,
-    pub(crate) sessions_per_task: usize,
     /// The measured window.
     pub(crate) window: Duration,
     pub(crate) load: LoadOutcome,
-    /// From Redis' own counters; `None` without Redis.
-    pub(crate) commands: Option<CommandDelta>,
+    /// From Redis' own counters.
+    pub(crate) commands: CommandDelta,
     pub(crate) totals: TotalsCheck,
     pub(crate) engine: Option<EngineFigures>,
 }
@@ -220,41 +139,47 @@ pub(crate) async fn run(context: &Context, mode: Mode) -> Result<ModeReport, Str
     let key_prefix = format!("{}:{}", context.run_prefix, mode.name().replace('-', "_"));
     let keys = KeyScheme::daily_utc(key_prefix.clone());
     let flush_micros = Arc::new(Mutex::new(Histogram::new(3).map_err(|e| e.to_string())?));
+    let (url, admin) = (&context.url, &context.admin);
 
     // Set up everything that connects before the window opens.
-    let (writer, admin, memory) = match (mode, &context.store) {
-        (Mode::PerChunk, Store::Redis { url, admin, .. }) => {
-            let client = redis::connect(url).await?;
-            (Writer::PerChunk { client, keys }, Some(admin), None)
-        }
-        (Mode::PerChunk, Store::Memory) => return Err("per-chunk mode needs Redis".into()),
-        (Mode::Shardmeter, Store::Redis { url, admin, .. }) => {
+    let writer = Arc::new(match mode {
+        Mode::PerChunk => Writer::PerChunk {
+            client: redis::connect(url).await?,
+            keys,
+        },
+        Mode::Shardmeter => {
             let sink = RedisSink::builder()
                 .marker_prefix(format!("{}:batch", context.run_prefix))
                 .connect(url)
                 .await
                 .map_err(|e| format!("RedisSink: {e}"))?;
-            let engine = build_engine(context, keys, sink, &flush_micros)?;
-            (Writer::Shardmeter(engine), Some(admin), None)
+            // Open sessions plus ended ones awaiting their flush: the plan never has more than
+            // one session per slot open, so twice that (plus slack) never runs out.
+            let capacity = (context.plan.slots * 2 + 1024).min(shardmeter::ledger::MAX_CAPACITY);
+            let engine = Engine::builder()
+                .flush_interval(context.flush_interval)
+                .session_end_delay(context.session_end_delay)
+                .capacity(capacity)
+                // One private shard per tokio worker (registered in `on_thread_start`).
+                .worker_shards(context.worker_threads)
+                .keys(keys)
+                .sink(Timed {
+                    inner: sink,
+                    micros: flush_micros.clone(),
+                })
+                .build()
+                .map_err(|e| format!("engine: {e}"))?;
+            Writer::Shardmeter(engine)
         }
-        (Mode::Shardmeter, Store::Memory) => {
-            let sink = MemorySink::new();
-            let engine = build_engine(context, keys, sink.clone(), &flush_micros)?;
-            (Writer::Shardmeter(engine), None, Some(sink))
-        }
-    };
-    let writer = Arc::new(writer);
+    });
 
-    let before = match admin {
-        Some(admin) => Some(redis::counters(admin).await?),
-        None => None,
-    };
+    let before = redis::counters(admin).await?;
     let window_start = Instant::now();
     let start = window_start + Duration::from_millis(50);
     let duration = context.plan.duration;
     // A task still behind after the run plus a tenth of it (at least a second) gives up.
     let stop_at = start + duration + (duration / 10).max(Duration::from_secs(1));
-    let per_task = context.sessions_per_task(mode);
+    let per_task = sessions_per_task(mode);
     let load = load::drive(&context.plan, per_task, writer.clone(), start, stop_at).await;
 
     let engine = match &*writer {
@@ -271,58 +196,21 @@ pub(crate) async fn run(context: &Context, mode: Mode) -> Result<ModeReport, Str
         }
         Writer::PerChunk { .. } => None,
     };
-    let after = match admin {
-        Some(admin) => Some(redis::counters(admin).await?),
-        None => None,
-    };
+    let after = redis::counters(admin).await?;
     let window = window_start.elapsed();
     if let Writer::PerChunk { client, .. } = &*writer {
         let _ = client.quit().await; // after the window: the old gateway never quits
     }
 
-    let found = match (admin, &memory) {
-        (Some(admin), _) => totals_in_redis(admin, &key_prefix).await?,
-        (None, Some(sink)) => totals_in_memory(sink, &key_prefix),
-        (None, None) => return Err("no store to check".into()),
-    };
+    let found = totals_in_redis(admin, &key_prefix).await?;
     Ok(ModeReport {
         mode,
-        sink: if admin.is_some() { "redis" } else { "memory" },
-        key_prefix,
-        sessions_per_task: per_task,
         window,
         totals: check(&expected_per_uid(&load), &found),
         load,
-        commands: before
-            .zip(after)
-            .map(|(b, a)| CommandDelta::between(&b, &a)),
+        commands: CommandDelta::between(&before, &after),
         engine,
     })
-}
-
-/// An engine writing to `sink`, each write round timed into `flush_micros`.
-fn build_engine<S: Sink>(
-    context: &Context,
-    keys: KeyScheme,
-    sink: S,
-    flush_micros: &Arc<Mutex<Histogram<u64>>>,
-) -> Result<Engine, String> {
-    // Open sessions plus ended ones awaiting their flush: the plan never has more than one
-    // session per slot open, so twice that (plus slack) never runs out.
-    let capacity = (context.plan.slots * 2 + 1024).min(shardmeter::ledger::MAX_CAPACITY);
-    Engine::builder()
-        .flush_interval(context.flush_interval)
-        .session_end_delay(context.session_end_delay)
-        .capacity(capacity)
-        // One private shard per tokio worker (they are registered in `on_thread_start`).
-        .worker_shards(context.worker_threads)
-        .keys(keys)
-        .sink(Timed {
-            inner: sink,
-            micros: flush_micros.clone(),
-        })
-        .build()
-        .map_err(|e| format!("engine: {e}"))
 }
 
 fn expected_per_uid(load: &LoadOutcome) -> BTreeMap<String, u64> {
@@ -354,18 +242,6 @@ async fn totals_in_redis(admin: &Client, prefix: &str) -> Result<Found, String> 
         *per_uid.entry(uid.to_owned()).or_default() += value;
     }
     Ok((per_uid, keys.len()))
-}
-
-fn totals_in_memory(sink: &MemorySink, prefix: &str) -> Found {
-    let mut per_uid = BTreeMap::new();
-    let mut keys = 0;
-    for (key, total) in sink.totals() {
-        if let Some(uid) = uid_of(&key, prefix) {
-            keys += 1;
-            *per_uid.entry(uid.to_owned()).or_default() += u64::try_from(total).unwrap_or(0);
-        }
-    }
-    (per_uid, keys)
 }
 
 fn check(expected: &BTreeMap<String, u64>, (found, keys): &Found) -> TotalsCheck {

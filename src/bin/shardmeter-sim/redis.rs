@@ -17,15 +17,8 @@ use std::collections::BTreeMap;
 use std::process::Child;
 use std::time::Duration;
 
-/// Commands a client sends that start scripts.
-const SCRIPT_RUNNERS: &[&str] = &[
-    "eval",
-    "evalsha",
-    "eval_ro",
-    "evalsha_ro",
-    "fcall",
-    "fcall_ro",
-];
+/// Commands a client sends that start scripts (`RedisSink` sends these two).
+const SCRIPT_RUNNERS: &[&str] = &["eval", "evalsha"];
 /// Commands that never run inside a script (connection and script management).
 /// `get` is the engine's read side (one per account's first session and per idle account per
 /// flush); the script's own `GET` runs only for totals beyond 2^53, never in a simulation.
@@ -42,17 +35,17 @@ pub(crate) struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    /// Starts one if `redis-server` is on `PATH` (`Ok(None)` if not). Retries with a new port
-    /// if the one picked was taken in the meantime.
-    pub(crate) fn start() -> Result<Option<Self>, String> {
-        let Some(binary) = redis_process::binary() else {
-            return Ok(None);
-        };
+    /// Starts one from `REDIS_SERVER_BIN` or `PATH`. Retries with a new port if the one picked
+    /// was taken in the meantime.
+    pub(crate) fn start() -> Result<Self, String> {
+        let binary = redis_process::binary().ok_or(
+            "no redis-server on PATH: install Redis, set REDIS_SERVER_BIN, or pass --redis URL",
+        )?;
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = redis_process::free_port().map_err(|e| format!("no free port: {e}"))?;
             match redis_process::spawn(&binary, port, &["--protected-mode".into(), "yes".into()]) {
-                Ok(child) => return Ok(Some(Self { child, port })),
+                Ok(child) => return Ok(Self { child, port }),
                 Err(error) => last_error = error,
             }
         }
@@ -99,22 +92,15 @@ pub(crate) struct CommandDelta {
     pub(crate) total_commands_processed: u64,
     /// Per-command `calls` deltas (no `info`).
     pub(crate) by_command: BTreeMap<String, u64>,
-    /// Per-command `failed_calls` deltas, where not zero.
-    pub(crate) failed: BTreeMap<String, u64>,
 }
 
 impl CommandDelta {
     pub(crate) fn between(before: &Counters, after: &Counters) -> Self {
         let mut delta = Self::default();
         for (name, stat) in &after.commands.0 {
-            let old = before.commands.get(name);
-            let calls = stat.calls.saturating_sub(old.calls);
-            let failed = stat.failed_calls.saturating_sub(old.failed_calls);
+            let calls = stat.calls.saturating_sub(before.commands.calls(name));
             if name != "info" && calls > 0 {
                 delta.by_command.insert(name.clone(), calls);
-            }
-            if name != "info" && failed > 0 {
-                delta.failed.insert(name.clone(), failed);
             }
         }
         let info = after.commands.calls("info") - before.commands.calls("info");
@@ -122,11 +108,6 @@ impl CommandDelta {
             .saturating_sub(before.total_commands)
             .saturating_sub(info);
         delta
-    }
-
-    /// Sum of the per-command deltas (should equal `total_commands_processed`).
-    pub(crate) fn all_calls(&self) -> u64 {
-        self.by_command.values().sum()
     }
 
     /// Whether `name`'s calls count as sent by a client (see the module docs). Sub-commands
@@ -146,10 +127,6 @@ impl CommandDelta {
             .filter(|(n, _)| self.is_client_command(n));
         client.map(|(_, calls)| calls).sum()
     }
-
-    pub(crate) fn script_internal_calls(&self) -> u64 {
-        self.all_calls() - self.client_commands()
-    }
 }
 
 /// A connected client for the sim's own use (not the one under measurement).
@@ -162,32 +139,18 @@ pub(crate) async fn connect(url: &str) -> Result<Client, String> {
         .map_err(|e| format!("cannot set up a Redis client: {e}"))?;
     tokio::time::timeout(Duration::from_secs(10), client.init())
         .await
-        .map_err(|_| format!("no connection to Redis at {} within 10 s", redact(url)))?
-        .map_err(|e| format!("cannot connect to Redis at {}: {e}", redact(url)))?;
+        .map_err(|_| "no connection to Redis within 10 s".to_owned())?
+        .map_err(|e| format!("cannot connect to Redis: {e}"))?;
     Ok(client)
-}
-
-async fn info(client: &Client, sections: &[&str]) -> Result<String, String> {
-    let sections: Vec<&str> = sections.to_vec();
-    client
-        .custom(fred::cmd!("INFO"), sections)
-        .await
-        .map_err(|e| format!("INFO failed: {e}"))
 }
 
 /// Reads `INFO stats commandstats`.
 pub(crate) async fn counters(client: &Client) -> Result<Counters, String> {
-    Counters::parse(&info(client, &["stats", "commandstats"]).await?)
-}
-
-/// The server's version, from `INFO server`.
-pub(crate) async fn version(client: &Client) -> String {
-    let text = info(client, &["server"]).await.unwrap_or_default();
-    let fields = redis_process::info_fields(&text);
-    fields
-        .get("redis_version")
-        .cloned()
-        .unwrap_or("unknown".into())
+    let info: String = (client
+        .custom(fred::cmd!("INFO"), vec!["stats", "commandstats"])
+        .await)
+        .map_err(|e| format!("INFO failed: {e}"))?;
+    Counters::parse(&info)
 }
 
 /// Every key matching `pattern`, by `SCAN`.
@@ -235,16 +198,6 @@ pub(crate) async fn delete_matching(client: &Client, pattern: &str) -> Result<u6
     Ok(deleted)
 }
 
-/// `url` without its password, for messages.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,24 +219,13 @@ mod tests {
         assert!(Counters::parse("# Stats\r\n").is_err());
         let delta = CommandDelta::between(&before, &after);
         assert_eq!(delta.total_commands_processed, 118);
-        assert_eq!(delta.all_calls(), 103);
+        assert_eq!(delta.by_command.values().sum::<u64>(), 103);
         assert_eq!(delta.client_commands(), 3);
-        assert_eq!(delta.script_internal_calls(), 100);
-        assert_eq!(delta.failed, BTreeMap::from([("evalsha".to_owned(), 1)]));
+        assert!(!delta.is_client_command("incrby") && delta.is_client_command("script|load"));
 
         let mut plain = after.clone();
         plain.commands.0.remove("evalsha");
         let delta = CommandDelta::between(&before, &plain);
-        assert_eq!(delta.client_commands(), 101);
-        assert_eq!(delta.script_internal_calls(), 0);
-    }
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(
-            redact("redis://u:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(delta.client_commands(), 101); // no script ran: every command is a client's
     }
 }
