@@ -382,17 +382,6 @@ impl AccountBook {
         self.tracked.len()
     }
 
-    /// The key the current bucket's usage of `account` goes to, when it is tracked: built once
-    /// per bucket.
-    pub(crate) fn current_key(&self, account: &str, span: &BucketSpan) -> Option<&str> {
-        if *span != self.bucket {
-            return None;
-        }
-        self.tracked
-            .get(account)
-            .map(|tracked| tracked.key.as_str())
-    }
-
     /// Starts tracking an account whose first session just opened; its global total is read.
     pub(crate) fn track(&mut self, state: Arc<AccountState>) {
         let account = state.account.clone();
@@ -416,14 +405,16 @@ impl AccountBook {
     }
 
     /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
-    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) {
+    /// Returns the key that amount goes to when the account is tracked in that bucket (built
+    /// once per bucket), so the flusher builds no key of its own for it.
+    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&str> {
         if *span != self.bucket {
-            return;
+            return None;
         }
-        if let Some(tracked) = self.tracked.get_mut(account) {
-            tracked.pending += u128::from(amount);
-            publish(tracked, &self.bucket);
-        }
+        let tracked = self.tracked.get_mut(account)?;
+        tracked.pending += u128::from(amount);
+        publish(tracked, &self.bucket);
+        Some(&tracked.key)
     }
 
     /// The sink acknowledged `amount` for `key`; `total` is the key's new value when the sink
@@ -435,10 +426,10 @@ impl AccountBook {
         total: Option<i64>,
         now: SystemTime,
     ) {
-        let Some(tracked) = self
+        let Some((account, tracked)) = self
             .by_key
             .get(key)
-            .and_then(|account| self.tracked.get_mut(account))
+            .and_then(|account| Some((account, self.tracked.get_mut(account)?)))
         else {
             return;
         };
@@ -451,7 +442,7 @@ impl AccountBook {
         // right after (`publish_acknowledged`).
         if !tracked.unpublished {
             tracked.unpublished = true;
-            self.unpublished.push(by_account_key(&self.by_key, key));
+            self.unpublished.push(account.clone());
         }
     }
 
@@ -580,11 +571,6 @@ impl std::fmt::Debug for AccountBook {
             .field("budgets", &self.budgets)
             .finish_non_exhaustive()
     }
-}
-
-/// The account of `key` (which `acknowledged` has just found in `by_key`).
-fn by_account_key(by_key: &HashMap<String, Account>, key: &str) -> Account {
-    by_key[key].clone()
 }
 
 fn want_read(wanted: &mut VecDeque<Account>, account: &Account, tracked: &mut Tracked) {

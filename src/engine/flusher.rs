@@ -402,11 +402,10 @@ impl<S: Sink> Flusher<S> {
         for usage in self.usage.drain(..) {
             Stats::add(&self.stats.amount_swept, usage.amount.into());
             if self.enabled {
-                let key = match self.book.current_key(&usage.account, &span) {
+                let key = match self.book.swept(&usage.account, &span, usage.amount) {
                     Some(key) => key.to_owned(),
                     None => keys.key(&usage.account, &span),
                 };
-                self.book.swept(&usage.account, &span, usage.amount);
                 self.pending.add(key, usage.amount, ttl);
             } else {
                 Stats::add(&self.stats.amount_discarded, usage.amount.into());
