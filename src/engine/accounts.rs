@@ -185,9 +185,9 @@ impl AccountState {
     }
 
     pub(crate) fn is_exhausted(&self) -> bool {
-        // Acquire pairs with the flusher's Release store; on x86 and ARMv8 it costs what a
-        // plain load does. The flag carries no other data, but `wait_exhausted` relies on
-        // seeing a store that happened before the wake-up it missed.
+        // Acquire pairs with `publish`'s Release store: a caller that sees `true` and then reads
+        // `status()` sees the view that made it true. On x86 and ARMv8 it costs a plain load.
+        // (No wake-up depends on it: `wait_until` relies on `Notify`, see there.)
         self.exhausted.load(Ordering::Acquire)
     }
 
