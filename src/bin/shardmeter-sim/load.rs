@@ -93,15 +93,16 @@ impl LoadOutcome {
 }
 
 /// Runs `sessions` sessions for `duration` against `writer`, `per_task` sessions per driver
-/// task, from the first tick at `start`; tasks still behind at `stop_at` stop sending.
+/// task, from 50 ms from now.
 pub(crate) async fn drive(
     sessions: usize,
     duration: Duration,
     per_task: usize,
     writer: Arc<Writer>,
-    start: tokio::time::Instant,
-    stop_at: tokio::time::Instant,
 ) -> LoadOutcome {
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    // A task still behind after the run plus a tenth of it (at least a second) gives up.
+    let stop_at = start + duration + (duration / 10).max(Duration::from_secs(1));
     let ticks = (duration.as_nanos() / TICK.as_nanos()).max(1) as u64;
     let uids: Vec<String> = (0..sessions).map(|i| format!("u{i}")).collect();
     let groups: Vec<Vec<String>> = uids.chunks(per_task).map(<[_]>::to_vec).collect();

@@ -82,18 +82,14 @@ fn main() -> ExitCode {
         })
         .on_thread_stop(shardmeter::unregister_worker_thread)
         .build();
-    let outcome = match runtime {
-        Ok(runtime) => {
-            let outcome = runtime.block_on(run(args, workers));
-            // Driver tasks are all joined by now; don't wait for idle blocking threads.
-            runtime.shutdown_timeout(Duration::from_secs(1));
-            outcome
-        }
-        Err(error) => Err(format!("cannot start tokio: {error}")),
-    };
+    let outcome = (runtime.map_err(|e| format!("cannot start tokio: {e}"))).and_then(|runtime| {
+        let outcome = runtime.block_on(run(args, workers));
+        // Driver tasks are all joined by now; don't wait for idle blocking threads.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        outcome
+    });
     match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(passed) => ExitCode::from(u8::from(!passed)),
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE

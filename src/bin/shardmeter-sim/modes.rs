@@ -171,20 +171,8 @@ pub(crate) async fn run(context: &Context, mode: Mode) -> Result<ModeReport, Str
 
     let before = redis::counters(admin).await?;
     let window_start = Instant::now();
-    let start = window_start + Duration::from_millis(50);
-    let duration = context.duration;
-    // A task still behind after the run plus a tenth of it (at least a second) gives up.
-    let stop_at = start + duration + (duration / 10).max(Duration::from_secs(1));
     let per_task = mode.sessions_per_task();
-    let load = load::drive(
-        context.sessions,
-        duration,
-        per_task,
-        writer.clone(),
-        start,
-        stop_at,
-    );
-    let load = load.await;
+    let load = load::drive(context.sessions, context.duration, per_task, writer.clone()).await;
 
     let engine = match &*writer {
         Writer::Shardmeter(engine) => {
