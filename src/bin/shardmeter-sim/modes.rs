@@ -8,7 +8,7 @@ use fred::prelude::{Client, ClientLike};
 use hdrhistogram::Histogram;
 use shardmeter::sink::{Batch, BatchOutcome, SinkError};
 use shardmeter::{Engine, KeyScheme, RedisSink, ShutdownReport, Sink};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -56,7 +56,7 @@ pub(crate) struct Context {
 }
 
 /// Did the store end up holding exactly the audio sent?
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TotalsCheck {
     /// Chunks sent × 20 ms.
     pub(crate) expected_ms: u64,
@@ -198,36 +198,34 @@ pub(crate) async fn run(context: &Context, mode: Mode) -> Result<ModeReport, Str
     Ok(ModeReport {
         mode,
         window,
-        totals: check(&load.per_uid, &found),
+        totals: check(&load.per_uid, found),
         load,
         commands: CommandDelta::between(&before, &after)?,
         engine,
     })
 }
 
-/// Compares the chunks sent per uid with the totals found per uid.
-fn check(sent: &[(String, u64)], found: &BTreeMap<String, u64>) -> TotalsCheck {
-    let expected: BTreeMap<&str, u64> = (sent.iter())
-        .map(|(uid, chunks)| (uid.as_str(), chunks * CHUNK_MS))
-        .collect();
-    let mut check = TotalsCheck {
-        expected_ms: expected.values().sum(),
-        found_ms: found.values().sum(),
-        ..TotalsCheck::default()
-    };
-    let uids: BTreeSet<&str> = expected
-        .keys()
-        .copied()
-        .chain(found.keys().map(String::as_str))
-        .collect();
-    for uid in uids {
-        let want = expected.get(uid).copied().unwrap_or(0);
-        let got = found.get(uid).copied().unwrap_or(0);
+/// Compares the chunks sent per uid (each uid once) with the totals found per uid.
+fn check(sent: &[(String, u64)], mut found: BTreeMap<String, u64>) -> TotalsCheck {
+    let expected_ms = sent.iter().map(|(_, chunks)| chunks * CHUNK_MS).sum();
+    let found_ms = found.values().sum();
+    let mut wrong = Vec::new();
+    for (uid, chunks) in sent {
+        let (want, got) = (chunks * CHUNK_MS, found.remove(uid).unwrap_or(0));
         if want != got {
-            (check.wrong).push(format!("{uid}: sent {want} ms, stored {got} ms"));
+            wrong.push(format!("{uid}: sent {want} ms, stored {got} ms"));
         }
     }
-    check
+    wrong.extend(
+        found
+            .iter()
+            .map(|(uid, got)| format!("{uid}: sent 0 ms, stored {got} ms")),
+    );
+    TotalsCheck {
+        expected_ms,
+        found_ms,
+        wrong,
+    }
 }
 
 #[cfg(test)]
@@ -246,12 +244,13 @@ mod tests {
                 .collect()
         };
         let chunks = sent(&[("a", 2), ("b", 1)]);
-        assert!(check(&chunks, &found(&[("a", 40), ("b", 20)])).ok());
-        let wrong = check(&chunks, &found(&[("a", 40), ("c", 20)]));
+        assert!(check(&chunks, found(&[("a", 40), ("b", 20)])).ok());
+        let wrong = check(&chunks, found(&[("a", 40), ("c", 20)]));
         assert!(!wrong.ok());
-        assert_eq!(wrong.wrong.len(), 2);
         assert_eq!(wrong.expected_ms, wrong.found_ms); // the sums agree, the uids do not
-        let wrong = check(&chunks, &found(&[("a", 40), ("b", 40)])).wrong;
+        let expected = ["b: sent 20 ms, stored 0 ms", "c: sent 0 ms, stored 20 ms"];
+        assert_eq!(wrong.wrong, expected);
+        let wrong = check(&chunks, found(&[("a", 40), ("b", 40)])).wrong;
         assert_eq!(wrong, ["b: sent 20 ms, stored 40 ms"]);
     }
 }

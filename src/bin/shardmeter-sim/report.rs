@@ -42,20 +42,19 @@ pub(crate) fn render(
             (r.mode.name().replace('-', "_"), mode)
         })
         .collect();
-    // per-chunk ÷ shardmeter; commands per chunk sent stays meaningful when per-chunk mode
-    // fell behind.
-    let ratio = |field: &str| {
-        let (x, y) = (modes.get("per_chunk")?, modes.get("shardmeter")?);
-        let (x, y) = (x["redis"][field].as_f64()?, y["redis"][field].as_f64()?);
-        (y > 0.0).then(|| x / y)
-    };
-    let reduction = ratio("commands_per_second").map(|commands| {
-        json!({
-            "commands_per_second": commands,
-            "calls_including_script_internal_per_second":
-                ratio("calls_including_script_internal_per_second"),
-            "commands_per_chunk": ratio("commands_per_chunk"),
-        })
+    // per-chunk ÷ shardmeter (`null` if shardmeter's is 0: "∞"); per chunk sent stays
+    // meaningful when per-chunk mode fell behind.
+    let reduction = (modes.get("per_chunk").zip(modes.get("shardmeter"))).map(|(x, y)| {
+        let ratio = |field: &str| {
+            let (x, y) = (x["redis"][field].as_f64()?, y["redis"][field].as_f64()?);
+            (y > 0.0).then(|| x / y)
+        };
+        let fields = [
+            "commands_per_second",
+            "calls_including_script_internal_per_second",
+        ];
+        let fields = fields.iter().chain(&["commands_per_chunk"]);
+        Map::from_iter(fields.map(|&field| (field.to_owned(), json!(ratio(field)))))
     });
     let document = json!({
         "run_id": run_id,
@@ -208,13 +207,10 @@ fn table(report: &Value, figures: &[Vec<Figure>]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut notes = vec![match calls(inside, &Value::Null) {
-            script if script.is_empty() => format!("commands: {}", calls(all, inside)),
-            script => format!(
-                "commands: {} (inside scripts: {script})",
-                calls(all, inside)
-            ),
-        }];
+        let mut notes = vec![format!("commands: {}", calls(all, inside))];
+        if inside.as_object().is_some_and(|inside| !inside.is_empty()) {
+            notes[0] += &format!(" (inside scripts: {})", calls(inside, &Value::Null));
+        }
         if m["chunks_behind"].as_u64() > Some(0) {
             let behind = &m["chunks_behind"];
             notes.push(format!("fell behind: {behind} chunks unsent at the end"));
