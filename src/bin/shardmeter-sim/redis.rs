@@ -19,11 +19,12 @@ use std::time::Duration;
 
 /// Commands a client sends that start scripts (`RedisSink` sends these two).
 const SCRIPT_RUNNERS: &[&str] = &["eval", "evalsha"];
-/// Commands that never run inside a script (connection and script management).
-/// `get` is the engine's read side (one per account's first session and per idle account per
-/// flush); the script's own `GET` runs only for totals beyond 2^53, never in a simulation.
+/// Commands that never run inside a script: those, connection and script management, and `get`
+/// (the engine's read side; the script's own `GET` runs only for totals beyond 2^53, never in a
+/// simulation).
 const CLIENT_ONLY: &[&str] = &[
-    "script", "function", "ping", "hello", "auth", "client", "select", "command", "quit", "get",
+    "eval", "evalsha", "script", "function", "ping", "hello", "auth", "client", "select",
+    "command", "quit", "get",
 ];
 
 /// A `redis-server` started for this run (127.0.0.1, a free port, nothing on disk); killed and
@@ -64,68 +65,54 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// One reading of Redis' counters.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Counters {
-    /// `total_commands_processed`.
-    pub(crate) total_commands: u64,
-    pub(crate) commands: CommandStats,
-}
-
-impl Counters {
-    fn parse(info: &str) -> Result<Self, String> {
-        let total = redis_process::info_fields(info)
-            .get("total_commands_processed")
-            .and_then(|value| value.parse().ok())
-            .ok_or("INFO has no total_commands_processed")?;
-        Ok(Self {
-            total_commands: total,
-            commands: CommandStats::parse(info),
-        })
-    }
-}
-
-/// What Redis executed between two readings, the sim's `INFO` calls removed.
+/// What Redis executed between two `INFO stats commandstats` replies, the sim's `INFO` calls
+/// removed.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CommandDelta {
     /// `total_commands_processed` delta: client commands and script-internal calls.
     pub(crate) total_commands_processed: u64,
-    /// Per-command `calls` deltas (no `info`).
+    /// Per-command `calls` deltas (sub-commands apart: `script|load`).
     pub(crate) by_command: BTreeMap<String, u64>,
+    /// Of those, the calls taken as made inside scripts (see the module docs).
+    pub(crate) inside_scripts: BTreeMap<String, u64>,
 }
 
 impl CommandDelta {
-    pub(crate) fn between(before: &Counters, after: &Counters) -> Self {
+    pub(crate) fn between(before: &str, after: &str) -> Result<Self, String> {
+        let total = |info: &str| {
+            let fields = redis_process::info_fields(info);
+            let total = fields.get("total_commands_processed");
+            (total.and_then(|v| v.parse::<u64>().ok()))
+                .ok_or("INFO has no total_commands_processed")
+        };
+        let (before_stats, after_stats) = (CommandStats::parse(before), CommandStats::parse(after));
         let mut delta = Self::default();
-        for (name, stat) in &after.commands.0 {
-            let calls = stat.calls.saturating_sub(before.commands.calls(name));
+        for (name, stat) in &after_stats.0 {
+            let calls = stat.calls.saturating_sub(before_stats.calls(name));
             if name != "info" && calls > 0 {
                 delta.by_command.insert(name.clone(), calls);
             }
         }
-        let info = after.commands.calls("info") - before.commands.calls("info");
-        delta.total_commands_processed = (after.total_commands)
-            .saturating_sub(before.total_commands)
-            .saturating_sub(info);
-        delta
-    }
-
-    /// Whether `name`'s calls count as sent by a client (see the module docs). Sub-commands
-    /// (`script|load`) count as their command.
-    pub(crate) fn is_client_command(&self, name: &str) -> bool {
-        let command = name.split('|').next().unwrap_or(name);
-        let ran_scripts = SCRIPT_RUNNERS
+        if SCRIPT_RUNNERS
             .iter()
-            .any(|s| self.by_command.contains_key(*s));
-        !ran_scripts || SCRIPT_RUNNERS.contains(&command) || CLIENT_ONLY.contains(&command)
+            .any(|s| delta.by_command.contains_key(*s))
+        {
+            let command = |name: &str| name.split('|').next().unwrap_or(name).to_owned();
+            (delta.inside_scripts).extend(
+                (delta.by_command.iter())
+                    .filter(|(name, _)| !CLIENT_ONLY.contains(&command(name).as_str()))
+                    .map(|(name, calls)| (name.clone(), *calls)),
+            );
+        }
+        let info = after_stats.calls("info") - before_stats.calls("info");
+        let processed = total(after)?.saturating_sub(total(before)?);
+        delta.total_commands_processed = processed.saturating_sub(info);
+        Ok(delta)
     }
 
+    /// Commands clients sent.
     pub(crate) fn client_commands(&self) -> u64 {
-        let client = self
-            .by_command
-            .iter()
-            .filter(|(n, _)| self.is_client_command(n));
-        client.map(|(_, calls)| calls).sum()
+        self.by_command.values().sum::<u64>() - self.inside_scripts.values().sum::<u64>()
     }
 }
 
@@ -144,55 +131,54 @@ pub(crate) async fn connect(url: &str) -> Result<Client, String> {
     Ok(client)
 }
 
-/// Reads `INFO stats commandstats`.
-pub(crate) async fn counters(client: &Client) -> Result<Counters, String> {
-    let info: String = (client
-        .custom(fred::cmd!("INFO"), vec!["stats", "commandstats"])
-        .await)
-        .map_err(|e| format!("INFO failed: {e}"))?;
-    Counters::parse(&info)
+/// `INFO stats commandstats`.
+pub(crate) async fn counters(client: &Client) -> Result<String, String> {
+    let info = client.custom(fred::cmd!("INFO"), vec!["stats", "commandstats"]);
+    info.await.map_err(|e| format!("INFO failed: {e}"))
 }
 
-/// Every key matching `pattern`, by `SCAN`.
-pub(crate) async fn scan_keys(client: &Client, pattern: &str) -> Result<Vec<String>, String> {
-    let mut keys = Vec::new();
-    let mut cursor = "0".to_owned();
+/// Every key matching `pattern`, by `SCAN` (a given Redis may be shared: no `KEYS`).
+async fn scan_keys(client: &Client, pattern: &str) -> Result<Vec<String>, String> {
+    let (mut keys, mut cursor) = (Vec::new(), "0".to_owned());
     loop {
-        let (next, page): (String, Vec<String>) = client
-            .scan_page(cursor, pattern.to_owned(), Some(1000), None)
-            .await
-            .map_err(|e| format!("SCAN {pattern} failed: {e}"))?;
+        let (next, page): (String, Vec<String>) =
+            (client.scan_page(cursor, pattern, Some(1000), None).await)
+                .map_err(|e| format!("SCAN {pattern} failed: {e}"))?;
         keys.extend(page);
         if next == "0" {
             keys.sort();
-            keys.dedup();
+            keys.dedup(); // SCAN may return a key twice
             return Ok(keys);
         }
         cursor = next;
     }
 }
 
-/// The integer values of `keys` (`MGET` in chunks); a missing key is 0.
-pub(crate) async fn values(client: &Client, keys: &[String]) -> Result<Vec<i64>, String> {
-    let mut values = Vec::with_capacity(keys.len());
+/// The totals per uid of the keys `<prefix>:<uid>:<day>`, summed over days.
+pub(crate) async fn totals(client: &Client, prefix: &str) -> Result<BTreeMap<String, u64>, String> {
+    let keys = scan_keys(client, &format!("{prefix}:*")).await?;
+    let mut per_uid = BTreeMap::new();
     for chunk in keys.chunks(500) {
-        let got: Vec<Option<i64>> = client
-            .mget(chunk.to_vec())
-            .await
-            .map_err(|e| format!("MGET failed: {e}"))?;
-        values.extend(got.into_iter().map(Option::unwrap_or_default));
+        let values: Vec<Option<i64>> =
+            (client.mget(chunk.to_vec()).await).map_err(|e| format!("MGET failed: {e}"))?;
+        for (key, value) in chunk.iter().zip(values) {
+            let uid = (key.strip_prefix(prefix).and_then(|k| k.strip_prefix(':')))
+                .and_then(|k| Some(k.rsplit_once(':')?.0))
+                .ok_or_else(|| format!("unexpected key {key:?}"))?;
+            let value =
+                u64::try_from(value.unwrap_or(0)).map_err(|_| format!("{key} holds {value:?}"))?;
+            *per_uid.entry(uid.to_owned()).or_default() += value;
+        }
     }
-    Ok(values)
+    Ok(per_uid)
 }
 
 /// Deletes every key matching `pattern`; returns how many were deleted.
 pub(crate) async fn delete_matching(client: &Client, pattern: &str) -> Result<u64, String> {
     let mut deleted = 0;
     for chunk in scan_keys(client, pattern).await?.chunks(500) {
-        let n: u64 = client
-            .unlink(chunk.to_vec())
-            .await
-            .map_err(|e| format!("UNLINK failed: {e}"))?;
+        let n: u64 =
+            (client.unlink(chunk.to_vec()).await).map_err(|e| format!("UNLINK failed: {e}"))?;
         deleted += n;
     }
     Ok(deleted)
@@ -213,19 +199,16 @@ mod tests {
 
     #[test]
     fn script_internal_calls_are_split_out_and_info_is_dropped() {
-        let before = Counters::default();
-        let after = Counters::parse(SAMPLE).unwrap();
-        assert_eq!(after.total_commands, 120);
-        assert!(Counters::parse("# Stats\r\n").is_err());
-        let delta = CommandDelta::between(&before, &after);
+        let before = "total_commands_processed:0\r\n";
+        let delta = CommandDelta::between(before, SAMPLE).unwrap();
         assert_eq!(delta.total_commands_processed, 118);
         assert_eq!(delta.by_command.values().sum::<u64>(), 103);
         assert_eq!(delta.client_commands(), 3);
-        assert!(!delta.is_client_command("incrby") && delta.is_client_command("script|load"));
+        assert_eq!(Vec::from_iter(delta.inside_scripts.keys()), ["incrby"]);
+        assert!(CommandDelta::between("# Stats\r\n", SAMPLE).is_err());
 
-        let mut plain = after.clone();
-        plain.commands.0.remove("evalsha");
-        let delta = CommandDelta::between(&before, &plain);
-        assert_eq!(delta.client_commands(), 101); // no script ran: every command is a client's
+        let plain = SAMPLE.replace("cmdstat_evalsha", "cmdstat_ping");
+        let delta = CommandDelta::between(before, &plain).unwrap();
+        assert_eq!(delta.client_commands(), 103); // no script ran: every command is a client's
     }
 }

@@ -1,33 +1,30 @@
 //! The run's figures: one list per mode (JSON pointer, value, table row) from which both the
 //! JSON document (`--json`) and the table for people are drawn, so both show the same figures.
 
-use crate::modes::{sessions_per_task, Context, EngineFigures, Mode, ModeReport};
+use crate::modes::{EngineFigures, Mode, ModeReport};
 use serde_json::{json, Map, Value};
 use std::fmt::Write as _;
 
-/// How the figures were taken, printed under the table.
+/// How the figures were taken, printed under the table (docs/sim.md says more).
 const FOOTNOTES: &str = "\
 figures: Redis' own INFO deltas over each mode's window (first tick to last write; for
-  shardmeter, to the end of engine.shutdown()), minus the sim's own INFO calls. Redis 7
-  counts commands that scripts run in total_commands_processed and commandstats too, so
-  'calls incl. script-internal' is that counter, and 'client-issued' leaves out the
-  SET/INCRBY/EXPIRE run inside RedisSink's script.
-evalsha: one per batch written, plus one per failed try: RedisSink's first EVALSHA meets
-  NOSCRIPT (the script is not loaded yet), loads it (SCRIPT LOAD) and sends it again.
-hot path: per-chunk = each chunk's INCRBY+EXPIRE pipeline, timed on its own with Instant
-  (a round trip); shardmeter = session.add(20) on a registered tokio worker: Instant read
-  before and after each driver task's per-tick loop of adds, divided by the adds in it (one
-  sample per task and tick: a mean over the batch, the clock read included).
+  shardmeter, to the end of engine.shutdown()), minus the sim's own INFO calls. Redis 7 counts
+  the commands a script runs too: 'calls incl. script-internal' is total_commands_processed;
+  'client-issued' leaves out the SET/INCRBY/EXPIRE run inside RedisSink's script.
+evalsha: one per batch written, plus RedisSink's first one, which met NOSCRIPT and was sent
+  again after SCRIPT LOAD.
+hot path: per-chunk = each chunk's INCRBY+EXPIRE pipeline round trip; shardmeter = each driver
+  task's per-tick loop of session.add(20) over its sessions, divided by the adds in it (a mean
+  over the batch, the clock reads included).
 flush time: every write round (periodic, session end, shutdown), timed around the sink's write.
 ";
 
-/// The run's JSON document and its table: `settings` as `main` describes them, and each mode's
-/// figures.
+/// The run's JSON document and its table: `settings` as `main` describes them, the URL of the
+/// server the sim started (a given URL may carry a password: not shown), and each mode's figures.
 pub(crate) fn render(
     run_id: &str,
     settings: Value,
-    context: &Context,
-    private: bool,
+    private_url: Option<&str>,
     reports: &[ModeReport],
     keys_deleted: Option<u64>,
 ) -> (Value, String) {
@@ -45,30 +42,25 @@ pub(crate) fn render(
             (r.mode.name().replace('-', "_"), mode)
         })
         .collect();
-    // per-chunk ÷ shardmeter; commands per chunk sent stays meaningful when per-chunk mode
-    // fell behind.
-    let ratio = |field: &str| {
-        let (x, y) = (modes.get("per_chunk")?, modes.get("shardmeter")?);
-        let (x, y) = (x["redis"][field].as_f64()?, y["redis"][field].as_f64()?);
-        (y > 0.0).then(|| x / y)
-    };
-    let reduction = ratio("commands_per_second").map(|commands| {
-        json!({
-            "commands_per_second": commands,
-            "calls_including_script_internal_per_second":
-                ratio("calls_including_script_internal_per_second"),
-            "commands_per_chunk": ratio("commands_per_chunk"),
-        })
+    // per-chunk ÷ shardmeter (`null` if shardmeter's is 0: "∞"); per chunk sent stays
+    // meaningful when per-chunk mode fell behind.
+    let reduction = (modes.get("per_chunk").zip(modes.get("shardmeter"))).map(|(x, y)| {
+        let ratio = |field: &str| {
+            let (x, y) = (x["redis"][field].as_f64()?, y["redis"][field].as_f64()?);
+            (y > 0.0).then(|| x / y)
+        };
+        let fields = [
+            "commands_per_second",
+            "calls_including_script_internal_per_second",
+        ];
+        let fields = fields.iter().chain(&["commands_per_chunk"]);
+        Map::from_iter(fields.map(|&field| (field.to_owned(), json!(ratio(field)))))
     });
     let document = json!({
         "run_id": run_id,
         "ok": !reports.is_empty() && reports.iter().all(ModeReport::ok),
         "settings": settings,
-        // A given URL may carry a password: only the private server's is shown.
-        "redis": {"private": private, "url": private.then_some(&context.url)},
-        "sessions_planned": context.plan.session_count,
-        "chunks_planned": context.plan.planned_chunks,
-        "clock_read_ns": crate::load::clock_read_ns(),
+        "redis": {"private": private_url.is_some(), "url": private_url},
         "modes": modes,
         "reduction": reduction,
         "keys_deleted": keys_deleted,
@@ -89,13 +81,12 @@ enum Show {
     /// A string as it is.
     Text,
     Count,
-    Rate,
+    /// Two decimals below 100, else a count.
+    Number,
     /// Six decimals.
     Fine,
-    Nanos,
-    Micros,
-    Millis,
-    Seconds,
+    /// A duration given in units of this many nanoseconds.
+    Time(f64),
 }
 
 use Show::*;
@@ -108,21 +99,13 @@ fn figures(r: &ModeReport) -> Vec<Figure> {
     let q = |q: f64| (!hot.is_empty()).then(|| ns(hot.value_at_quantile(q)));
     let seconds = r.window.as_secs_f64();
     let (c, t, l) = (&r.commands, &r.totals, &r.load);
-    let inside_scripts: Map<String, Value> = (c.by_command.iter())
-        .filter(|(name, _)| !c.is_client_command(name))
-        .map(|(name, calls)| (name.clone(), json!(calls)))
-        .collect();
-    let what = match r.mode {
-        Mode::PerChunk => "INCRBY+EXPIRE pipeline round trip, each chunk timed",
-        Mode::Shardmeter => "session.add(20), mean per add over one driver task's tick batch",
-    };
     let writes_to = match r.mode {
         Mode::PerChunk => "INCRBY+EXPIRE",
         Mode::Shardmeter => "RedisSink",
     };
     let check = match t.ok() {
         true => "equal".to_owned(),
-        false => format!("WRONG ({} uids)", t.wrong_uids),
+        false => format!("WRONG ({} uids)", t.wrong.len()),
     };
     let engine = |f: &dyn Fn(&EngineFigures) -> Value| r.engine.as_ref().map_or(Value::Null, f);
     let flush = |e: &EngineFigures, q: f64| {
@@ -134,7 +117,7 @@ fn figures(r: &ModeReport) -> Vec<Figure> {
         ("/mode", json!(r.mode.name()), "", Text),
         ("/writes_to", json!(writes_to), "writes to", Text),
         ("/ok", json!(r.ok()), "", Json),
-        ("/sessions_per_task", json!(sessions_per_task(r.mode)), "sessions per driver task", Count),
+        ("/sessions_per_task", json!(r.mode.sessions_per_task()), "sessions per driver task", Count),
         ("/sessions_started", json!(l.sessions_started), "sessions started", Count),
         ("/sessions_refused", json!(l.sessions_refused), "", Json),
         ("/chunks_sent", json!(l.chunks), "chunks sent", Count),
@@ -145,29 +128,27 @@ fn figures(r: &ModeReport) -> Vec<Figure> {
         ("/totals/sent_ms", json!(t.expected_ms), "audio sent (ms)", Count),
         ("/totals/stored_ms", json!(t.found_ms), "audio stored (ms)", Count),
         ("/totals/check", json!(check), "totals check", Text),
-        ("/totals/keys", json!(t.keys), "", Json),
-        ("/totals/wrong_uids", json!(t.wrong_uids), "", Json),
-        ("/totals/examples", json!(t.examples), "", Json),
-        ("/window_seconds", json!(seconds), "measured window (s)", Seconds),
+        ("/totals/wrong_uids", json!(t.wrong.len()), "", Json),
+        ("/totals/examples", json!(t.wrong.iter().take(5).collect::<Vec<_>>()), "", Json),
+        ("/window_seconds", json!(seconds), "measured window (s)", Number),
         ("/redis/commands", json!(c.client_commands()), "Redis commands (client-issued)", Count),
-        ("/redis/commands_per_second", json!(c.client_commands() as f64 / seconds), "  per second", Rate),
+        ("/redis/commands_per_second", json!(c.client_commands() as f64 / seconds), "  per second", Number),
         ("/redis/calls_including_script_internal", json!(c.total_commands_processed), "Redis calls incl. script-internal", Count),
-        ("/redis/calls_including_script_internal_per_second", json!(c.total_commands_processed as f64 / seconds), "  per second", Rate),
+        ("/redis/calls_including_script_internal_per_second", json!(c.total_commands_processed as f64 / seconds), "  per second", Number),
         ("/redis/commands_per_chunk", json!(c.client_commands() as f64 / l.chunks.max(1) as f64), "commands per chunk", Fine),
         ("/redis/by_command", json!(c.by_command), "", Json),
-        ("/redis/inside_scripts", Value::Object(inside_scripts), "", Json),
-        ("/hot_path_ns/what", json!(what), "", Json),
-        ("/hot_path_ns/p50", json!(q(0.5)), "hot path p50", Nanos),
-        ("/hot_path_ns/p99", json!(q(0.99)), "hot path p99", Nanos),
-        ("/hot_path_ns/max", json!((!hot.is_empty()).then(|| ns(hot.max()))), "hot path max", Nanos),
+        ("/redis/inside_scripts", json!(c.inside_scripts), "", Json),
+        ("/hot_path_ns/p50", json!(q(0.5)), "hot path p50", Time(1.0)),
+        ("/hot_path_ns/p99", json!(q(0.99)), "hot path p99", Time(1.0)),
+        ("/hot_path_ns/max", json!((!hot.is_empty()).then(|| ns(hot.max()))), "hot path max", Time(1.0)),
         ("/hot_path_ns/samples", json!(hot.len()), "hot path samples", Count),
-        ("/max_tick_lag_ms", json!(l.max_lag.as_secs_f64() * 1e3), "max tick lag", Millis),
-        ("/engine/longest_flusher_poll_micros", engine(&|e| json!(e.stats.longest_flusher_poll_micros)), "flusher's longest poll", Micros),
+        ("/max_tick_lag_ms", json!(l.max_lag.as_secs_f64() * 1e3), "max tick lag", Time(1e6)),
+        ("/engine/longest_flusher_poll_micros", engine(&|e| json!(e.stats.longest_flusher_poll_micros)), "flusher's longest poll", Time(1e3)),
         ("/engine/flushes", engine(&|e| json!(e.stats.flushes)), "flush rounds", Count),
         ("/engine/batches_written", engine(&|e| json!(e.stats.batches_written)), "batches written", Count),
-        ("/engine/flush_micros/p50", engine(&|e| flush(e, 0.5)), "flush time p50 (every round)", Micros),
-        ("/engine/flush_micros/max", engine(&|e| flush(e, 1.0)), "flush time max", Micros),
-        ("/engine/shutdown_micros", engine(&|e| json!(e.shutdown.as_micros() as u64)), "final flush (shutdown)", Micros),
+        ("/engine/flush_micros/p50", engine(&|e| flush(e, 0.5)), "flush time p50 (every round)", Time(1e3)),
+        ("/engine/flush_micros/max", engine(&|e| flush(e, 1.0)), "flush time max", Time(1e3)),
+        ("/engine/shutdown_micros", engine(&|e| json!(e.shutdown.as_micros() as u64)), "final flush (shutdown)", Time(1e3)),
         ("/engine/keys_written", engine(&|e| json!(e.stats.keys_written)), "", Json),
         ("/engine/sessions_ended", engine(&|e| json!(e.stats.sessions_ended)), "", Json),
         ("/engine/write_failures", engine(&|e| json!(e.stats.write_failures)), "", Json),
@@ -181,20 +162,12 @@ fn figures(r: &ModeReport) -> Vec<Figure> {
 fn table(report: &Value, figures: &[Vec<Figure>]) -> String {
     let s = &report["settings"];
     let mut out = format!(
-        "shardmeter-sim  run {}: {} sessions × {} channel(s), 20 ms chunks at 50/s, {} s per \
-         mode{}{}\nengine: flush every {} ms, session end within {} ms; {} tokio workers \
-         (registered)\nredis: {}\n\n",
+        "shardmeter-sim  run {}: {} sessions, 20 ms chunks at 50/s, {} s per mode\n\
+         engine: flush every {} ms; {} tokio workers (registered)\nredis: {}\n\n",
         text(&report["run_id"]),
         s["sessions"],
-        s["channels"],
         s["seconds"],
-        match s["ramp_up_seconds"].as_f64() {
-            Some(ramp_up) if ramp_up > 0.0 => format!(", ramp-up {ramp_up} s"),
-            _ => String::new(),
-        },
-        if s["churn"] == true { ", churn" } else { "" },
         s["flush_interval_ms"],
-        s["session_end_delay_ms"],
         s["worker_threads"],
         match report["redis"]["url"].as_str() {
             Some(url) => format!("private redis-server (started for this run) at {url}"),
@@ -212,13 +185,10 @@ fn table(report: &Value, figures: &[Vec<Figure>]) -> String {
                 Some(match show {
                     Json | Text => value.as_str()?.to_owned(),
                     Count => thousands(number? as u64),
-                    Rate if number? >= 100.0 => thousands(number?.round() as u64),
-                    Rate => format!("{:.2}", number?),
+                    Number if number? >= 100.0 => thousands(number?.round() as u64),
+                    Number => format!("{:.2}", number?),
                     Fine => format!("{:.6}", number?),
-                    Nanos => time_ns(number?),
-                    Micros => time_ns(number? * 1e3),
-                    Millis => format!("{:.0} ms", number?),
-                    Seconds => format!("{:.2}", number?),
+                    Time(unit) => time_ns(number? * unit),
                 })
             };
             let _ = write!(out, "{:>20}", cell().unwrap_or_else(|| "-".into()));
@@ -229,18 +199,18 @@ fn table(report: &Value, figures: &[Vec<Figure>]) -> String {
 
     for (name, m) in report["modes"].as_object().into_iter().flatten() {
         let name = name.replace('_', "-");
-        let calls = |script: bool| {
-            let inside = &m["redis"]["inside_scripts"];
-            let by_command = m["redis"]["by_command"].as_object().into_iter().flatten();
-            (by_command.filter(|(n, _)| inside.get(n.as_str()).is_some() == script))
+        let (all, inside) = (&m["redis"]["by_command"], &m["redis"]["inside_scripts"]);
+        let calls = |only: &Value, not: &Value| {
+            (only.as_object().into_iter().flatten())
+                .filter(|(n, _)| not.get(n.as_str()).is_none())
                 .map(|(n, calls)| format!("{n} {}", thousands(calls.as_u64().unwrap_or(0))))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut notes = vec![match calls(true) {
-            inside if inside.is_empty() => format!("commands: {}", calls(false)),
-            inside => format!("commands: {} (inside scripts: {inside})", calls(false)),
-        }];
+        let mut notes = vec![format!("commands: {}", calls(all, inside))];
+        if inside.as_object().is_some_and(|inside| !inside.is_empty()) {
+            notes[0] += &format!(" (inside scripts: {})", calls(inside, &Value::Null));
+        }
         if m["chunks_behind"].as_u64() > Some(0) {
             let behind = &m["chunks_behind"];
             notes.push(format!("fell behind: {behind} chunks unsent at the end"));
@@ -279,8 +249,7 @@ fn table(report: &Value, figures: &[Vec<Figure>]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{FOOTNOTES}  (one clock read costs {:.0} ns here)\nresult: {}",
-        report["clock_read_ns"].as_f64().unwrap_or(0.0),
+        "\n{FOOTNOTES}result: {}",
         match report["ok"] == true {
             true => "OK: Redis holds exactly the audio sent, in every mode",
             false => "FAILED (see above)",
