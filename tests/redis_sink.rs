@@ -1000,19 +1000,19 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
         &[("{acct}:acl-1", 3, MINUTE), ("{acct}:acl-2", 4, MINUTE)],
     );
     let refused = write_one(&sink, &b).await;
+    for key in ["{acct}:acl-1", "{acct}:acl-2"] {
+        assert_eq!(server.get(key), None, "{key} was written: {refused:?}");
+    }
+    assert_eq!(
+        server.get(&sink.dedup_record_key(b.id, "{acct}:acl-1")),
+        None
+    );
     let Err(SinkError::Misconfigured(message)) = &refused else {
         panic!("{refused:?}");
     };
     assert!(
         message.contains("NOPERM") && message.contains(&format!("127.0.0.1:{}", server.port())),
         "{message}"
-    );
-    for key in ["{acct}:acl-1", "{acct}:acl-2"] {
-        assert_eq!(server.get(key), None, "{key} was written");
-    }
-    assert_eq!(
-        server.get(&sink.dedup_record_key(b.id, "{acct}:acl-1")),
-        None
     );
 
     // EVALSHA itself forbidden: Redis refuses before the script runs.
@@ -1030,4 +1030,47 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
         Ok(BatchOutcome::Applied(vec![added(3), added(4)]))
     );
     assert_eq!(server.ttl("{acct}:acl-1"), 60);
+}
+
+/// Redis' password changes under a running sink: the reconnect is refused (`WRONGPASS`), a
+/// configuration error naming the address; once the password is back, the client reconnects
+/// and the same batch applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_under_the_sink_is_misconfigured_until_it_is_back() {
+    let server = RedisServer::start_with(&["--requirepass", "old"]);
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://:old@127.0.0.1:{}", server.port()))
+        .await
+        .unwrap();
+    let mut admin = server.client();
+    admin
+        .command(&["CONFIG", "SET", "requirepass", "new"])
+        .unwrap();
+    admin
+        .command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .unwrap();
+
+    let b = batch(unique_u64(), 1, &[("{acct}:rotated", 6, MINUTE)]);
+    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
+        match write_one(&sink, &b).await {
+            Err(SinkError::Misconfigured(message)) => Ok(message),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", server.port())) && message.contains("WRONGPASS"),
+        "{message}"
+    );
+    assert_eq!(admin.get("{acct}:rotated"), None);
+
+    admin
+        .command(&["CONFIG", "SET", "requirepass", "old"])
+        .unwrap();
+    let (outcome, _) = until_ok("a write once the password is back", PATIENCE, || {
+        write_one(&sink, &b)
+    })
+    .await;
+    assert_eq!(outcome, BatchOutcome::Applied(vec![added(6)]));
 }
