@@ -199,6 +199,14 @@ impl Engine {
     /// Sweeps now and waits until everything pending at the call (what this sweep collects
     /// included) is written, or the first write fails (the amounts then stay pending and are
     /// retried with backoff). Amounts collected while it waits are not necessarily waited for.
+    /// The report also lists what the sink refused for good meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Sink`] with the failed round's error: for a Redis that cannot be reached,
+    /// [`SinkError::NotSent`] naming its address and the cause; for one that refuses the sink's
+    /// settings (a database, password or permission), [`SinkError::Misconfigured`], which no
+    /// retry fixes until someone changes the setting. [`EngineError::ShutDown`] after shutdown.
     pub async fn flush_now(&self) -> Result<FlushReport, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::FlushNow(reply)).await?;
