@@ -1015,6 +1015,15 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
         "{message}"
     );
 
+    // SET forbidden: the script's first write fails, before anything is written.
+    acl(&mut admin, "-set");
+    let refused = write_one(&sink, &b).await;
+    assert!(
+        matches!(&refused, Err(SinkError::Misconfigured(m)) if m.contains("can't run")),
+        "{refused:?}"
+    );
+    assert_eq!(server.get("{acct}:acl-1"), None);
+
     // EVALSHA itself forbidden: Redis refuses before the script runs.
     acl(&mut admin, "-evalsha");
     let refused = write_one(&sink, &b).await;
@@ -1023,7 +1032,6 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
         "{refused:?}"
     );
 
-    acl(&mut admin, "+expire");
     acl(&mut admin, "+evalsha");
     assert_eq!(
         write_one(&sink, &b).await,
