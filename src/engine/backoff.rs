@@ -1,5 +1,6 @@
-//! When the flusher may write again after failed write rounds: one small value whose methods
-//! are pure functions of the instant passed in, so the schedule is tested without a runtime.
+//! After failed write rounds: when the flusher may write again ([`Backoff`]) and when it says so
+//! again ([`FailureLog`]). Small values whose methods are pure functions of the instant passed
+//! in, so both are tested without a runtime.
 
 use std::time::Duration;
 use tokio::time::Instant;
@@ -93,6 +94,42 @@ impl Backoff {
     pub(crate) fn restart(&mut self) {
         self.retry_at = None;
         self.schedule_start = self.failures;
+    }
+}
+
+/// While write rounds keep failing, which failures are worth a `WARN` (an `ERROR` for a
+/// configuration error): the first, each change of cause (a timeout becomes `NOAUTH`...), and
+/// the same cause again once `interval` has passed since it was last said. An outage stays
+/// visible, with its cause, without flooding the log.
+#[derive(Debug)]
+pub(crate) struct FailureLog {
+    interval: Duration,
+    /// When a failure was last said, and its cause.
+    said: Option<(Instant, String)>,
+}
+
+impl FailureLog {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            said: None,
+        }
+    }
+
+    /// A round failed at `now` with `cause`: whether to say so now (then it counts as said).
+    pub(crate) fn failed(&mut self, now: Instant, cause: &str) -> bool {
+        let due = self.said.as_ref().is_none_or(|(at, said)| {
+            said != cause || now.saturating_duration_since(*at) >= self.interval
+        });
+        if due {
+            self.said = Some((now, cause.to_owned()));
+        }
+        due
+    }
+
+    /// A round succeeded: the next failure is said at once.
+    pub(crate) fn recovered(&mut self) {
+        self.said = None;
     }
 }
 
@@ -190,6 +227,29 @@ mod tests {
         assert_eq!(backoff.retry_at(), None);
         let delay = backoff.failed(now);
         assert_within(&backoff, now, delay, 400 * MS);
+    }
+
+    #[test]
+    fn failures_are_said_first_on_a_new_cause_and_again_after_the_interval() {
+        let (_, start) = schedule();
+        let mut log = FailureLog::new(Duration::from_secs(30));
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert!(log.failed(at(0), "timeout"), "the first failure");
+        assert!(!log.failed(at(1), "timeout"), "the same cause soon after");
+        assert!(!log.failed(at(29), "timeout"));
+        assert!(
+            log.failed(at(30), "timeout"),
+            "the same cause, interval passed"
+        );
+        assert!(!log.failed(at(31), "timeout"));
+        assert!(log.failed(at(32), "NOAUTH"), "a new cause");
+        assert!(log.failed(at(33), "timeout"), "the old cause is new again");
+        log.recovered();
+        assert!(
+            log.failed(at(34), "timeout"),
+            "the first failure after a recovery"
+        );
+        assert!(!log.failed(at(35), "timeout"));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! `pending.rs` for why memory stays bounded.
 
 use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
-use super::backoff::Backoff;
+use super::backoff::{Backoff, FailureLog};
 use super::keys::KeyScheme;
 use super::metrics;
 use super::pending::{Pending, Rejection};
@@ -177,6 +177,7 @@ type ReadFuture = Pin<Box<dyn Future<Output = (ReadRequest, ReadResults)> + Send
 
 struct FlushWaiter {
     reply: oneshot::Sender<Result<FlushReport, EngineError>>,
+    /// `Settled::written` and `Settled::rejected` at the call.
     written_before: Tally,
     rejected_before: Tally,
     /// Increments refused while the caller waits (the first `MAX_REPORTED_REJECTIONS`).
@@ -185,8 +186,17 @@ struct FlushWaiter {
     round: u64,
 }
 
-/// Increments and their amount, over the engine's life: the flusher's own totals, exact (the
-/// published stats saturate at `u64::MAX`).
+/// What the sink settled over the engine's life: the flusher's own exact totals, which the stats
+/// publish (saturating at `u64::MAX`), and the refusals the shutdown report lists.
+#[derive(Debug, Default)]
+struct Settled {
+    written: Tally,
+    rejected: Tally,
+    /// The first `MAX_REPORTED_REJECTIONS` increments refused.
+    rejections: Vec<Rejection>,
+}
+
+/// Increments and their amount.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     keys: u64,
@@ -228,15 +238,11 @@ pub(crate) struct Flusher<S> {
     interval_start: SystemTime,
     write: Option<WriteFuture>,
     backoff: Backoff,
-    /// When the last "flush failed" WARN was logged while failures go on, and the cause it gave.
-    last_failure_warning: Option<(Instant, String)>,
+    failure_log: FailureLog,
     ended_due: Option<Instant>,
     waiters: Vec<FlushWaiter>,
-    written: Tally,
-    rejected_total: Tally,
-    /// The first `MAX_REPORTED_REJECTIONS` increments refused, for the shutdown report.
-    rejected: Vec<Rejection>,
-    /// Write rounds started, numbering the `flush_round` spans.
+    settled: Settled,
+    /// Write rounds started (the `flushes` stat), numbering the `flush_round` spans.
     rounds_started: u64,
 }
 
@@ -285,12 +291,10 @@ impl<S: Sink> Flusher<S> {
             usage: Vec::new(),
             write: None,
             backoff,
-            last_failure_warning: None,
+            failure_log: FailureLog::new(FAILURE_WARNING_INTERVAL),
             ended_due: None,
             waiters: Vec::new(),
-            written: Tally::default(),
-            rejected_total: Tally::default(),
-            rejected: Vec::new(),
+            settled: Settled::default(),
             rounds_started: 0,
         }
     }
@@ -464,8 +468,8 @@ impl<S: Sink> Flusher<S> {
         }
         self.waiters.push(FlushWaiter {
             reply,
-            written_before: self.written,
-            rejected_before: self.rejected_total,
+            written_before: self.settled.written,
+            rejected_before: self.settled.rejected,
             rejected: Vec::new(),
             round: self.pending.round_carrying_pending(),
         });
@@ -480,12 +484,12 @@ impl<S: Sink> Flusher<S> {
         if batches.is_empty() {
             return;
         }
-        Stats::add(&self.stats.flushes, 1);
+        self.rounds_started += 1;
+        Stats::set(&self.stats.flushes, self.rounds_started.into());
         let retry = self.backoff.failures() > 0;
         if retry {
             Stats::add(&self.stats.retries, 1);
         }
-        self.rounds_started += 1;
         let span = round_span(self.rounds_started, retry, &batches);
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
@@ -515,10 +519,12 @@ impl<S: Sink> Flusher<S> {
             book.acknowledged(&increment.key, increment.amount, total, now);
         });
 
-        self.written
+        let settled = &mut self.settled;
+        settled
+            .written
             .add(settlement.keys_written, settlement.amount_written);
-        Stats::set(&self.stats.keys_written, self.written.keys.into());
-        Stats::set(&self.stats.amount_written, self.written.amount);
+        Stats::set(&self.stats.keys_written, settled.written.keys.into());
+        Stats::set(&self.stats.amount_written, settled.written.amount);
         Stats::add(
             &self.stats.batches_written,
             settlement.batches_written.into(),
@@ -540,18 +546,18 @@ impl<S: Sink> Flusher<S> {
                 reason = %rejection.reason,
                 "sink refused an increment for good; amount not written"
             );
-            self.rejected_total.add(1, rejection.amount.into());
+            settled.rejected.add(1, rejection.amount.into());
             for waiter in &mut self.waiters {
                 if waiter.rejected.len() < MAX_REPORTED_REJECTIONS {
                     waiter.rejected.push(rejection.clone());
                 }
             }
-            if self.rejected.len() < MAX_REPORTED_REJECTIONS {
-                self.rejected.push(rejection);
+            if settled.rejections.len() < MAX_REPORTED_REJECTIONS {
+                settled.rejections.push(rejection);
             }
         }
-        Stats::set(&self.stats.keys_rejected, self.rejected_total.keys.into());
-        Stats::set(&self.stats.amount_rejected, self.rejected_total.amount);
+        Stats::set(&self.stats.keys_rejected, settled.rejected.keys.into());
+        Stats::set(&self.stats.amount_rejected, settled.rejected.amount);
 
         if !self.waiters.is_empty() {
             // A `flush_now` caller reads the read side next: publish everything before answering
@@ -573,13 +579,8 @@ impl<S: Sink> Flusher<S> {
                 };
                 let cause = error.to_string();
                 self.stats.set_last_write_error(Some(&cause));
-                // A WARN (an ERROR for a configuration error) at the first failure, whenever
-                // the cause changes (a timeout becomes NOAUTH...), and once per interval while
-                // the same cause goes on: an outage stays visible, with its cause, without
-                // flooding the log.
-                let warn_due = self.last_failure_warning.as_ref().is_none_or(|(at, said)| {
-                    *said != cause || now.duration_since(*at) >= FAILURE_WARNING_INTERVAL
-                });
+                // At a bounded rate, with the cause (see `FailureLog`).
+                let warn_due = self.failure_log.failed(now, &cause);
                 let failed_rounds = self.backoff.failures();
                 if warn_due && misconfigured {
                     tracing::error!(%error, failed_rounds, pending = %self.pending.amount(),
@@ -593,16 +594,13 @@ impl<S: Sink> Flusher<S> {
                     tracing::debug!(%error, retry_in = ?delay, attempt = failed_rounds,
                         "flush failed again");
                 }
-                if warn_due {
-                    self.last_failure_warning = Some((now, cause));
-                }
                 self.answer_waiters(Some(error));
             }
             None => {
                 let failed_rounds = self.backoff.succeeded();
                 if failed_rounds > 0 {
                     tracing::info!(failed_rounds, "sink recovered");
-                    self.last_failure_warning = None;
+                    self.failure_log.recovered();
                     self.stats.set_last_write_error(None);
                 }
                 self.answer_waiters(None);
@@ -622,8 +620,8 @@ impl<S: Sink> Flusher<S> {
             let answer = match &failure {
                 Some(error) => Err(EngineError::Sink(error.clone())),
                 None if self.pending.round_done(waiter.round) => {
-                    let written = self.written.since(waiter.written_before);
-                    let rejected = self.rejected_total.since(waiter.rejected_before);
+                    let written = self.settled.written.since(waiter.written_before);
+                    let rejected = self.settled.rejected.since(waiter.rejected_before);
                     Ok(FlushReport {
                         keys_written: written.keys,
                         amount_written: written.amount,
@@ -721,11 +719,11 @@ impl<S: Sink> Flusher<S> {
             );
         }
         ShutdownReport {
-            keys_written: self.written.keys,
-            amount_written: self.written.amount,
+            keys_written: self.settled.written.keys,
+            amount_written: self.settled.written.amount,
             unwritten,
             in_doubt,
-            rejected: self.rejected.clone(),
+            rejected: self.settled.rejections.clone(),
         }
     }
 }
