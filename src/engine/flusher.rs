@@ -686,9 +686,8 @@ impl<S: Sink> Flusher<S> {
         // would then report everything unwritten without one attempt. So attempt at once, as
         // `flush_now` does, and restart the backoff from `retry_initial`, so that the deadline
         // leaves room for retries.
-        if self.write.is_none() {
-            self.backoff.restart();
-        }
+        // (A write in flight has no wait scheduled: a wait starts only when a write ends.)
+        self.backoff.restart();
         loop {
             self.start_write_if_due();
             if self.write.is_none() && self.pending.is_empty() {
