@@ -7,7 +7,7 @@ mod support;
 use shardmeter::sink::{Batch, BatchOutcome, Sink, SinkError};
 use shardmeter::{Bucket, Clock, Engine, EngineError, KeyScheme, MemorySink, Ttl};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use support::load::add_random;
@@ -438,6 +438,7 @@ async fn bad_configuration_is_a_typed_error() {
         build(base().write_timeout(Duration::ZERO)),
         build(base().session_end_delay(Duration::from_secs(120))),
         build(base().retry_backoff(Duration::from_secs(2), Duration::from_secs(1))),
+        build(base().retry_backoff(Duration::from_secs(1), Duration::from_secs(3601))),
         build(base().capacity(0)),
         build(base().keys(KeyScheme::new("p").ttl(Ttl::Fixed(Duration::ZERO)))),
         build(base().keys(KeyScheme::new(""))),
@@ -509,4 +510,145 @@ fn dropping_the_engine_without_shutdown_is_logged_as_an_error() {
     let before = logs.text().len();
     drop(engine);
     assert_eq!(logs.text().len(), before, "{}", logs.text());
+}
+
+/// A sink that refuses every write as misconfigured while `refusing` is set.
+#[derive(Clone, Default)]
+struct MisconfiguredSink {
+    memory: MemorySink,
+    refusing: Arc<AtomicBool>,
+    writes: Arc<AtomicUsize>,
+}
+
+impl Sink for MisconfiguredSink {
+    async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if !self.refusing.load(Ordering::SeqCst) {
+            return self.memory.write(batches).await;
+        }
+        let error = SinkError::Misconfigured("database 99 does not exist".into());
+        batches.iter().map(|_| Err(error.clone())).collect()
+    }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        self.memory.read_totals(keys).await
+    }
+}
+
+/// A configuration error is not retried like an outage (10 ms, 20 ms, 40 ms...) but at the
+/// longest backoff; it is counted and shown in the stats until a write succeeds, and nothing
+/// is lost meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats() {
+    let sink = MisconfiguredSink::default();
+    sink.refusing.store(true, Ordering::SeqCst);
+    let engine = Engine::builder()
+        .retry_backoff(Duration::from_millis(10), Duration::from_secs(1))
+        .keys(KeyScheme::new("misconfigured"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    engine.record("u", 5).unwrap();
+    let error = engine.flush_now().await.unwrap_err();
+    assert!(
+        matches!(&error, EngineError::Sink(SinkError::Misconfigured(m)) if m.contains("99")),
+        "{error}"
+    );
+    let writes = || sink.writes.load(Ordering::SeqCst);
+    assert_eq!(writes(), 1);
+    let stats = engine.stats();
+    assert_eq!((stats.write_failures, stats.config_errors), (1, 1));
+    assert_eq!(stats.pending_amount, 5);
+    assert_eq!(
+        stats.last_write_error.as_deref(),
+        Some("sink misconfigured, nothing applied until it is fixed: database 99 does not exist")
+    );
+
+    // The retry comes in the upper half of the longest backoff: not before 500 ms, by 1 s.
+    tokio::time::sleep(Duration::from_millis(490)).await;
+    assert_eq!(writes(), 1, "retried like an outage");
+    tokio::time::sleep(Duration::from_millis(520)).await;
+    assert_eq!(writes(), 2);
+    assert_eq!(engine.stats().config_errors, 2);
+
+    sink.refusing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_010)).await;
+    assert_eq!(writes(), 3);
+    let stats = engine.stats();
+    assert_eq!((stats.pending_amount, stats.amount_written), (0, 5));
+    assert_eq!(stats.last_write_error, None);
+    assert_eq!(stats.config_errors, 2);
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    assert_eq!(sink.memory.total("misconfigured:u"), Some(5));
+}
+
+/// Two `set_enabled` calls race: the flusher applies them one after the other, and it alone
+/// publishes the state, so `is_enabled` ends as the state it applied last (seen here from what
+/// it does: is new usage written or discarded?).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_set_enabled_calls_end_with_the_state_applied_last() {
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("race"))
+        .capacity(64)
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let mut outcomes = [0; 2];
+    for round in 0..300 {
+        // Spawned in alternating order, so that each side sometimes comes last.
+        let states = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let calls = states.map(|enabled| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.set_enabled(enabled).await })
+        });
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        let account = format!("u{round}");
+        engine.record(&account, 1).unwrap();
+        engine.flush_now().await.unwrap();
+        let applied_last = sink.total(&format!("race:{account}")).is_some();
+        assert_eq!(engine.is_enabled(), applied_last, "round {round}");
+        outcomes[usize::from(applied_last)] += 1;
+    }
+    // Both orders happened, or the race was not exercised.
+    assert!(outcomes.iter().all(|&n| n > 0), "{outcomes:?}");
+    engine.shutdown().await.unwrap();
+}
+
+/// Each write round and each full sweep runs in a span with what an operator needs to tell
+/// them apart (round number, retry, batches, keys, amount; slots swept).
+#[tokio::test]
+async fn write_rounds_and_sweeps_run_in_spans() {
+    let logs = support::logs::CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .with_writer(logs.clone())
+        .finish();
+    // This runtime has one thread, so the flusher task runs where this subscriber is set.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("spans"))
+        .capacity(64)
+        .batch_size(1)
+        .sink(MemorySink::new())
+        .build()
+        .unwrap();
+    engine.record("a", 3).unwrap();
+    engine.record("b", 4).unwrap();
+    engine.flush_now().await.unwrap();
+    engine.shutdown().await.unwrap();
+    let text = logs.text();
+    assert!(
+        text.contains("flush_round{round=1 retry=false batches=2 keys=2 amount=7}: "),
+        "{text}"
+    );
+    assert!(text.contains("sweep{slots=64}: "), "{text}");
 }

@@ -1,17 +1,19 @@
 //! The engine end to end against a real Redis: exact totals and TTLs after concurrent use,
 //! prompt session-end flushes, a disabled engine costing no command, a Redis that stops and
-//! comes back, and the command count of a realistic gateway profile against the per-chunk
-//! baseline — counted by Redis itself (`INFO commandstats`).
+//! comes back, the command count of a realistic gateway profile against the per-chunk
+//! baseline — counted by Redis itself (`INFO commandstats`) — and the errors a user acts on:
+//! a Redis nowhere, refused keys in `flush_now`'s report, a permission revoked mid-run.
 
 mod support;
 
-use shardmeter::{Engine, KeyScheme, RedisSink};
+use shardmeter::sink::SinkError;
+use shardmeter::{Engine, EngineError, KeyScheme, RedisSink};
 use std::collections::HashMap;
 use std::time::Duration;
 use support::load::add_random;
 use support::rng::Rng;
 use support::wait::eventually;
-use support::{shared_redis, shared_redis_url, Keyspace, RedisServer, RespClient};
+use support::{shared_redis, shared_redis_url, Keyspace, RedisServer, Reply, RespClient};
 
 fn key(keyspace: &Keyspace, account: &str) -> String {
     format!("{}:{account}", keyspace.prefix())
@@ -364,4 +366,143 @@ async fn the_counters_prefix_holds_the_deployments_keys_and_nothing_else() {
         let ttl = redis.ttl(key);
         assert!((3600..=86_400 + 3600).contains(&ttl), "{key}: TTL {ttl}");
     }
+}
+
+/// Nothing listens where the sink connects: the engine starts (fail-open), and `flush_now`'s
+/// error names the address and the cause, with the amount kept pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_now_to_nowhere_names_the_address_and_the_cause() {
+    let port = support::free_port();
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .expect("a Redis that is down is not a start-up error");
+    let engine = Engine::builder()
+        .shutdown_timeout(Duration::from_millis(200))
+        .sink(sink)
+        .build()
+        .unwrap();
+    engine.record("u", 5).unwrap();
+    let error = engine.flush_now().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(&error, EngineError::Sink(SinkError::NotSent(_)))
+            && text.contains(&format!("not connected to Redis at 127.0.0.1:{port}"))
+            && text.contains("refused"),
+        "{text}"
+    );
+    let stats = engine.stats();
+    assert_eq!(stats.pending_amount, 5);
+    assert!(
+        stats
+            .last_write_error
+            .as_deref()
+            .is_some_and(|e| text.ends_with(e) && e.contains("refused")),
+        "{stats:?}"
+    );
+    let report = engine.shutdown().await.unwrap();
+    assert_eq!(report.unwritten, vec![("shardmeter:usage:u".to_owned(), 5)]);
+}
+
+/// `flush_now` says what the sink refused while it ran, not only what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_now_reports_what_the_sink_refused() {
+    let keyspace = Keyspace::new(shared_redis(), "engine-refused");
+    let mut redis = RespClient::connect(shared_redis()).unwrap();
+    redis.set(&key(&keyspace, "text"), "abc");
+    let engine = Engine::builder()
+        .keys(KeyScheme::new(keyspace.prefix()))
+        .sink(RedisSink::connect(&shared_redis_url()).await.unwrap())
+        .build()
+        .unwrap();
+    engine.record("text", 9).unwrap();
+    engine.record("number", 5).unwrap();
+    let report = engine.flush_now().await.unwrap();
+    assert_eq!((report.keys_written, report.amount_written), (1, 5));
+    assert_eq!((report.keys_rejected, report.amount_rejected), (1, 9));
+    assert_eq!(report.rejected.len(), 1);
+    let rejection = &report.rejected[0];
+    assert_eq!(
+        (rejection.key.as_str(), rejection.amount),
+        (key(&keyspace, "text").as_str(), 9)
+    );
+    assert!(rejection.reason.contains("not an integer"), "{rejection:?}");
+
+    // The next flush reports only its own.
+    engine.record("number", 2).unwrap();
+    let report = engine.flush_now().await.unwrap();
+    assert_eq!((report.keys_written, report.amount_written), (1, 2));
+    assert_eq!((report.keys_rejected, report.amount_rejected), (0, 0));
+    assert!(report.rejected.is_empty());
+    let stats = engine.stats();
+    assert_eq!((stats.keys_rejected, stats.amount_rejected), (1, 9));
+    assert_eq!(redis.get(&key(&keyspace, "number")).as_deref(), Some("7"));
+    engine.shutdown().await.unwrap();
+}
+
+/// The sink's user loses the permission to run the script mid-run: `flush_now` fails with the
+/// typed configuration error, the stats and an ERROR log say so, the amounts stay pending and
+/// are written exactly once the permission is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permission_revoked_mid_run_is_a_configuration_error_until_restored() {
+    let logs = support::logs::captured_logs();
+    let redis = RedisServer::start();
+    let mut admin = redis.client();
+    let acl = |admin: &mut RespClient, rule: &str| {
+        let reply = admin
+            .command(&["ACL", "SETUSER", "meter", "on", ">pw", "~*", "+@all", rule])
+            .unwrap();
+        assert_eq!(reply, Reply::Status("OK".into()));
+    };
+    acl(&mut admin, "+evalsha");
+    let sink = RedisSink::connect(&format!("redis://meter:pw@127.0.0.1:{}", redis.port()))
+        .await
+        .unwrap();
+    let engine = Engine::builder()
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(200))
+        .sink(sink)
+        .build()
+        .unwrap();
+    engine.record("before", 10).unwrap();
+    engine.flush_now().await.unwrap();
+
+    acl(&mut admin, "-evalsha");
+    engine.record("during", 20).unwrap();
+    let error = engine.flush_now().await.unwrap_err();
+    let EngineError::Sink(SinkError::Misconfigured(message)) = &error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        message.contains("NOPERM") && message.contains(&format!("127.0.0.1:{}", redis.port())),
+        "{message}"
+    );
+    let stats = engine.stats();
+    assert!(stats.config_errors >= 1, "{stats:?}");
+    assert_eq!(stats.pending_amount, 20);
+    assert!(
+        stats
+            .last_write_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NOPERM")),
+        "{stats:?}"
+    );
+    let text = logs.text();
+    assert!(
+        text.lines().any(|line| line.contains("ERROR")
+            && line.contains("configuration is wrong")
+            && line.contains("NOPERM")),
+        "{text}"
+    );
+
+    acl(&mut admin, "+evalsha");
+    support::until_ok("a flush once fixed", Duration::from_secs(20), || {
+        engine.flush_now()
+    })
+    .await;
+    assert_eq!(engine.stats().last_write_error, None);
+    assert!(engine.shutdown().await.unwrap().is_complete());
+    let mut check = redis.client();
+    assert_eq!(check.get_i64("shardmeter:usage:before"), Some(10));
+    assert_eq!(check.get_i64("shardmeter:usage:during"), Some(20));
 }

@@ -1,6 +1,7 @@
 //! `RedisSink` against real Redis servers: totals and TTLs, deduplication by batch id, lost
 //! replies (through a fault-injecting proxy) contrasted with a plain `INCRBY` pipeline and a
-//! `MULTI`/`EXEC`, refused keys, `NOSCRIPT`, start-up errors, a killed and a paused Redis, the
+//! `MULTI`/`EXEC`, refused keys, `NOSCRIPT`, start-up errors, configuration errors (a database
+//! Redis does not have, an ACL that forbids a command), a killed and a paused Redis, the
 //! commands a steady flush costs, TTLs given back, and the bound on the dedup records. The same
 //! sink on a Redis Cluster: `tests/cluster.rs`.
 //!
@@ -901,4 +902,183 @@ async fn a_write_to_nowhere_names_the_address_and_the_cause() {
         message.contains(&format!("not connected to Redis at 127.0.0.1:{port}: ")),
         "{message}"
     );
+}
+
+/// A database index Redis does not have is a configuration error, reported by `connect` with
+/// the address and Redis' reply, not retried forever like an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_redis_does_not_have_is_refused_at_connect() {
+    let error = tokio::time::timeout(
+        PATIENCE,
+        RedisSink::connect(&format!("{}/99", shared_redis_url())),
+    )
+    .await
+    .expect("connect does not hang")
+    .unwrap_err();
+    let RedisSinkError::Misconfigured(message) = &error else {
+        panic!("{error:?}");
+    };
+    assert!(message.contains("127.0.0.1:6379"), "{message}");
+    assert!(
+        message.contains("ERR DB index is out of range"),
+        "{message}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("Redis refuses the sink's settings: "),
+        "{error}"
+    );
+    // Refused credentials name the address too.
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let error = RedisSink::connect(&format!("redis://:wrong@127.0.0.1:{}", server.port()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, RedisSinkError::Auth(m)
+            if m.contains(&format!("127.0.0.1:{}", server.port())) && m.contains("WRONGPASS")),
+        "{error:?}"
+    );
+}
+
+/// The same database, with Redis down at start-up: `connect` cannot know yet and succeeds;
+/// writes are `NotSent` while nothing listens, then `Misconfigured` (nothing applied) once
+/// Redis answers and refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_redis_does_not_have_is_misconfigured_once_redis_is_up() {
+    let port = support::free_port();
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://127.0.0.1:{port}/99"))
+        .await
+        .expect("a Redis that is down is not a start-up error");
+    let b = batch(unique_u64(), 1, &[("{acct}:db99", 1, MINUTE)]);
+    let early = write_one(&sink, &b).await;
+    assert!(
+        matches!(&early, Err(SinkError::NotSent(m)) if m.contains("refused")),
+        "{early:?}"
+    );
+
+    let _server = RedisServer::start_on(port, &[]);
+    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
+        match write_one(&sink, &b).await {
+            Err(SinkError::Misconfigured(message)) => Ok(message),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!("127.0.0.1:{port}"))
+            && message.contains("ERR DB index is out of range"),
+        "{message}"
+    );
+    assert!(!SinkError::Misconfigured(message).may_have_applied());
+}
+
+/// An ACL that lets the sink's user run `EVALSHA` but not a command the script runs: the script
+/// refuses the whole call before writing anything (no key, no dedup record), instead of
+/// applying part of it and reporting the rest as refused keys. Once the permission is given,
+/// the same batch applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
+    let server = RedisServer::start();
+    let mut admin = server.client();
+    let acl = |admin: &mut RespClient, rule: &str| {
+        let reply = admin
+            .command(&["ACL", "SETUSER", "meter", "on", ">pw", "~*", "+@all", rule])
+            .unwrap();
+        assert_eq!(reply, Reply::Status("OK".into()));
+    };
+    acl(&mut admin, "-expire");
+    let sink = RedisSink::connect(&format!("redis://meter:pw@127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect as meter");
+
+    let b = batch(
+        unique_u64(),
+        1,
+        &[("{acct}:acl-1", 3, MINUTE), ("{acct}:acl-2", 4, MINUTE)],
+    );
+    let refused = write_one(&sink, &b).await;
+    for key in ["{acct}:acl-1", "{acct}:acl-2"] {
+        assert_eq!(server.get(key), None, "{key} was written: {refused:?}");
+    }
+    assert_eq!(
+        server.get(&sink.dedup_record_key(b.id, "{acct}:acl-1")),
+        None
+    );
+    let Err(SinkError::Misconfigured(message)) = &refused else {
+        panic!("{refused:?}");
+    };
+    assert!(
+        message.contains("NOPERM") && message.contains(&format!("127.0.0.1:{}", server.port())),
+        "{message}"
+    );
+
+    // SET forbidden: the script's first write fails, before anything is written.
+    acl(&mut admin, "-set");
+    let refused = write_one(&sink, &b).await;
+    assert!(
+        matches!(&refused, Err(SinkError::Misconfigured(m)) if m.contains("can't run")),
+        "{refused:?}"
+    );
+    assert_eq!(server.get("{acct}:acl-1"), None);
+
+    // EVALSHA itself forbidden: Redis refuses before the script runs.
+    acl(&mut admin, "-evalsha");
+    let refused = write_one(&sink, &b).await;
+    assert!(
+        matches!(&refused, Err(SinkError::Misconfigured(m)) if m.contains("evalsha")),
+        "{refused:?}"
+    );
+
+    acl(&mut admin, "+evalsha");
+    assert_eq!(
+        write_one(&sink, &b).await,
+        Ok(BatchOutcome::Applied(vec![added(3), added(4)]))
+    );
+    assert_eq!(server.ttl("{acct}:acl-1"), 60);
+}
+
+/// Redis' password changes under a running sink: the reconnect is refused (`WRONGPASS`), a
+/// configuration error naming the address; once the password is back, the client reconnects
+/// and the same batch applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_under_the_sink_is_misconfigured_until_it_is_back() {
+    let server = RedisServer::start_with(&["--requirepass", "old"]);
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://:old@127.0.0.1:{}", server.port()))
+        .await
+        .unwrap();
+    let mut admin = server.client();
+    admin
+        .command(&["CONFIG", "SET", "requirepass", "new"])
+        .unwrap();
+    admin
+        .command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .unwrap();
+
+    let b = batch(unique_u64(), 1, &[("{acct}:rotated", 6, MINUTE)]);
+    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
+        match write_one(&sink, &b).await {
+            Err(SinkError::Misconfigured(message)) => Ok(message),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", server.port())) && message.contains("WRONGPASS"),
+        "{message}"
+    );
+    assert_eq!(admin.get("{acct}:rotated"), None);
+
+    admin
+        .command(&["CONFIG", "SET", "requirepass", "old"])
+        .unwrap();
+    let (outcome, _) = until_ok("a write once the password is back", PATIENCE, || {
+        write_one(&sink, &b)
+    })
+    .await;
+    assert_eq!(outcome, BatchOutcome::Applied(vec![added(6)]));
 }

@@ -18,10 +18,12 @@
 //!
 //! Sweeping never waits for the sink: writes run as one in-flight future polled beside the
 //! timers. A failed or timed-out round leaves its batches in flight, re-sent unchanged (same ids)
-//! after an exponential backoff with jitter; amounts swept meanwhile wait, merged per key, for
-//! the next round. See `pending.rs` for why memory stays bounded.
+//! after an exponential backoff with jitter (`backoff.rs`; a misconfigured sink waits the longest
+//! step at once); amounts swept meanwhile wait, merged per key, for the next round. See
+//! `pending.rs` for why memory stays bounded.
 
 use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
+use super::backoff::{Backoff, FailureLog};
 use super::keys::KeyScheme;
 use super::metrics;
 use super::pending::{Pending, Rejection};
@@ -35,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
 
 /// How many refused increments the shutdown report lists (all are counted in the stats).
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
@@ -127,9 +130,11 @@ impl FlusherConfig {
             ),
         )?;
         check(
-            self.retry_initial >= Duration::from_millis(1) && self.retry_max >= self.retry_initial,
+            self.retry_initial >= Duration::from_millis(1)
+                && self.retry_max >= self.retry_initial
+                && self.retry_max <= Duration::from_secs(3600),
             format!(
-                "retry backoff needs 1 ms <= initial <= max, got {:?} and {:?}",
+                "retry backoff needs 1 ms <= initial <= max <= 1 h, got {:?} and {:?}",
                 self.retry_initial, self.retry_max
             ),
         )?;
@@ -172,10 +177,44 @@ type ReadFuture = Pin<Box<dyn Future<Output = (ReadRequest, ReadResults)> + Send
 
 struct FlushWaiter {
     reply: oneshot::Sender<Result<FlushReport, EngineError>>,
-    keys_before: u64,
-    amount_before: u128,
+    /// `Settled::written` and `Settled::rejected` at the call.
+    written_before: Tally,
+    rejected_before: Tally,
+    /// Increments refused while the caller waits (the first `MAX_REPORTED_REJECTIONS`).
+    rejected: Vec<Rejection>,
     /// The write round that carries everything pending at the call.
     round: u64,
+}
+
+/// What the sink settled over the engine's life: the flusher's own exact totals, which the stats
+/// publish (saturating at `u64::MAX`), and the refusals the shutdown report lists.
+#[derive(Debug, Default)]
+struct Settled {
+    written: Tally,
+    rejected: Tally,
+    /// The first `MAX_REPORTED_REJECTIONS` increments refused.
+    rejections: Vec<Rejection>,
+}
+
+/// Increments and their amount.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    keys: u64,
+    amount: u128,
+}
+
+impl Tally {
+    fn add(&mut self, keys: u64, amount: u128) {
+        self.keys += keys;
+        self.amount += amount;
+    }
+
+    fn since(self, before: Tally) -> Tally {
+        Tally {
+            keys: self.keys - before.keys,
+            amount: self.amount - before.amount,
+        }
+    }
 }
 
 pub(crate) struct Flusher<S> {
@@ -198,19 +237,13 @@ pub(crate) struct Flusher<S> {
     /// When the interval that the next sweep closes began (the last full sweep).
     interval_start: SystemTime,
     write: Option<WriteFuture>,
-    failures_in_a_row: u32,
-    /// When the last "flush failed" WARN was logged while failures go on, and the cause it gave.
-    last_failure_warning: Option<(Instant, String)>,
-    /// `failures_in_a_row` when the current backoff schedule started: 0, or its value when the
-    /// shutdown began (the shutdown restarts the backoff from `retry_initial`).
-    backoff_since: u32,
-    retry_at: Option<Instant>,
+    backoff: Backoff,
+    failure_log: FailureLog,
     ended_due: Option<Instant>,
     waiters: Vec<FlushWaiter>,
-    keys_written: u64,
-    amount_written: u128,
-    rejected: Vec<Rejection>,
-    jitter_state: u64,
+    settled: Settled,
+    /// Write rounds started (the `flushes` stat), numbering the `flush_round` spans.
+    rounds_started: u64,
 }
 
 /// What the engine's handles, sessions and ledger tell the flusher.
@@ -239,6 +272,8 @@ impl<S: Sink> Flusher<S> {
         } = inbox;
         let writer = random_u64();
         let now = config.clock.now();
+        stats.publish_enabled(enabled);
+        let backoff = Backoff::new(config.retry_initial, config.retry_max, writer);
         Self {
             interval_start: now,
             book: AccountBook::new(config.keys.clone(), config.budgets.clone(), now),
@@ -255,16 +290,12 @@ impl<S: Sink> Flusher<S> {
             stats,
             usage: Vec::new(),
             write: None,
-            failures_in_a_row: 0,
-            last_failure_warning: None,
-            backoff_since: 0,
-            retry_at: None,
+            backoff,
+            failure_log: FailureLog::new(FAILURE_WARNING_INTERVAL),
             ended_due: None,
             waiters: Vec::new(),
-            keys_written: 0,
-            amount_written: 0,
-            rejected: Vec::new(),
-            jitter_state: writer | 1,
+            settled: Settled::default(),
+            rounds_started: 0,
         }
     }
 
@@ -340,7 +371,9 @@ impl<S: Sink> Flusher<S> {
                     self.ended_due = None;
                     self.collect_ended();
                 }
-                _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
+                _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
+                    self.backoff.retry_now();
+                }
             }
             self.start_write_if_due();
             self.start_read_if_due();
@@ -359,6 +392,7 @@ impl<S: Sink> Flusher<S> {
     /// Sweeps every slot, in slices of [`SWEEP_SLICE_SLOTS`] with a yield to the runtime
     /// between them, so that a sweep of a million slots never holds a runtime worker for long:
     /// the gateway's audio tasks run between the slices.
+    #[tracing::instrument(name = "sweep", skip_all, fields(slots = self.sweeper.capacity()))]
     async fn sweep_all(&mut self) {
         let started = Instant::now();
         let now = self.config.clock.now();
@@ -422,6 +456,7 @@ impl<S: Sink> Flusher<S> {
         // was added while off is swept (and discarded) first.
         self.sweep_all().await;
         self.enabled = enabled;
+        self.stats.publish_enabled(enabled);
         tracing::info!(enabled, "metering switched");
     }
 
@@ -429,38 +464,45 @@ impl<S: Sink> Flusher<S> {
         self.sweep_all().await;
         // An operator asking for a flush gets an attempt now, not after the backoff.
         if self.write.is_none() {
-            self.retry_at = None;
+            self.backoff.retry_now();
         }
         self.waiters.push(FlushWaiter {
             reply,
-            keys_before: self.keys_written,
-            amount_before: self.amount_written,
+            written_before: self.settled.written,
+            rejected_before: self.settled.rejected,
+            rejected: Vec::new(),
             round: self.pending.round_carrying_pending(),
         });
         self.answer_waiters(None);
     }
 
     fn start_write_if_due(&mut self) {
-        if self.write.is_some() || self.retry_at.is_some() {
+        if self.write.is_some() || self.backoff.retry_at().is_some() {
             return;
         }
         let batches = self.pending.batches_to_send();
         if batches.is_empty() {
             return;
         }
-        Stats::add(&self.stats.flushes, 1);
-        if self.failures_in_a_row > 0 {
+        self.rounds_started += 1;
+        Stats::set(&self.stats.flushes, self.rounds_started.into());
+        let retry = self.backoff.failures() > 0;
+        if retry {
             Stats::add(&self.stats.retries, 1);
         }
+        let span = round_span(self.rounds_started, retry, &batches);
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
-        self.write = Some(Box::pin(async move {
-            let started = Instant::now();
-            let results = tokio::time::timeout(timeout, sink.write(&batches))
-                .await
-                .ok();
-            (results, started.elapsed())
-        }));
+        self.write = Some(Box::pin(
+            async move {
+                let started = Instant::now();
+                let results = tokio::time::timeout(timeout, sink.write(&batches))
+                    .await
+                    .ok();
+                (results, started.elapsed())
+            }
+            .instrument(span),
+        ));
     }
 
     fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
@@ -477,8 +519,12 @@ impl<S: Sink> Flusher<S> {
             book.acknowledged(&increment.key, increment.amount, total, now);
         });
 
-        self.keys_written += settlement.keys_written;
-        self.amount_written += settlement.amount_written;
+        let settled = &mut self.settled;
+        settled
+            .written
+            .add(settlement.keys_written, settlement.amount_written);
+        Stats::set(&self.stats.keys_written, settled.written.keys.into());
+        Stats::set(&self.stats.amount_written, settled.written.amount);
         Stats::add(
             &self.stats.batches_written,
             settlement.batches_written.into(),
@@ -487,8 +533,6 @@ impl<S: Sink> Flusher<S> {
             &self.stats.duplicate_batches,
             settlement.duplicate_batches.into(),
         );
-        Stats::add(&self.stats.keys_written, settlement.keys_written.into());
-        Stats::add(&self.stats.amount_written, settlement.amount_written);
         if settlement.duplicate_batches > 0 {
             tracing::info!(
                 batches = settlement.duplicate_batches,
@@ -502,12 +546,18 @@ impl<S: Sink> Flusher<S> {
                 reason = %rejection.reason,
                 "sink refused an increment for good; amount not written"
             );
-            Stats::add(&self.stats.keys_rejected, 1);
-            Stats::add(&self.stats.amount_rejected, rejection.amount.into());
-            if self.rejected.len() < MAX_REPORTED_REJECTIONS {
-                self.rejected.push(rejection);
+            settled.rejected.add(1, rejection.amount.into());
+            for waiter in &mut self.waiters {
+                if waiter.rejected.len() < MAX_REPORTED_REJECTIONS {
+                    waiter.rejected.push(rejection.clone());
+                }
+            }
+            if settled.rejections.len() < MAX_REPORTED_REJECTIONS {
+                settled.rejections.push(rejection);
             }
         }
+        Stats::set(&self.stats.keys_rejected, settled.rejected.keys.into());
+        Stats::set(&self.stats.amount_rejected, settled.rejected.amount);
 
         if !self.waiters.is_empty() {
             // A `flush_now` caller reads the read side next: publish everything before answering
@@ -516,36 +566,43 @@ impl<S: Sink> Flusher<S> {
         }
         match settlement.failure {
             Some(error) => {
-                self.failures_in_a_row += 1;
                 Stats::add(&self.stats.write_failures, 1);
-                let delay = self.backoff();
-                // A WARN at the first failure, whenever the cause changes (a timeout becomes
-                // NOAUTH...), and once per interval while the same cause goes on: an outage stays
-                // visible, with its cause, without flooding the log.
                 let now = Instant::now();
-                let cause = error.to_string();
-                let warn_due = self.last_failure_warning.as_ref().is_none_or(|(at, said)| {
-                    *said != cause || now.duration_since(*at) >= FAILURE_WARNING_INTERVAL
-                });
-                if warn_due {
-                    self.last_failure_warning = Some((now, cause));
-                    tracing::warn!(%error, failed_rounds = self.failures_in_a_row,
-                        pending = %self.pending.amount(), retry_in = ?delay,
-                        "flush failed; amounts stay pending");
+                let misconfigured = matches!(error, SinkError::Misconfigured(_));
+                // Retrying soon cannot fix a configuration: retry at the longest backoff, so
+                // that the amounts are written soon after an operator fixes it.
+                let delay = if misconfigured {
+                    Stats::add(&self.stats.config_errors, 1);
+                    self.backoff.failed_for_good(now)
                 } else {
-                    tracing::debug!(%error, retry_in = ?delay, attempt = self.failures_in_a_row,
+                    self.backoff.failed(now)
+                };
+                let cause = error.to_string();
+                self.stats.set_last_write_error(Some(&cause));
+                // At a bounded rate, with the cause (see `FailureLog`).
+                let warn_due = self.failure_log.failed(now, &cause);
+                let failed_rounds = self.backoff.failures();
+                if warn_due && misconfigured {
+                    tracing::error!(%error, failed_rounds, pending = %self.pending.amount(),
+                        retry_in = ?delay,
+                        "flush failed: the sink's configuration is wrong; amounts stay pending \
+                         and are retried until it is fixed");
+                } else if warn_due {
+                    tracing::warn!(%error, failed_rounds, pending = %self.pending.amount(),
+                        retry_in = ?delay, "flush failed; amounts stay pending");
+                } else {
+                    tracing::debug!(%error, retry_in = ?delay, attempt = failed_rounds,
                         "flush failed again");
                 }
-                self.retry_at = Some(Instant::now() + delay);
                 self.answer_waiters(Some(error));
             }
             None => {
-                if self.failures_in_a_row > 0 {
-                    tracing::info!(failed_rounds = self.failures_in_a_row, "sink recovered");
-                    self.last_failure_warning = None;
+                let failed_rounds = self.backoff.succeeded();
+                if failed_rounds > 0 {
+                    tracing::info!(failed_rounds, "sink recovered");
+                    self.failure_log.recovered();
+                    self.stats.set_last_write_error(None);
                 }
-                self.failures_in_a_row = 0;
-                self.backoff_since = 0;
                 self.answer_waiters(None);
             }
         }
@@ -562,10 +619,17 @@ impl<S: Sink> Flusher<S> {
         for waiter in self.waiters.drain(..) {
             let answer = match &failure {
                 Some(error) => Err(EngineError::Sink(error.clone())),
-                None if self.pending.round_done(waiter.round) => Ok(FlushReport {
-                    keys_written: self.keys_written - waiter.keys_before,
-                    amount_written: self.amount_written - waiter.amount_before,
-                }),
+                None if self.pending.round_done(waiter.round) => {
+                    let written = self.settled.written.since(waiter.written_before);
+                    let rejected = self.settled.rejected.since(waiter.rejected_before);
+                    Ok(FlushReport {
+                        keys_written: written.keys,
+                        amount_written: written.amount,
+                        keys_rejected: rejected.keys,
+                        amount_rejected: rejected.amount,
+                        rejected: waiter.rejected,
+                    })
+                }
                 None => {
                     still_waiting.push(waiter);
                     continue;
@@ -612,25 +676,6 @@ impl<S: Sink> Flusher<S> {
         Stats::set(&self.stats.pending_keys, self.pending.keys() as u128);
     }
 
-    /// Exponential backoff with jitter: a random delay in the upper half of
-    /// `initial * 2^(failures - 1)`, capped at `max`, counting the failures since the schedule
-    /// started (see `backoff_since`).
-    fn backoff(&mut self) -> Duration {
-        let failures = self.failures_in_a_row - self.backoff_since;
-        let exponent = failures.saturating_sub(1).min(20);
-        let ceiling = self
-            .config
-            .retry_initial
-            .saturating_mul(1 << exponent)
-            .min(self.config.retry_max);
-        // xorshift64: enough to spread retries of many gateways apart.
-        self.jitter_state ^= self.jitter_state << 13;
-        self.jitter_state ^= self.jitter_state >> 7;
-        self.jitter_state ^= self.jitter_state << 17;
-        let fraction = (self.jitter_state % 1024) as u32;
-        ceiling / 2 + ceiling / 2 * fraction / 1024
-    }
-
     /// Sweeps everything once, then writes until nothing is pending or the shutdown timeout
     /// passes; adds after that sweep are not counted.
     async fn shutdown(&mut self) -> ShutdownReport {
@@ -641,10 +686,8 @@ impl<S: Sink> Flusher<S> {
         // would then report everything unwritten without one attempt. So attempt at once, as
         // `flush_now` does, and restart the backoff from `retry_initial`, so that the deadline
         // leaves room for retries.
-        if self.write.is_none() {
-            self.retry_at = None;
-        }
-        self.backoff_since = self.failures_in_a_row;
+        // (A write in flight has no wait scheduled: a wait starts only when a write ends.)
+        self.backoff.restart();
         loop {
             self.start_write_if_due();
             if self.write.is_none() && self.pending.is_empty() {
@@ -655,7 +698,9 @@ impl<S: Sink> Flusher<S> {
                     self.settle(output);
                     self.publish_acknowledged().await;
                 }
-                _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
+                _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
+                    self.backoff.retry_now();
+                }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -673,13 +718,30 @@ impl<S: Sink> Flusher<S> {
             );
         }
         ShutdownReport {
-            keys_written: self.keys_written,
-            amount_written: self.amount_written,
+            keys_written: self.settled.written.keys,
+            amount_written: self.settled.written.amount,
             unwritten,
             in_doubt,
-            rejected: self.rejected.clone(),
+            rejected: self.settled.rejections.clone(),
         }
     }
+}
+
+/// The span of one write round: from send to answer, around what the sink logs meanwhile.
+fn round_span(round: u64, retry: bool, batches: &[crate::sink::Batch]) -> tracing::Span {
+    // The fields are computed only when a subscriber wants the span.
+    tracing::info_span!(
+        "flush_round",
+        round,
+        retry,
+        batches = batches.len(),
+        keys = batches.iter().map(|b| b.increments.len()).sum::<usize>(),
+        amount = batches
+            .iter()
+            .flat_map(|b| &b.increments)
+            .map(|i| u128::from(i.amount))
+            .sum::<u128>(),
+    )
 }
 
 /// The in-flight write's output; never ready when there is none.

@@ -6,6 +6,7 @@
 //! | --- | --- | --- |
 //! | `shardmeter_flush_rounds_total` | counter | write rounds started |
 //! | `shardmeter_write_failures_total` | counter | write rounds that failed |
+//! | `shardmeter_config_errors_total` | counter | of those, rounds failed because the sink is misconfigured |
 //! | `shardmeter_retries_total` | counter | write rounds that re-sent unacknowledged batches |
 //! | `shardmeter_batches_written_total` | counter | batches the sink acknowledged |
 //! | `shardmeter_duplicate_batches_total` | counter | of those, re-sends the sink had already applied (duplicates caught) |
@@ -31,6 +32,7 @@ pub(crate) fn export(stats: &StatsSnapshot) {
         let counters = [
             ("shardmeter_flush_rounds_total", stats.flushes),
             ("shardmeter_write_failures_total", stats.write_failures),
+            ("shardmeter_config_errors_total", stats.config_errors),
             ("shardmeter_retries_total", stats.retries),
             ("shardmeter_batches_written_total", stats.batches_written),
             (

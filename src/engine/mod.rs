@@ -29,6 +29,7 @@
 //! described in the `flusher` module and in `docs/operations.md`.
 
 mod accounts;
+mod backoff;
 mod clock;
 mod flusher;
 mod keys;
@@ -78,14 +79,22 @@ pub enum EngineError {
     Sink(#[from] SinkError),
 }
 
-/// What [`Engine::flush_now`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`Engine::flush_now`] wrote, and what the sink refused, while the flush ran (from the
+/// call to its answer; other rounds settled meanwhile included).
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FlushReport {
-    /// Key increments acknowledged while the flush ran.
+    /// Key increments acknowledged.
     pub keys_written: u64,
-    /// Amount acknowledged while the flush ran.
+    /// Amount acknowledged.
     pub amount_written: u128,
+    /// Increments the sink refused for good (e.g. the key holds a non-integer): not written,
+    /// and not retried.
+    pub keys_rejected: u64,
+    /// Amount of those increments.
+    pub amount_rejected: u128,
+    /// Those increments, the first 10,000.
+    pub rejected: Vec<Rejection>,
 }
 
 /// What [`Engine::shutdown`] could and could not write.
@@ -141,7 +150,6 @@ struct EngineShared {
     registry: Arc<Registry>,
     commands: mpsc::Sender<Command>,
     stats: Arc<Stats>,
-    enabled: AtomicBool,
     shut_down: AtomicBool,
 }
 
@@ -191,6 +199,14 @@ impl Engine {
     /// Sweeps now and waits until everything pending at the call (what this sweep collects
     /// included) is written, or the first write fails (the amounts then stay pending and are
     /// retried with backoff). Amounts collected while it waits are not necessarily waited for.
+    /// The report also lists what the sink refused for good meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Sink`] with the failed round's error: for a Redis that cannot be reached,
+    /// [`SinkError::NotSent`] naming its address and the cause; for one that refuses the sink's
+    /// settings (a database, password or permission), [`SinkError::Misconfigured`], which no
+    /// retry fixes until someone changes the setting. [`EngineError::ShutDown`] after shutdown.
     pub async fn flush_now(&self) -> Result<FlushReport, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::FlushNow(reply)).await?;
@@ -240,20 +256,18 @@ impl Engine {
 
     /// Switches metering on or off at run time (the fair-use-off switch). Switching off first
     /// writes what was recorded so far; while off, usage is swept and discarded, and an idle
-    /// engine sends nothing to the sink.
+    /// engine sends nothing to the sink. Calls are applied in the order the flusher receives
+    /// them; when this returns, [`is_enabled`](Self::is_enabled) says `enabled` unless a later
+    /// call was applied since.
     pub async fn set_enabled(&self, enabled: bool) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::SetEnabled(enabled, reply)).await?;
-        answer.await.map_err(|_| EngineError::ShutDown)?;
-        // Relaxed: only read by `is_enabled`, for display.
-        self.shared.enabled.store(enabled, Ordering::Relaxed);
-        Ok(())
+        answer.await.map_err(|_| EngineError::ShutDown)
     }
 
-    /// Whether usage is being recorded.
+    /// Whether usage is being recorded: the state the flusher applied last.
     pub fn is_enabled(&self) -> bool {
-        // Relaxed: for display.
-        self.shared.enabled.load(Ordering::Relaxed)
+        self.shared.stats.enabled()
     }
 
     /// The engine's counters.
@@ -326,7 +340,8 @@ impl<S> EngineBuilder<S> {
     }
 
     /// Backoff after a failed write: starts at `initial`, doubles up to `max`, with jitter
-    /// (defaults 100 ms and 30 s).
+    /// (defaults 100 ms and 30 s; 1 ms <= initial <= max <= 1 h). A misconfigured sink
+    /// ([`SinkError::Misconfigured`]) waits in the upper half of `max` from its first failure.
     pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.config.retry_initial = initial;
         self.config.retry_max = max;
@@ -423,7 +438,6 @@ impl<S: Sink> EngineBuilder<S> {
                 registry,
                 commands,
                 stats,
-                enabled: AtomicBool::new(self.enabled),
                 shut_down: AtomicBool::new(false),
             }),
         })

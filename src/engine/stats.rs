@@ -1,15 +1,30 @@
 //! Counters the flusher keeps and anyone can read: relaxed atomics, so reading is cheap.
+//!
+//! # Synchronization
+//!
+//! The flusher task is the only writer of every field (its `PollTimed` wrapper runs inside the
+//! same task), so a counter is advanced with a plain `load` + `store`, not a read-modify-write:
+//! no other write can come between the two. `Relaxed` is enough on both sides: a reader wants
+//! each value on its own, never ordered with other memory (a snapshot is not a consistent cut),
+//! and a caller that waited for the flusher's reply (`set_enabled`, `flush_now`) is ordered
+//! after the flusher's stores by the reply channel itself.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 /// Written by the flusher task only; read by [`Engine::stats`](super::Engine::stats).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    /// Whether the flusher meters (it applies `set_enabled`, so it alone publishes the state).
+    enabled: AtomicBool,
+    pub(crate) config_errors: AtomicU64,
+    /// Why the last write round failed; `None` once one succeeds. A lock, not an atomic: a
+    /// string, written only when a round fails.
+    last_write_error: Mutex<Option<String>>,
     pub(crate) sweeps: AtomicU64,
     pub(crate) sessions_ended: AtomicU64,
     pub(crate) amount_swept: AtomicU64,
@@ -58,8 +73,16 @@ pub struct StatsSnapshot {
     pub keys_rejected: u64,
     /// Amount of those increments.
     pub amount_rejected: u64,
-    /// Write rounds that failed (sink unavailable, error or timeout).
+    /// Write rounds that failed (sink unavailable, error, timeout or misconfiguration).
     pub write_failures: u64,
+    /// Of those, rounds the sink failed because it is misconfigured
+    /// ([`SinkError::Misconfigured`](crate::sink::SinkError::Misconfigured): a database, a
+    /// password or a permission the target refuses). Retried at the longest backoff, logged
+    /// at `ERROR`.
+    pub config_errors: u64,
+    /// Why the last write round failed, while failures go on; `None` once a round succeeds
+    /// (and before any failed).
+    pub last_write_error: Option<String>,
     /// Write rounds that re-sent unacknowledged batches.
     pub retries: u64,
     /// Amount swept and not yet acknowledged.
@@ -86,17 +109,43 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
+    /// Advances `counter` by `amount`, saturating. Only the flusher task calls it.
     pub(crate) fn add(counter: &AtomicU64, amount: u128) {
         let amount = u64::try_from(amount).unwrap_or(u64::MAX);
-        // Relaxed: a statistic; nothing else is ordered by it.
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
-            Some(total.saturating_add(amount))
-        });
+        // Relaxed load and store: the flusher is the only writer, so nothing can come between
+        // them; readers need no ordering (module docs).
+        let total = counter.load(Ordering::Relaxed).saturating_add(amount);
+        counter.store(total, Ordering::Relaxed);
     }
 
+    /// Publishes `value` (a gauge, or a total the flusher keeps exactly), saturating.
     pub(crate) fn set(counter: &AtomicU64, value: u128) {
-        // Relaxed: a statistic.
+        // Relaxed: the flusher is the only writer; readers need no ordering (module docs).
         counter.store(u64::try_from(value).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Publishes whether the flusher meters.
+    pub(crate) fn publish_enabled(&self, enabled: bool) {
+        // Relaxed: `set_enabled`'s caller is ordered after this store by the flusher's reply
+        // (a channel); other readers want the latest state only (module docs).
+        self.enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether the flusher meters, as it last published.
+    pub(crate) fn enabled(&self) -> bool {
+        // Relaxed: see `publish_enabled`.
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Publishes why the last write round failed, or `None` after a success.
+    pub(crate) fn set_last_write_error(&self, error: Option<&str>) {
+        let mut last = self
+            .last_write_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.as_deref() != error {
+            *last = error.map(str::to_owned);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -115,6 +164,12 @@ impl Stats {
             keys_rejected: read(&self.keys_rejected),
             amount_rejected: read(&self.amount_rejected),
             write_failures: read(&self.write_failures),
+            config_errors: read(&self.config_errors),
+            last_write_error: self
+                .last_write_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
             retries: read(&self.retries),
             pending_amount: read(&self.pending_amount),
             pending_keys: read(&self.pending_keys),

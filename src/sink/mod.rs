@@ -14,6 +14,9 @@
 //! - An error says whether the batch may have been (partly) applied
 //!   ([`SinkError::may_have_applied`]): the shutdown report relies on it to tell amounts that are
 //!   safe to replay from amounts in doubt.
+//! - An error that retrying cannot fix until an operator changes a setting (the target refuses
+//!   the sink's database, credentials or permissions) is [`SinkError::Misconfigured`]: the
+//!   flusher still keeps the amounts and retries, but reports it as a configuration error.
 //! - An increment the target refuses for good (a key holding a non-integer, an overflow) is a
 //!   [`KeyOutcome::Rejected`] for that key alone; the others still apply.
 //!
@@ -106,6 +109,12 @@ pub enum SinkError {
     /// The batch was not sent (no connection): nothing of it was applied.
     #[error("sink unavailable, batch not sent: {0}")]
     NotSent(String),
+    /// The target refuses the sink's own settings (a database that does not exist, credentials
+    /// or ACL permissions it rejects, a command it does not have): nothing of the batch was
+    /// applied, and retrying cannot help until an operator fixes the configuration. The
+    /// flusher keeps the amounts pending and retries at its longest backoff, logging at ERROR.
+    #[error("sink misconfigured, nothing applied until it is fixed: {0}")]
+    Misconfigured(String),
 }
 
 impl SinkError {
@@ -115,7 +124,7 @@ impl SinkError {
     pub fn may_have_applied(&self) -> bool {
         match self {
             Self::Unavailable(_) | Self::Timeout(_) => true,
-            Self::Failed(_) | Self::NotSent(_) => false,
+            Self::Failed(_) | Self::NotSent(_) | Self::Misconfigured(_) => false,
         }
     }
 }
