@@ -350,7 +350,7 @@ pub struct Usage {
 /// So for every cell `new_i ≥ old_i`, and `Σ new_i − Σ old_i = Σ (new_i − old_i)`, a sum of
 /// non-negative growths. A per-cell scheme's exactness (`docs/design.md`, *Why the totals are
 /// exact*) therefore carries over to the sums unchanged, at 16 bytes per slot instead of 8 per
-/// cell. A `u128` holds any sum of up to 256 shards' `u64` cells, so nothing wraps. If the
+/// cell. A `u128` holds any sum of up to 512 shards' `u64` cells, so nothing wraps. If the
 /// premise broke (a cell that goes back while its slot is held), a sum would hide it: one cell's
 /// loss would cancel another's growth. The loom model `adds::sums_over_two_shards_racing_sweeps`
 /// fails in that case (mutation `reset-open-slots` in `scripts/mutations.sh`), and debug builds

@@ -16,7 +16,10 @@
 //! - The **sweeper** reads cells while they change. Cells only grow while a session holds the
 //!   slot, and a thread's loads of one atomic never go back in its modification order, so a
 //!   stale read only postpones part of a delta to the next sweep. The final read at session end
-//!   is ordered after every add by the session's refcount and the ended-sessions queue.
+//!   is ordered after every add by the session's refcount and the ended-sessions queue. The same
+//!   two facts (a cell only grows while its slot is held; a reading never goes back) make every
+//!   per-cell growth between two sweeps non-negative, which is why the sweeper may keep one sum
+//!   of readings per slot instead of one reading per cell (`Sweeper`'s docs).
 //! - The sweeper **resets** a slot's cells to 0 only when no session holds the slot, so no add
 //!   can race the reset; the free-slot queue orders the reset before the next session's adds.
 
