@@ -21,6 +21,14 @@
 //! `add_2_threads_64_sessions` therefore also run the floor and the ledger round-robin over 64
 //! sessions (cells) per thread, which measures the cost of the instructions instead.
 //!
+//! Groups `add_10k_sessions_shuffled` and `add_1M_sessions_shuffled` (one registered thread) are
+//! a gateway at scale: 10k or 1M sessions, each visited once per pass in a fixed shuffled order,
+//! so the handles and cells are rarely in cache and the cost is the cache misses of one `add`.
+//! Contenders there: `floor_via_handle`, the fair floor (a `Vec` of handles, each holding a
+//! reference to its own counter in one contiguous array, like a shard's cells; `Relaxed` load +
+//! store), `arc_fetch_add` (a `Vec<Arc<AtomicU64>>`, `fetch_add`), and `session_add_worker` (a
+//! `Vec<Session>` of one ledger, slot `i` for session `i`).
+//!
 //! Every contender runs through the same harness ([`run_threads`]): each sample starts `threads`
 //! fresh threads; each does its setup (registration, picking its key), waits on a barrier, then
 //! times `iters` operations. A sample's time is from the first thread's start to the last one's
@@ -31,8 +39,8 @@
 //! `black_box`ed reference, so LLVM cannot fold or delete the loops. Checked in the disassembly:
 //! `floor_load_store` compiles to one `add %reg,(%mem)` per operation (LLVM fuses the load and
 //! the store; the loop is unrolled 4x), `floor_via_handle` adds one load of the address, and
-//! `session_add_worker` is about 13 instructions: loads of the session's `Arc` and of four of its
-//! handle's fields (one of them only for the cold paths), a TLS load of the worker index, a
+//! `session_add_worker` is about 13 instructions: a TLS load of the worker index, loads of three
+//! fields of the `Session` value itself (worker-shard count, cell pointer, shard stride), a
 //! compare and branch, an `imul`, then the cell's load, `add`, overflow branch and store.
 //!
 //! Run: `cargo bench --bench hot_path`; smoke: `cargo bench --bench hot_path -- --test`.
@@ -45,7 +53,7 @@ use shardmeter::{register_worker_thread, unregister_worker_thread};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 /// One audio chunk, in milliseconds: what a gateway adds per call.
@@ -320,7 +328,115 @@ fn round_robin(c: &mut Criterion, threads: usize, fx: &Fixtures) {
     group.finish();
 }
 
+/// Session counts of the at-scale groups: 10k fits this CPU's L2 and L3 (barely: the ledger's
+/// sessions, handles and cells together), 1M fits neither.
+const AT_SCALE: [(usize, &str); 2] = [(10_000, "10k"), (1_000_000, "1M")];
+
+/// A permutation of `0..n` from a fixed seed (Fisher–Yates over splitmix64), so every contender
+/// and every run visits its sessions in the same order, and that order defeats the prefetcher.
+fn shuffled(n: usize) -> Vec<u32> {
+    let mut state = 0x5EED_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Cycles through `order` forever: the index of the session to add to next.
+struct Visit<'a> {
+    order: &'a [u32],
+    next: usize,
+}
+
+impl Visit<'_> {
+    #[inline(always)]
+    fn next(&mut self) -> usize {
+        let index = self.order[self.next] as usize;
+        self.next += 1;
+        if self.next == self.order.len() {
+            self.next = 0;
+        }
+        index
+    }
+}
+
+/// Many sessions, each touched once per pass in a shuffled order, as a gateway's are every
+/// 20 ms: the handles and cells are rarely in cache, so this measures the misses an `add` takes.
+fn at_scale(c: &mut Criterion) {
+    for (sessions, label) in AT_SCALE {
+        let (ledger, _sweeper) = Ledger::builder()
+            .capacity(sessions)
+            .worker_shards(WORKER_SHARDS)
+            .striped_shards(1)
+            .build()
+            .expect("ledger");
+        // Slot `i` belongs to session `i`: the ledger hands out slots in order.
+        let ledger_sessions: Vec<Session> = (0..sessions)
+            .map(|i| ledger.open_session(&format!("user-{i}")).expect("slot"))
+            .collect();
+        // The fair floor's cells are contiguous, like a shard's, one per session.
+        let cells: Box<[AtomicU64]> = (0..sessions).map(|_| AtomicU64::new(0)).collect();
+        let handles: Vec<Handle<'_>> = cells.iter().map(|cell| Handle { cell }).collect();
+        let arcs: Vec<Arc<AtomicU64>> =
+            (0..sessions).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let order = shuffled(sessions);
+
+        let mut group = c.benchmark_group(format!("add_{label}_sessions_shuffled"));
+        group.throughput(Throughput::Elements(1));
+
+        bench_contender(&mut group, 1, "floor_via_handle", |_| {
+            let handles: &[Handle<'_>] = black_box(&handles);
+            let mut visit = Visit {
+                order: &order,
+                next: 0,
+            };
+            let amount = black_box(CHUNK_MS);
+            move || {
+                let cell = handles[visit.next()].cell;
+                let current = cell.load(Ordering::Relaxed);
+                cell.store(current.wrapping_add(amount), Ordering::Relaxed);
+            }
+        });
+
+        bench_contender(&mut group, 1, "arc_fetch_add", |_| {
+            let arcs: &[Arc<AtomicU64>] = black_box(&arcs);
+            let mut visit = Visit {
+                order: &order,
+                next: 0,
+            };
+            let amount = black_box(CHUNK_MS);
+            move || {
+                arcs[visit.next()].fetch_add(amount, Ordering::Relaxed);
+            }
+        });
+
+        bench_contender(&mut group, 1, "session_add_worker", |_| {
+            register();
+            let sessions: &[Session] = black_box(&ledger_sessions);
+            let mut visit = Visit {
+                order: &order,
+                next: 0,
+            };
+            let amount = black_box(CHUNK_MS);
+            move || sessions[visit.next()].add(amount)
+        });
+
+        group.finish();
+        black_box((&cells, &arcs));
+    }
+}
+
 fn hot_path(c: &mut Criterion) {
+    at_scale(c);
     for threads in [1, 2] {
         let fx = Fixtures::new(threads);
         one_session_per_thread(c, threads, &fx);

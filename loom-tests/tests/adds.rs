@@ -1,5 +1,6 @@
 //! Adds racing sweeps: nothing added is lost or counted twice, on private worker shards (plain
-//! `load` + `store` by one writer) and on a striped shard that two threads share (`fetch_add`).
+//! `load` + `store` by one writer), on a striped shard that two threads share (`fetch_update`),
+//! and on both shards of one slot at once, which the sweeper tracks with one sum per slot.
 //!
 //! The sweeper runs on a thread spawned after the adding threads, so that loom's first schedule
 //! has every add before every sweep and its DPOR then moves the sweeps' loads back between the
@@ -123,6 +124,69 @@ fn striped_adds_share_a_shard() {
             r#"racing sweep {"a": 1}"#,
             r#"racing sweep {"a": 4}"#,
             r#"racing sweep {"a": 7}"#,
+        ],
+    );
+}
+
+/// Model 9. The sweeper's per-slot sums: one session gets adds on two shards at once, a worker
+/// shard (the registered main thread: `load` + `store`) and the striped shard (an unregistered
+/// thread: `fetch_update`), while a sweeper thread sweeps twice. Each sweep reads both cells
+/// once and reports the growth of their sum; the totals over all sweeps are exact whatever each
+/// sweep saw. Exact because no cell goes back while the session holds the slot: break that (a
+/// sweep that resets the cells of an open slot, mutation `reset-open-slots`) and an add that
+/// straddles the reset is counted twice or lost, which this model catches.
+#[test]
+fn sums_over_two_shards_racing_sweeps() {
+    static SEEN: Seen = Seen::new();
+    run_model("sums_over_two_shards_racing_sweeps", || {
+        let (ledger, sweeper) = Ledger::builder()
+            .capacity(1)
+            .worker_shards(1)
+            .striped_shards(1)
+            .build()
+            .unwrap();
+        assert_eq!(register_worker_thread().unwrap(), 0);
+        let session = ledger.open_session("a").unwrap();
+
+        let unregistered = {
+            let session = session.clone();
+            spawn("unregistered", move || {
+                session.add(2);
+                session.add(4);
+            })
+        };
+        let sweeps = spawn("sweeper", move || {
+            let mut sweeper = sweeper;
+            let mut usage = Vec::new();
+            sweeper.sweep(&mut usage);
+            let first = totals(&usage);
+            sweeper.sweep(&mut usage);
+            (sweeper, usage, first)
+        });
+
+        session.add(1);
+        session.add(8);
+        unregister_worker_thread();
+        unregistered.join().unwrap();
+        let (mut sweeper, mut usage, first) = sweeps.join().unwrap();
+        SEEN.note(format!("first sweep {first:?}"));
+
+        assert_eq!(sweeper.sweep(&mut usage), 0, "the session is still open");
+        assert_eq!(totals(&usage), expected(&[("a", 15)]));
+        drop(session);
+        let mut ended = Vec::new();
+        assert_eq!(sweeper.collect_ended(&mut ended), 1);
+        assert!(ended.is_empty(), "already swept, yet {ended:?}");
+    });
+    // Sweeps that saw one shard's adds, the other's, and parts of both.
+    SEEN.assert_reached(
+        "sums_over_two_shards_racing_sweeps",
+        &[
+            r#"first sweep {}"#,
+            r#"first sweep {"a": 1}"#,
+            r#"first sweep {"a": 2}"#,
+            r#"first sweep {"a": 3}"#,
+            r#"first sweep {"a": 15}"#,
         ],
     );
 }

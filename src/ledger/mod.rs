@@ -44,6 +44,8 @@ pub type Account = std::sync::Arc<str>;
 pub const MAX_ACCOUNT_BYTES: usize = 512;
 /// Most slots one ledger can have.
 pub const MAX_CAPACITY: usize = 1 << 24;
+/// Striped shards of a ledger whose builder is not told otherwise (fewer on a single CPU).
+const DEFAULT_STRIPED_SHARDS: usize = 2;
 /// Most cell memory one ledger may allocate (capacity × shards × 8 bytes).
 pub const MAX_CELL_BYTES: u128 = 4 << 30;
 
@@ -107,13 +109,21 @@ pub struct LedgerBuilder {
 }
 
 impl Ledger {
-    /// Starts a ledger with 65,536 slots and one worker shard plus one striped shard per CPU.
+    /// Starts a ledger with 65,536 slots, one worker shard per CPU and two striped shards (one
+    /// on a single-CPU host).
+    ///
+    /// Striped shards serve only threads that are not registered workers (a blocking pool, a
+    /// foreign thread): a gateway's adds come from its registered runtime workers, each with a
+    /// shard of its own. Every shard costs 8 bytes per slot, so one striped shard per CPU would
+    /// double the ledger for threads that should not be adding much; two keep two such threads
+    /// apart half the time. Raise [`LedgerBuilder::striped_shards`] where many unregistered
+    /// threads add.
     pub fn builder() -> LedgerBuilder {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         LedgerBuilder {
             capacity: 65_536,
             worker_shards: cpus.min(MAX_WORKERS),
-            striped_shards: cpus.min(MAX_WORKERS),
+            striped_shards: cpus.min(DEFAULT_STRIPED_SHARDS),
             on_session_end: None,
         }
     }
@@ -135,13 +145,13 @@ impl Ledger {
             })?;
         let cells = self.shared.shards.slot_cells(slot as usize);
         let handle = SessionHandle {
-            cells,
             shared: self.shared.clone(),
             slot,
             account,
         };
         Ok(Session {
-            inner: Arc::new(handle),
+            cells,
+            handle: Arc::new(handle),
         })
     }
 
@@ -241,26 +251,34 @@ impl LedgerBuilder {
             slots: Slots::new(self.capacity),
             on_session_end: self.on_session_end,
         });
-        let last_seen = vec![0; self.capacity * shard_count].into_boxed_slice();
+        let readings = vec![0; self.capacity].into_boxed_slice();
         Ok((
             Ledger {
                 shared: shared.clone(),
             },
-            Sweeper { shared, last_seen },
+            Sweeper { shared, readings },
         ))
     }
 }
 
 /// One metered session. Clones are channels of the same session and share its slot; when the
 /// last clone drops, the session ends and its remainder goes to the sweeper.
+///
+/// A session is 24 bytes: where its slot's cells are (what [`Session::add`] reads, kept in the
+/// value itself so that an `add` on a session out of cache costs one miss for the session and
+/// one for the cell, nothing in between), and the `Arc` of the handle that owns the slot.
 #[derive(Clone)]
+// C layout: the cursor `add` reads comes first, so it shares a cache line with the value's start.
+#[repr(C)]
 pub struct Session {
-    inner: Arc<SessionHandle>,
+    /// Points into `handle.shared`, which `handle` keeps alive, at the slot `handle` holds: valid
+    /// as long as `handle` is, and never used without it (`SlotCells`' docs).
+    cells: SlotCells,
+    handle: Arc<SessionHandle>,
 }
 
+/// What all channels of a session share; its drop ends the session.
 struct SessionHandle {
-    /// Points into `shared`, which this handle keeps alive.
-    cells: SlotCells,
     shared: Arc<Shared>,
     slot: u32,
     account: Account,
@@ -282,13 +300,13 @@ impl Session {
     /// adds to the same session has its amount overwritten, so that add is lost.
     #[inline]
     pub fn add(&self, amount: u64) {
-        let handle = &*self.inner;
-        handle.cells.add(amount, &handle.shared.shards);
+        // The handle is followed only on the cold saturation paths.
+        self.cells.add(amount, || &self.handle.shared.shards);
     }
 
     /// The account this session charges.
     pub fn account(&self) -> &str {
-        &self.inner.account
+        &self.handle.account
     }
 }
 
@@ -315,11 +333,32 @@ pub struct Usage {
 
 /// Collects usage. There is exactly one per ledger (returned by [`LedgerBuilder::build`]), and
 /// only it frees slots: that is what lets sweeps read slots without locks.
+///
+/// # What a sweep reports
+///
+/// The sweeper keeps, per slot, one number: the sum of its latest readings of that slot's
+/// cells in all shards (`readings`, 0 while the slot is free). A sweep reads every cell of an
+/// open slot once, sums the readings, reports the new sum minus the kept one, and keeps the new
+/// sum. That is exactly what keeping one reading per cell and summing the per-cell growths
+/// would report, because no per-cell growth is negative:
+///
+/// - while a session holds the slot, its cells only grow (adds; a cell is reset only while no
+///   session holds the slot: `shard.rs`), and
+/// - this thread's loads of one atomic never go back in its modification order (read-read
+///   coherence), so a reading is at least the previous reading of the same cell.
+///
+/// So for every cell `new_i ≥ old_i`, and `Σ new_i − Σ old_i = Σ (new_i − old_i)`, a sum of
+/// non-negative growths. A per-cell scheme's exactness (`docs/design.md`, *Why the totals are
+/// exact*) therefore carries over to the sums unchanged, at 16 bytes per slot instead of 8 per
+/// cell. A `u128` holds any sum of up to 512 shards' `u64` cells, so nothing wraps. If the
+/// premise broke (a cell that goes back while its slot is held), a sum would hide it: one cell's
+/// loss would cancel another's growth. The loom model `adds::sums_over_two_shards_racing_sweeps`
+/// fails in that case (mutation `reset-open-slots` in `scripts/mutations.sh`), and debug builds
+/// assert that a slot's sum never goes back.
 pub struct Sweeper {
     shared: Arc<Shared>,
-    /// What this sweeper last read from each cell, slot-major (`slot * shard_count + shard`):
-    /// a slot's readings sit together, where the cells themselves are a whole shard apart.
-    last_seen: Box<[u64]>,
+    /// Per slot, the sum of this sweeper's latest readings of the slot's cells (type docs).
+    readings: Box<[u128]>,
 }
 
 impl Sweeper {
@@ -376,30 +415,32 @@ impl Sweeper {
         self.shared.slots.capacity()
     }
 
-    /// Sums `slot`'s growth over all shards since the last read, and remembers the new values;
-    /// with `reset`, zeroes the cells instead (the slot has no session).
+    /// `slot`'s growth over all shards since the last sweep (type docs), remembering the new
+    /// sum; with `reset`, zeroes the cells and the sum instead (the slot has no session).
     fn take_delta(&mut self, slot: usize, reset: bool) -> u128 {
         let shards = &self.shared.shards;
         let shard_count = shards.count();
-        let mut total = 0u128;
+        let mut sum = 0u128;
         for shard in 0..shard_count {
-            let seen = &mut self.last_seen[slot * shard_count + shard];
-            let current = shards.read(shard, slot);
-            // Cells only grow while the slot is held, and this thread's reads never go back.
-            debug_assert!(
-                current >= *seen,
-                "cell went back from {} to {current}",
-                *seen
-            );
-            total += u128::from(current.saturating_sub(*seen));
-            if reset {
-                shards.reset(shard, slot);
-                *seen = 0;
-            } else {
-                *seen = current;
-            }
+            sum += u128::from(shards.read(shard, slot));
         }
-        total
+        let seen = &mut self.readings[slot];
+        // Every cell's reading is at least its previous one (type docs), so their sum is too.
+        debug_assert!(
+            sum >= *seen,
+            "slot {slot}'s readings went back from {} to {sum}",
+            *seen
+        );
+        let delta = sum.saturating_sub(*seen);
+        if reset {
+            for shard in 0..shard_count {
+                shards.reset(shard, slot);
+            }
+            *seen = 0;
+        } else {
+            *seen = sum;
+        }
+        delta
     }
 }
 
@@ -445,7 +486,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("account", &self.account())
-            .field("slot", &self.inner.slot)
+            .field("slot", &self.handle.slot)
             .finish()
     }
 }

@@ -16,7 +16,10 @@
 //! - The **sweeper** reads cells while they change. Cells only grow while a session holds the
 //!   slot, and a thread's loads of one atomic never go back in its modification order, so a
 //!   stale read only postpones part of a delta to the next sweep. The final read at session end
-//!   is ordered after every add by the session's refcount and the ended-sessions queue.
+//!   is ordered after every add by the session's refcount and the ended-sessions queue. The same
+//!   two facts (a cell only grows while its slot is held; a reading never goes back) make every
+//!   per-cell growth between two sweeps non-negative, which is why the sweeper may keep one sum
+//!   of readings per slot instead of one reading per cell (`Sweeper`'s docs).
 //! - The sweeper **resets** a slot's cells to 0 only when no session holds the slot, so no add
 //!   can race the reset; the free-slot queue orders the reset before the next session's adds.
 
@@ -49,6 +52,13 @@ pub(super) struct Shards {
 impl Shards {
     pub(super) fn new(capacity: usize, worker_shards: usize, striped_shards: usize) -> Self {
         let lines_per_shard = capacity.div_ceil(CELLS_PER_LINE);
+        // `SlotCells` keeps the stride in a `u32` and the shard counts in `u16`s.
+        assert!(
+            capacity <= super::MAX_CAPACITY
+                && worker_shards <= super::MAX_WORKERS
+                && striped_shards <= super::MAX_WORKERS,
+            "the builder checks these bounds"
+        );
         let shard_count = worker_shards + striped_shards;
         Self {
             lines: (0..lines_per_shard * shard_count)
@@ -95,9 +105,10 @@ impl Shards {
         let first = unsafe { lines.add(offset) }.cast::<AtomicU64>();
         SlotCells {
             first,
-            shard_stride_bytes: self.lines_per_shard * line_bytes,
-            worker_shards: self.worker_shards,
-            striped_shards: self.striped_shards,
+            // Cannot truncate: at most 2^20 lines of 128 bytes per shard (`Shards::new`).
+            shard_stride_bytes: (self.lines_per_shard * line_bytes) as u32,
+            worker_shards: self.worker_shards as u16,
+            striped_shards: self.striped_shards as u16,
         }
     }
 
@@ -142,20 +153,29 @@ impl std::fmt::Debug for Shards {
 
 /// Where one slot's cells are, in every shard: what [`Session::add`](super::Session::add) uses.
 ///
-/// It points into a [`Shards`] and is only ever stored next to the `Arc` that keeps that
-/// `Shards` alive (in the session handle), so the pointer is valid for as long as it exists.
+/// A session keeps it in its own value, beside the `Arc` of its handle, so that `add` reads it
+/// where the session is and then goes straight to the cell: one cache miss, not one for the
+/// handle and another for the cell. 16 bytes, so that a session stays small.
+///
+/// It points into a [`Shards`]. It is only ever stored in a `Session`, next to the
+/// `Arc<SessionHandle>` that keeps that `Shards` alive (through `Shared`) and holds the slot, so
+/// the pointer is valid, and the slot this session's, for as long as the cursor exists.
+#[derive(Clone, Copy)]
 pub(super) struct SlotCells {
     /// The slot's cell in shard 0; the same cell of shard `n` is `n * shard_stride_bytes` on.
     /// Derived from the whole line array (see [`Shards::slot_cells`]), so it may reach every
     /// shard's cell.
     first: NonNull<AtomicU64>,
-    shard_stride_bytes: usize,
-    worker_shards: u32,
-    striped_shards: u32,
+    /// At most 2^27: a shard has at most [`MAX_CAPACITY`](super::MAX_CAPACITY) / 16 lines of
+    /// 128 bytes (checked in [`Shards::new`]).
+    shard_stride_bytes: u32,
+    /// At most [`MAX_WORKERS`](super::MAX_WORKERS) = 256 each.
+    worker_shards: u16,
+    striped_shards: u16,
 }
 
 // SAFETY: `SlotCells` is a shared reference to `AtomicU64`s in disguise (see `cell`), and
-// `&AtomicU64` is `Send` and `Sync`.
+// `&AtomicU64` is `Send` and `Sync`; the `Arc` that keeps them alive travels with it.
 unsafe impl Send for SlotCells {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for SlotCells {}
@@ -163,7 +183,7 @@ unsafe impl Sync for SlotCells {}
 impl SlotCells {
     #[inline(always)]
     fn cell(&self, shard: u32) -> &AtomicU64 {
-        debug_assert!(shard < self.worker_shards + self.striped_shards);
+        debug_assert!(shard < u32::from(self.worker_shards) + u32::from(self.striped_shards));
         // SAFETY: every caller passes `shard < worker_shards + striped_shards`, and shard `n`'s
         // line array starts `n * shard_stride_bytes` after shard 0's, with the same layout, so
         // the result is this slot's cell in shard `n`, inside the `Shards` allocation. `first`
@@ -173,23 +193,25 @@ impl SlotCells {
             &*self
                 .first
                 .as_ptr()
-                .byte_add(shard as usize * self.shard_stride_bytes)
+                .byte_add(shard as usize * self.shard_stride_bytes as usize)
                 .cast_const()
         }
     }
 
-    /// The hot path: adds `amount` to this slot in the calling thread's shard.
+    /// The hot path: adds `amount` to this slot in the calling thread's shard. `shards` is only
+    /// called on the cold paths (saturation), so the fast path reads nothing but `self`, the
+    /// thread's worker index and the cell.
     #[inline(always)]
-    pub(super) fn add(&self, amount: u64, shards: &Shards) {
+    pub(super) fn add<'a>(&self, amount: u64, shards: impl FnOnce() -> &'a Shards) {
         let worker = current_worker();
-        if worker < self.worker_shards {
+        if worker < u32::from(self.worker_shards) {
             let cell = self.cell(worker);
             // Relaxed load and store: this thread is the cell's only writer (module docs), so no
             // other store can fall between them; the sweeper only needs the value to arrive.
             let current = cell.load(Ordering::Relaxed);
             match current.checked_add(amount) {
                 Some(total) => cell.store(total, Ordering::Relaxed),
-                None => saturate_exclusive(cell, current, amount, shards),
+                None => saturate_exclusive(cell, current, amount, shards()),
             }
         } else {
             self.add_striped(amount, shards);
@@ -197,11 +219,11 @@ impl SlotCells {
     }
 
     #[inline(never)]
-    fn add_striped(&self, amount: u64, shards: &Shards) {
+    fn add_striped<'a>(&self, amount: u64, shards: impl FnOnce() -> &'a Shards) {
         // Spread the per-thread seeds (consecutive numbers) over the stripes, without a division.
         let mixed = stripe_seed().wrapping_mul(0x9E37_79B9);
         let stripe = ((u64::from(mixed) * u64::from(self.striped_shards)) >> 32) as u32;
-        let cell = self.cell(self.worker_shards + stripe);
+        let cell = self.cell(u32::from(self.worker_shards) + stripe);
         // Relaxed: an atomic RMW never loses a concurrent add whatever its ordering; the sweeper's
         // visibility comes from elsewhere (module docs).
         let previous = cell
@@ -210,7 +232,7 @@ impl SlotCells {
             })
             .unwrap_or_else(|value| value);
         if previous.checked_add(amount).is_none() {
-            shards.record_saturation(previous, amount);
+            shards().record_saturation(previous, amount);
         }
     }
 }

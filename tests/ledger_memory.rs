@@ -1,0 +1,176 @@
+//! What the ledger costs in memory, from the allocator: bytes per slot and per open session,
+//! checked byte for byte against the formulas `docs/operations.md` states, and printed with
+//! `cargo test --test ledger_memory -- --nocapture`.
+//!
+//! A counting global allocator adds up, per thread, the bytes this thread allocates minus those
+//! it frees while counting is on, so the test harness's other threads do not disturb a figure.
+
+use shardmeter::ledger::{Ledger, Session, Sweeper};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct CountingAllocator;
+
+thread_local! {
+    // `const`-initialised, no destructors: the allocator can use them at any time.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+    static CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn note(bytes: i64, calls: u64) {
+    // `try_with`: the allocator also runs while a thread's thread-locals are being destroyed.
+    let _ = COUNTING.try_with(|counting| {
+        if counting.get() {
+            let _ = LIVE.try_with(|live| live.set(live.get() + bytes));
+            let _ = CALLS.try_with(|count| count.set(count.get() + calls));
+        }
+    });
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the only
+// addition is a thread-local counter update, which neither allocates nor unwinds.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size() as i64, 1);
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size() as i64, 1);
+        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size as i64 - layout.size() as i64, 1);
+        // SAFETY: forwarded as is; `ptr` came from `System` through this allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        note(-(layout.size() as i64), 0);
+        // SAFETY: forwarded as is; `ptr` came from `System` through this allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Bytes still allocated, and allocations made, by this thread while running `f`; `f`'s result
+/// is returned alive, so what it holds is counted.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, i64, u64) {
+    LIVE.with(|live| live.set(0));
+    CALLS.with(|calls| calls.set(0));
+    COUNTING.with(|counting| counting.set(true));
+    let result = f();
+    COUNTING.with(|counting| counting.set(false));
+    (result, LIVE.with(Cell::get), CALLS.with(Cell::get))
+}
+
+/// Per slot, for `shards` shards (worker + striped), as `docs/operations.md` states it: a cell
+/// per shard (8 B each), the sweeper's sum of readings (16), slot metadata (24: state and
+/// account), and an entry in each of the two slot queues (16 each).
+fn bytes_per_slot(shards: usize) -> i64 {
+    (8 * shards + 16 + 24 + 2 * 16) as i64
+}
+
+/// Per open session, as `docs/operations.md` states it: the shared handle (two reference counts,
+/// the ledger's `Arc`, the account's `Arc<str>`, the slot index: 48 B) and the account id (two
+/// reference counts and the bytes, rounded up to 8), in two allocations.
+fn bytes_per_session(id_len: usize) -> i64 {
+    (48 + (16 + id_len).next_multiple_of(8)) as i64
+}
+
+fn build(capacity: usize, shards: Option<(usize, usize)>) -> (Ledger, Sweeper) {
+    let builder = Ledger::builder().capacity(capacity);
+    let builder = match shards {
+        Some((workers, stripes)) => builder.worker_shards(workers).striped_shards(stripes),
+        None => builder,
+    };
+    builder.build().unwrap()
+}
+
+/// The bytes of one slot: the difference between two capacities (multiples of 16, so no line
+/// padding), divided by the difference of slots. Also returns what a ledger costs besides.
+fn measured_per_slot(shards: Option<(usize, usize)>) -> (i64, i64) {
+    const SMALL: usize = 1 << 12;
+    const LARGE: usize = 1 << 16;
+    let (_small, small_bytes, _) = measure(|| build(SMALL, shards));
+    let (_large, large_bytes, _) = measure(|| build(LARGE, shards));
+    let slots = (LARGE - SMALL) as i64;
+    assert_eq!(
+        (large_bytes - small_bytes) % slots,
+        0,
+        "not a whole number of bytes per slot: {small_bytes} B at {SMALL} slots, \
+         {large_bytes} B at {LARGE}"
+    );
+    let per_slot = (large_bytes - small_bytes) / slots;
+    (per_slot, small_bytes - per_slot * SMALL as i64)
+}
+
+#[test]
+fn bytes_per_slot_match_the_formula_at_the_default_and_for_2_16_64_cores() {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let default_shards = cpus.min(256) + cpus.min(2);
+    // (label, explicit (worker, striped) shards or the defaults, shards in all)
+    let cases = [
+        ("default on this host", None, default_shards),
+        ("2 cores' defaults", Some((2, 2)), 4),
+        ("16 cores' defaults", Some((16, 2)), 18),
+        ("64 cores' defaults", Some((64, 2)), 66),
+    ];
+    for (label, shards, total) in cases {
+        let (per_slot, fixed) = measured_per_slot(shards);
+        println!(
+            "{label}: {total} shards, {per_slot} B per slot (+ {fixed} B per ledger); \
+             1 Mi slots: {:.0} MiB",
+            per_slot as f64
+        );
+        assert_eq!(per_slot, bytes_per_slot(total), "{label}");
+        // The shared state and the boxes' headers, not a per-slot cost.
+        assert!((0..4096).contains(&fixed), "{label}: {fixed} B fixed");
+    }
+}
+
+#[test]
+fn an_open_session_costs_two_allocations_of_the_stated_size() {
+    const SESSIONS: usize = 10_000;
+    // The deployment's ids are 28 alphanumeric characters.
+    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("{i:0>28}")).collect();
+    let (ledger, mut sweeper) = build(SESSIONS, Some((2, 2)));
+    let mut sessions: Vec<Session> = Vec::with_capacity(SESSIONS);
+    let ((), bytes, calls) = measure(|| {
+        for id in &ids {
+            sessions.push(ledger.open_session(id).unwrap());
+        }
+    });
+    let per_session = bytes / SESSIONS as i64;
+    println!(
+        "an open session with a 28-byte id: {per_session} B in {} allocations, plus the \
+         {}-byte `Session` value wherever it is kept",
+        calls / SESSIONS as u64,
+        std::mem::size_of::<Session>()
+    );
+    assert_eq!(bytes, bytes_per_session(28) * SESSIONS as i64);
+    assert_eq!(calls, 2 * SESSIONS as u64);
+    assert_eq!(
+        std::mem::size_of::<Session>(),
+        24,
+        "the size the docs state"
+    );
+
+    // A clone (a channel) allocates nothing; the last drop frees both allocations.
+    let (clones, bytes, calls) = measure(|| sessions.to_vec());
+    assert_eq!((calls, bytes), (1, (SESSIONS * 24) as i64), "only the Vec");
+    drop(clones);
+    // Ending the sessions frees the handles; collecting them frees the ids, which the slots held.
+    let ((), bytes, _) = measure(|| sessions.clear());
+    assert_eq!(bytes, -48 * SESSIONS as i64);
+    let mut usage = Vec::new();
+    let (ended, bytes, _) = measure(|| sweeper.collect_ended(&mut usage));
+    assert_eq!(ended, SESSIONS);
+    assert_eq!(bytes, -(bytes_per_session(28) - 48) * SESSIONS as i64);
+}
