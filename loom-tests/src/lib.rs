@@ -67,6 +67,20 @@ mod helpers {
             .expect("loom spawns threads")
     }
 
+    /// Spawns the `sweeper` thread of the adds models: two sweeps, racing the adds. Returns the
+    /// sweeper, the usage of both sweeps and the totals of the first, for the final checks.
+    pub fn sweep_twice(
+        mut sweeper: shardmeter::Sweeper,
+    ) -> loom::thread::JoinHandle<(shardmeter::Sweeper, Vec<Usage>, BTreeMap<String, u64>)> {
+        spawn("sweeper", move || {
+            let mut usage = Vec::new();
+            sweeper.sweep(&mut usage);
+            let first = totals(&usage);
+            sweeper.sweep(&mut usage);
+            (sweeper, usage, first)
+        })
+    }
+
     /// The name of the calling loom thread; the model's own thread is `main`.
     pub fn thread_name() -> String {
         loom::thread::current().name().unwrap_or("main").to_string()

@@ -8,7 +8,7 @@
 #![cfg(shardmeter_loom)]
 
 use shardmeter::{register_worker_thread, unregister_worker_thread, Ledger};
-use shardmeter_loom_tests::{expected, run_model, spawn, totals, Seen};
+use shardmeter_loom_tests::{expected, run_model, spawn, sweep_twice, totals, Seen};
 
 /// Model 1. Two registered workers (the main thread and one more) add to two sessions, each on
 /// its private shard, while a sweeper thread sweeps twice; a sweep may read any cell between
@@ -38,14 +38,7 @@ fn worker_adds_racing_sweeps() {
                 index
             })
         };
-        let sweeps = spawn("sweeper", move || {
-            let mut sweeper = sweeper;
-            let mut usage = Vec::new();
-            sweeper.sweep(&mut usage);
-            let first = totals(&usage);
-            sweeper.sweep(&mut usage);
-            (sweeper, usage, first)
-        });
+        let sweeps = sweep_twice(sweeper);
 
         a.add(1);
         b.add(2);
@@ -155,14 +148,7 @@ fn sums_over_two_shards_racing_sweeps() {
                 session.add(4);
             })
         };
-        let sweeps = spawn("sweeper", move || {
-            let mut sweeper = sweeper;
-            let mut usage = Vec::new();
-            sweeper.sweep(&mut usage);
-            let first = totals(&usage);
-            sweeper.sweep(&mut usage);
-            (sweeper, usage, first)
-        });
+        let sweeps = sweep_twice(sweeper);
 
         session.add(1);
         session.add(8);
