@@ -13,7 +13,7 @@ use std::time::Duration;
 use support::load::add_random;
 use support::rng::Rng;
 use support::wait::eventually;
-use support::{shared_redis, shared_redis_url, Keyspace, RedisServer, Reply, RespClient};
+use support::{shared_redis, shared_redis_url, Keyspace, RedisServer, RespClient};
 
 fn key(keyspace: &Keyspace, account: &str) -> String {
     format!("{}:{account}", keyspace.prefix())
@@ -449,14 +449,8 @@ async fn a_permission_revoked_mid_run_is_a_configuration_error_until_restored() 
     let logs = support::logs::captured_logs();
     let redis = RedisServer::start();
     let mut admin = redis.client();
-    let acl = |admin: &mut RespClient, rule: &str| {
-        let reply = admin
-            .command(&["ACL", "SETUSER", "meter", "on", ">pw", "~*", "+@all", rule])
-            .unwrap();
-        assert_eq!(reply, Reply::Status("OK".into()));
-    };
-    acl(&mut admin, "+evalsha");
-    let sink = RedisSink::connect(&format!("redis://meter:pw@127.0.0.1:{}", redis.port()))
+    admin.set_meter_acl("+evalsha");
+    let sink = RedisSink::connect(&support::meter_user_url(redis.port()))
         .await
         .unwrap();
     let engine = Engine::builder()
@@ -467,7 +461,7 @@ async fn a_permission_revoked_mid_run_is_a_configuration_error_until_restored() 
     engine.record("before", 10).unwrap();
     engine.flush_now().await.unwrap();
 
-    acl(&mut admin, "-evalsha");
+    admin.set_meter_acl("-evalsha");
     engine.record("during", 20).unwrap();
     let error = engine.flush_now().await.unwrap_err();
     let EngineError::Sink(SinkError::Misconfigured(message)) = &error else {
@@ -495,7 +489,7 @@ async fn a_permission_revoked_mid_run_is_a_configuration_error_until_restored() 
         "{text}"
     );
 
-    acl(&mut admin, "+evalsha");
+    admin.set_meter_acl("+evalsha");
     support::until_ok("a flush once fixed", Duration::from_secs(20), || {
         engine.flush_now()
     })

@@ -983,14 +983,8 @@ async fn a_database_redis_does_not_have_is_misconfigured_once_redis_is_up() {
 async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
     let server = RedisServer::start();
     let mut admin = server.client();
-    let acl = |admin: &mut RespClient, rule: &str| {
-        let reply = admin
-            .command(&["ACL", "SETUSER", "meter", "on", ">pw", "~*", "+@all", rule])
-            .unwrap();
-        assert_eq!(reply, Reply::Status("OK".into()));
-    };
-    acl(&mut admin, "-expire");
-    let sink = RedisSink::connect(&format!("redis://meter:pw@127.0.0.1:{}", server.port()))
+    admin.set_meter_acl("-expire");
+    let sink = RedisSink::connect(&support::meter_user_url(server.port()))
         .await
         .expect("connect as meter");
 
@@ -1016,7 +1010,7 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
     );
 
     // SET forbidden: the script's first write fails, before anything is written.
-    acl(&mut admin, "-set");
+    admin.set_meter_acl("-set");
     let refused = write_one(&sink, &b).await;
     assert!(
         matches!(&refused, Err(SinkError::Misconfigured(m)) if m.contains("can't run")),
@@ -1025,14 +1019,14 @@ async fn an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call() {
     assert_eq!(server.get("{acct}:acl-1"), None);
 
     // EVALSHA itself forbidden: Redis refuses before the script runs.
-    acl(&mut admin, "-evalsha");
+    admin.set_meter_acl("-evalsha");
     let refused = write_one(&sink, &b).await;
     assert!(
         matches!(&refused, Err(SinkError::Misconfigured(m)) if m.contains("evalsha")),
         "{refused:?}"
     );
 
-    acl(&mut admin, "+evalsha");
+    admin.set_meter_acl("+evalsha");
     assert_eq!(
         write_one(&sink, &b).await,
         Ok(BatchOutcome::Applied(vec![added(3), added(4)]))

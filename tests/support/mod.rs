@@ -408,6 +408,11 @@ fn tail(path: &Path) -> String {
 // RespClient
 // ---------------------------------------------------------------------------------------------
 
+/// The URL of the ACL user [`RespClient::set_meter_acl`] defines, on 127.0.0.1 at `port`.
+pub fn meter_user_url(port: u16) -> String {
+    format!("redis://meter:pw@127.0.0.1:{port}")
+}
+
 /// A RESP2 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -454,6 +459,19 @@ impl RespClient {
         }
         self.writer.write_all(&request)?;
         self.read_reply()
+    }
+
+    /// (Re)defines the ACL user the permission tests connect as ([`meter_user_url`]): password
+    /// `pw`, every key and command, then `rule` (`-expire`, `+evalsha`...).
+    pub fn set_meter_acl(&mut self, rule: &str) {
+        let reply = self
+            .command(&["ACL", "SETUSER", "meter", "on", ">pw", "~*", "+@all", rule])
+            .unwrap();
+        assert_eq!(
+            reply,
+            Reply::Status("OK".into()),
+            "ACL SETUSER meter {rule}"
+        );
     }
 
     fn read_reply(&mut self) -> io::Result<Reply> {
