@@ -880,16 +880,23 @@ async fn a_failed_call_never_looks_applied_because_of_a_later_one() {
     );
 }
 
+/// A sink connected to a free port where nothing listens (yet), with `path` after the address
+/// (`""`, `"/99"`): `connect` succeeds, as a gateway starting before its Redis needs.
+async fn sink_to_nowhere(path: &str) -> (u16, RedisSink) {
+    let port = support::free_port();
+    let sink = RedisSink::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&format!("redis://127.0.0.1:{port}{path}"))
+        .await
+        .expect("a Redis that is down is not a start-up error");
+    (port, sink)
+}
+
 /// Nothing listens: the sink still starts (a gateway must), and what it answers names the
 /// address and fred's cause, not only a client state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_to_nowhere_names_the_address_and_the_cause() {
-    let port = support::free_port();
-    let sink = RedisSink::builder()
-        .command_timeout(Duration::from_millis(300))
-        .connect(&format!("redis://127.0.0.1:{port}"))
-        .await
-        .expect("a Redis that is down is not a start-up error");
+    let (port, sink) = sink_to_nowhere("").await;
     let b = batch(unique_u64(), 1, &[("nowhere", 1, MINUTE)]);
     let (message, _) = until_ok("the cause in the error", PATIENCE, || async {
         match write_one(&sink, &b).await {
@@ -946,12 +953,7 @@ async fn a_database_redis_does_not_have_is_refused_at_connect() {
 /// Redis answers and refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_redis_does_not_have_is_misconfigured_once_redis_is_up() {
-    let port = support::free_port();
-    let sink = RedisSink::builder()
-        .command_timeout(Duration::from_millis(300))
-        .connect(&format!("redis://127.0.0.1:{port}/99"))
-        .await
-        .expect("a Redis that is down is not a start-up error");
+    let (port, sink) = sink_to_nowhere("/99").await;
     let b = batch(unique_u64(), 1, &[("{acct}:db99", 1, MINUTE)]);
     let early = write_one(&sink, &b).await;
     assert!(
