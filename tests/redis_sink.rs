@@ -30,7 +30,7 @@ fn batch(writer: u64, sequence: u64, increments: &[(&str, u64, Duration)]) -> Ba
         increments: increments
             .iter()
             .map(|(key, amount, ttl)| Increment {
-                key: (*key).to_owned(),
+                key: (*key).into(),
                 amount: *amount,
                 ttl: *ttl,
             })

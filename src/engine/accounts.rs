@@ -27,7 +27,9 @@
 //! session opens and by the flusher, never per chunk.
 
 use super::keys::{BucketSpan, KeyScheme};
+use super::pending::KeyMap;
 use crate::ledger::Account;
+use crate::sink::Key;
 use arc_swap::ArcSwap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
@@ -332,8 +334,9 @@ impl std::fmt::Debug for Registry {
 #[derive(Debug)]
 struct Tracked {
     state: Arc<AccountState>,
-    /// The account's key in the current bucket, built once per bucket.
-    key: String,
+    /// The account's key in the current bucket, built once per bucket and shared with every
+    /// flush of it.
+    key: Key,
     global: Option<u64>,
     global_as_of: Option<SystemTime>,
     pending: u128,
@@ -356,8 +359,9 @@ pub(crate) struct AccountBook {
     keys: KeyScheme,
     budgets: Budgets,
     bucket: BucketSpan,
-    tracked: HashMap<Account, Tracked>,
-    by_key: HashMap<String, Account>,
+    /// Both maps are looked up once per account per flush: foldhash (see `KeyMap`).
+    tracked: HashMap<Account, Tracked, foldhash::fast::RandomState>,
+    by_key: KeyMap<Account>,
     /// Accounts changed by acknowledgements, not yet published; each at most once.
     unpublished: Vec<Account>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
@@ -370,8 +374,8 @@ impl AccountBook {
             bucket: keys.span(now),
             keys,
             budgets,
-            tracked: HashMap::new(),
-            by_key: HashMap::new(),
+            tracked: HashMap::default(),
+            by_key: KeyMap::default(),
             wanted: VecDeque::new(),
             unpublished: Vec::new(),
         }
@@ -385,7 +389,7 @@ impl AccountBook {
     /// Starts tracking an account whose first session just opened; its global total is read.
     pub(crate) fn track(&mut self, state: Arc<AccountState>) {
         let account = state.account.clone();
-        let key = self.keys.key(&account, &self.bucket);
+        let key: Key = self.keys.key(&account, &self.bucket).into();
         let limit = self.budgets.limit_of(&account);
         self.by_key.insert(key.clone(), account.clone());
         let tracked = Tracked {
@@ -407,7 +411,7 @@ impl AccountBook {
     /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
     /// Returns the key that amount goes to when the account is tracked in that bucket (built
     /// once per bucket), so the flusher builds no key of its own for it.
-    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&str> {
+    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&Key> {
         if *span != self.bucket {
             return None;
         }
@@ -470,7 +474,7 @@ impl AccountBook {
         for account in self.wanted.drain(..taken) {
             if let Some(tracked) = self.tracked.get_mut(&account) {
                 tracked.read_wanted = false;
-                request.keys.push(tracked.key.clone());
+                request.keys.push(tracked.key.to_string());
                 request.accounts.push(account);
             }
         }
@@ -490,7 +494,7 @@ impl AccountBook {
             let Some(tracked) = self.tracked.get_mut(account) else {
                 continue;
             };
-            if tracked.key != *key {
+            if *tracked.key != **key {
                 continue; // read in a bucket that has passed since
             }
             if let Some(values) = &values {
@@ -512,7 +516,7 @@ impl AccountBook {
         self.bucket = bucket;
         self.by_key.clear();
         for (account, tracked) in &mut self.tracked {
-            tracked.key = self.keys.key(account, &self.bucket);
+            tracked.key = self.keys.key(account, &self.bucket).into();
             tracked.global = None;
             tracked.global_as_of = None;
             tracked.pending = 0;
@@ -538,7 +542,7 @@ impl AccountBook {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                let key = std::mem::take(&mut tracked.key);
+                let key = tracked.key.clone();
                 self.tracked.remove(account);
                 self.by_key.remove(&key);
                 continue;

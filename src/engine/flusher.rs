@@ -17,14 +17,17 @@
 //! # Writing
 //!
 //! Sweeping never waits for the sink: writes run as one in-flight future polled beside the
-//! timers. A failed or timed-out round leaves its batches in flight, re-sent unchanged (same ids)
-//! after an exponential backoff with jitter; amounts swept meanwhile wait, merged per key, for
-//! the next round. See `pending.rs` for why memory stays bounded.
+//! timers. A round is cut into batches [`CUT_SLICE_KEYS`] keys per poll, and the batches built
+//! go out as soon as no write is in flight, so the sink writes the first batches of a round
+//! while the flusher cuts the rest. A failed or timed-out write leaves its batches in flight,
+//! re-sent unchanged (same ids) after an exponential backoff with jitter; amounts swept
+//! meanwhile wait, merged per key, for the next round. See `pending.rs` for why memory stays
+//! bounded.
 
 use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
 use super::keys::KeyScheme;
 use super::metrics;
-use super::pending::{Pending, Rejection};
+use super::pending::{Pending, Rejection, Settlement};
 use super::stats::Stats;
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
 use crate::ledger::{Sweeper, Usage};
@@ -40,14 +43,24 @@ use tokio::time::{Instant, MissedTickBehavior};
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
+// The slices below keep every poll of the flusher well under 1 ms on this machine's 2 cores
+// with a million slots and accounts (`cargo bench --bench flush -- polls`).
 /// Tracked accounts reviewed after a full sweep between two yields to the runtime.
 const REVIEW_SLICE_ACCOUNTS: usize = 2_048;
+/// Accounts whose new view is published between two yields (an allocation and an arc-swap
+/// store each, about 1 µs).
+const PUBLISH_SLICE_ACCOUNTS: usize = 256;
 /// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
-const ACCOUNTS_TRACKED_PER_POLL: usize = 1_024;
+const ACCOUNTS_TRACKED_PER_POLL: usize = 256;
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
-/// 2,048 × (sweep + aggregation) ≈ 0.3–0.6 ms on this machine's 2 cores (`benches/sweep.rs`,
-/// `benches/flush.rs`); idle slots cost a few ns each.
-const SWEEP_SLICE_SLOTS: usize = 2_048;
+/// 512 × (sweep, aggregation, the account's view published) ≈ 0.5 ms; idle slots cost a few
+/// ns each.
+const SWEEP_SLICE_SLOTS: usize = 512;
+/// Keys of a round cut into batches per poll (about 50 ns each on this machine, see
+/// `benches/flush.rs`).
+const CUT_SLICE_KEYS: usize = 8_192;
+/// Increments of a write's answers applied per poll (the read side hears of each, ~100 ns).
+const SETTLE_SLICE_KEYS: usize = 4_096;
 
 pub(crate) enum Command {
     FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
@@ -322,7 +335,7 @@ impl<S: Sink> Flusher<S> {
                     self.publish_tracked();
                 }
                 output = next_write(&mut self.write) => {
-                    self.settle(output);
+                    self.settle(output).await;
                     self.publish_acknowledged().await;
                 }
                 (request, values) = next_read(&mut self.read) => {
@@ -341,6 +354,12 @@ impl<S: Sink> Flusher<S> {
                     self.collect_ended();
                 }
                 _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
+                // Last: a slice of the open round per turn, after a yield, while the sink
+                // writes the batches cut before.
+                _ = tokio::task::yield_now(), if self.pending.has_uncut() => {
+                    self.pending.cut(CUT_SLICE_KEYS);
+                    self.publish_pending();
+                }
             }
             self.start_write_if_due();
             self.start_read_if_due();
@@ -399,17 +418,22 @@ impl<S: Sink> Flusher<S> {
         let keys = &self.config.keys;
         let span = keys.span(self.interval_start);
         let ttl = keys.ttl_at(&span, now);
+        let mut swept = 0u128;
         for usage in self.usage.drain(..) {
-            Stats::add(&self.stats.amount_swept, usage.amount.into());
+            swept += u128::from(usage.amount);
             if self.enabled {
+                // A tracked account's key is built once per bucket and shared; others' (an
+                // account forgotten since, a sweep closing the previous bucket) now.
                 let key = match self.book.swept(&usage.account, &span, usage.amount) {
-                    Some(key) => key.to_owned(),
-                    None => keys.key(&usage.account, &span),
+                    Some(key) => key.clone(),
+                    None => keys.key(&usage.account, &span).into(),
                 };
                 self.pending.add(key, usage.amount, ttl);
-            } else {
-                Stats::add(&self.stats.amount_discarded, usage.amount.into());
             }
+        }
+        Stats::add(&self.stats.amount_swept, swept);
+        if !self.enabled {
+            Stats::add(&self.stats.amount_discarded, swept);
         }
         self.publish_pending();
     }
@@ -444,6 +468,11 @@ impl<S: Sink> Flusher<S> {
         if self.write.is_some() || self.retry_at.is_some() {
             return;
         }
+        if !self.pending.has_batches() {
+            // Nothing built to send: cut a slice now rather than wait for the loop's turn (the
+            // shutdown's loop has none).
+            self.pending.cut(CUT_SLICE_KEYS);
+        }
         let batches = self.pending.batches_to_send();
         if batches.is_empty() {
             return;
@@ -463,7 +492,7 @@ impl<S: Sink> Flusher<S> {
         }));
     }
 
-    fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
+    async fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
         self.write = None;
         Stats::set(&self.stats.last_flush_micros, took.as_micros());
         metrics::write_took(took);
@@ -473,9 +502,16 @@ impl<S: Sink> Flusher<S> {
             results.unwrap_or_else(|| vec![Err(timeout); self.pending.batches_in_flight()]);
         let now = self.config.clock.now();
         let book = &mut self.book;
-        let settlement = self.pending.settle(results, |increment, total| {
-            book.acknowledged(&increment.key, increment.amount, total, now);
-        });
+        let mut settlement = Settlement::default();
+        self.pending.receive(results);
+        while !self
+            .pending
+            .settle_some(SETTLE_SLICE_KEYS, &mut settlement, |increment, total| {
+                book.acknowledged(&increment.key, increment.amount, total, now);
+            })
+        {
+            tokio::task::yield_now().await;
+        }
 
         self.keys_written += settlement.keys_written;
         self.amount_written += settlement.amount_written;
@@ -510,9 +546,9 @@ impl<S: Sink> Flusher<S> {
         }
 
         if !self.waiters.is_empty() {
-            // A `flush_now` caller reads the read side next: publish everything before answering
-            // it (a rare, operator-driven round; periodic rounds publish in slices).
-            self.book.publish_acknowledged(usize::MAX);
+            // A `flush_now` caller reads the read side next: publish everything (in slices)
+            // before answering it.
+            self.publish_acknowledged().await;
         }
         match settlement.failure {
             Some(error) => {
@@ -579,7 +615,7 @@ impl<S: Sink> Flusher<S> {
     /// Publishes what the last settlement changed on the read side, in slices with a yield
     /// between them.
     async fn publish_acknowledged(&mut self) {
-        while self.book.publish_acknowledged(REVIEW_SLICE_ACCOUNTS) {
+        while self.book.publish_acknowledged(PUBLISH_SLICE_ACCOUNTS) {
             tokio::task::yield_now().await;
         }
     }
@@ -609,7 +645,7 @@ impl<S: Sink> Flusher<S> {
 
     fn publish_pending(&self) {
         Stats::set(&self.stats.pending_amount, self.pending.amount());
-        Stats::set(&self.stats.pending_keys, self.pending.keys() as u128);
+        Stats::set(&self.stats.pending_keys, self.pending.entries() as u128);
     }
 
     /// Exponential backoff with jitter: a random delay in the upper half of
@@ -652,7 +688,7 @@ impl<S: Sink> Flusher<S> {
             }
             tokio::select! {
                 output = next_write(&mut self.write) => {
-                    self.settle(output);
+                    self.settle(output).await;
                     self.publish_acknowledged().await;
                 }
                 _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,

@@ -64,7 +64,9 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Amount swept and not yet acknowledged.
     pub pending_amount: u64,
-    /// Keys with such an amount.
+    /// Entries holding such an amount: one per key waiting for a batch, one per increment in a
+    /// batch not yet acknowledged. A key in flight and waiting again counts twice, so this is
+    /// at most twice the distinct keys, however many flushes fail.
     pub pending_keys: u64,
     /// Commands the sink sent (for Redis: `EVALSHA`/`SCRIPT LOAD` calls).
     pub sink_commands: u64,
