@@ -45,8 +45,6 @@ const MAX_REPORTED_REJECTIONS: usize = 10_000;
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 // The slices below keep every poll of the flusher well under 1 ms on this machine's 2 cores
 // with a million slots and accounts (`cargo bench --bench flush -- polls`).
-/// Tracked accounts reviewed after a full sweep between two yields to the runtime.
-const REVIEW_SLICE_ACCOUNTS: usize = 2_048;
 /// Accounts whose new view is published between two yields (an allocation and an arc-swap
 /// store each, about 1 µs).
 const PUBLISH_SLICE_ACCOUNTS: usize = 256;
@@ -382,7 +380,12 @@ impl<S: Sink> Flusher<S> {
         let started = Instant::now();
         let now = self.config.clock.now();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
-        self.book.roll_bucket(now);
+        if self.book.roll_bucket(now) {
+            for shard in 0..self.book.shards() {
+                tokio::task::yield_now().await;
+                self.book.rekey(shard);
+            }
+        }
         self.usage.clear();
         let ended = self.sweeper.collect_ended(&mut self.usage);
         Stats::add(&self.stats.sessions_ended, ended as u128);
@@ -395,10 +398,9 @@ impl<S: Sink> Flusher<S> {
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
-        let accounts = self.book.tracked_accounts();
-        for slice in accounts.chunks(REVIEW_SLICE_ACCOUNTS) {
+        for shard in 0..self.book.shards() {
             tokio::task::yield_now().await;
-            self.book.review(slice, &self.registry);
+            self.book.review(shard, &self.registry);
         }
         self.publish_tracked();
         metrics::sweep_took(started.elapsed());

@@ -809,10 +809,11 @@ impl Sink for RedisSink {
             }
         }
 
+        // Each batch's outcome slots are made when its first reply arrives, in the sliced loop.
         let mut settled: Vec<Settling> = batches
             .iter()
             .map(|batch| Settling {
-                outcomes: vec![None; batch.increments.len()],
+                outcomes: Vec::new(),
                 applied_now: batch.increments.is_empty(),
                 error: None,
             })
@@ -830,6 +831,9 @@ impl Sink for RedisSink {
             match parsed {
                 Ok((applied_now, outcomes)) => {
                     for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                        if settled[b].outcomes.is_empty() {
+                            settled[b].outcomes = vec![None; batches[b].increments.len()];
+                        }
                         settled[b].outcomes[i] = Some(outcome);
                         settled[b].applied_now |= applied_now;
                     }
@@ -841,8 +845,16 @@ impl Sink for RedisSink {
                 }
             }
         }
-        let mut results: Vec<Result<BatchOutcome, SinkError>> =
-            settled.into_iter().map(Settling::finish).collect();
+        let mut results: Vec<Result<BatchOutcome, SinkError>> = Vec::with_capacity(batches.len());
+        let mut finished_keys = 0;
+        for (batch, settling) in batches.iter().zip(settled) {
+            if finished_keys >= SLICE_KEYS {
+                finished_keys = 0;
+                tokio::task::yield_now().await;
+            }
+            finished_keys += batch.increments.len();
+            results.push(settling.finish(batch.increments.len()));
+        }
         for (b, &first) in first_of.iter().enumerate() {
             if first != b {
                 results[b] = results[first].clone().map(|_| BatchOutcome::AlreadyApplied);
@@ -886,6 +898,7 @@ impl Sink for RedisSink {
 
 /// What the calls of a write said about one batch.
 struct Settling {
+    /// One per increment once a reply for the batch arrived; empty before.
     outcomes: Vec<Option<KeyOutcome>>,
     /// Some lane of the batch was applied now (or it has no increments).
     applied_now: bool,
@@ -893,7 +906,8 @@ struct Settling {
 }
 
 impl Settling {
-    fn finish(self) -> Result<BatchOutcome, SinkError> {
+    /// The batch's result; `keys` is its number of increments.
+    fn finish(self, keys: usize) -> Result<BatchOutcome, SinkError> {
         if let Some(error) = self.error {
             // Some lanes applied, another failed: whatever the failure says, the batch is no
             // longer certainly unapplied (a shutdown must not call it safe to replay).
@@ -906,6 +920,9 @@ impl Settling {
         }
         if !self.applied_now {
             return Ok(BatchOutcome::AlreadyApplied);
+        }
+        if self.outcomes.len() != keys {
+            return Err(SinkError::Failed("a key of the batch got no reply".into()));
         }
         self.outcomes
             .into_iter()
