@@ -349,7 +349,7 @@ impl<S: Sink> Flusher<S> {
                 }
                 _ = sleep_until(self.ended_due) => {
                     self.ended_due = None;
-                    self.collect_ended();
+                    self.collect_ended().await;
                 }
                 _ = sleep_until(self.retry_at), if self.write.is_none() => self.retry_at = None,
                 // Last: a slice of the open round per turn, after a yield, while the sink
@@ -389,12 +389,12 @@ impl<S: Sink> Flusher<S> {
         self.usage.clear();
         let ended = self.sweeper.collect_ended(&mut self.usage);
         Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb(now);
+        self.absorb_in_slices(now).await;
         for start in (0..self.sweeper.capacity()).step_by(SWEEP_SLICE_SLOTS) {
             tokio::task::yield_now().await;
             self.sweeper
                 .sweep_slots(start..start + SWEEP_SLICE_SLOTS, &mut self.usage);
-            self.absorb(now);
+            self.absorb(now, 0);
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
@@ -407,21 +407,35 @@ impl<S: Sink> Flusher<S> {
         metrics::export(&self.stats.snapshot());
     }
 
-    fn collect_ended(&mut self) {
+    async fn collect_ended(&mut self) {
         let now = self.config.clock.now();
         self.usage.clear();
         let ended = self.sweeper.collect_ended(&mut self.usage);
         Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb(now);
+        self.absorb_in_slices(now).await;
     }
 
-    /// Moves collected usage into `pending`, keyed by the bucket the interval started in.
-    fn absorb(&mut self, now: SystemTime) {
+    /// [`Flusher::absorb`] of everything collected, [`SWEEP_SLICE_SLOTS`] records per poll: the
+    /// sessions that end together (a gateway draining) are collected at once.
+    async fn absorb_in_slices(&mut self, now: SystemTime) {
+        loop {
+            let from = self.usage.len().saturating_sub(SWEEP_SLICE_SLOTS);
+            self.absorb(now, from);
+            if self.usage.is_empty() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Moves collected usage from index `from` on into `pending`, keyed by the bucket the
+    /// interval started in.
+    fn absorb(&mut self, now: SystemTime, from: usize) {
         let keys = &self.config.keys;
         let span = keys.span(self.interval_start);
         let ttl = keys.ttl_at(&span, now);
         let mut swept = 0u128;
-        for usage in self.usage.drain(..) {
+        for usage in self.usage.drain(from..) {
             swept += u128::from(usage.amount);
             if self.enabled {
                 // A tracked account's key is built once per bucket and shared; others' (an
