@@ -27,6 +27,7 @@
 //! session opens and by the flusher, never per chunk.
 
 use super::keys::{BucketSpan, KeyScheme};
+use super::pending::{Sharded, MAP_SHARDS};
 use crate::ledger::Account;
 use crate::sink::Key;
 use arc_swap::ArcSwap;
@@ -326,51 +327,6 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("shards", &self.shards.len())
             .finish_non_exhaustive()
-    }
-}
-
-/// Shards of the [`AccountBook`]'s maps.
-const MAP_SHARDS: usize = 256;
-
-/// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
-/// all of its entries at once: at a million accounts that is one poll of hundreds of
-/// milliseconds. Here one growth rehashes one shard, a 256th of the entries. The maps are
-/// looked up once or twice per account per flush, so they hash with foldhash (see `KeyMap`).
-struct Sharded<K, V> {
-    route: foldhash::fast::RandomState,
-    shards: Box<[HashMap<K, V, foldhash::fast::RandomState>]>,
-}
-
-impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
-    fn new() -> Self {
-        Self {
-            route: foldhash::fast::RandomState::default(),
-            shards: (0..MAP_SHARDS).map(|_| HashMap::default()).collect(),
-        }
-    }
-
-    fn index<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> usize {
-        // The top byte of a hash of its own (the shards' maps use other seeds): below 256.
-        (self.route.hash_one(key) >> 56) as usize
-    }
-
-    fn shard<Q: std::hash::Hash + ?Sized>(
-        &self,
-        key: &Q,
-    ) -> &HashMap<K, V, foldhash::fast::RandomState> {
-        &self.shards[self.index(key)]
-    }
-
-    fn shard_mut<Q: std::hash::Hash + ?Sized>(
-        &mut self,
-        key: &Q,
-    ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
-        let index = self.index(key);
-        &mut self.shards[index]
-    }
-
-    fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
     }
 }
 

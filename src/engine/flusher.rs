@@ -324,13 +324,22 @@ impl<S: Sink> Flusher<S> {
                     // per poll (the rest comes next turn), so that a burst of new accounts
                     // never holds the runtime worker for long.
                     self.book.track(state);
-                    for _ in 1..ACCOUNTS_TRACKED_PER_POLL {
+                    let mut tracked = 1;
+                    while tracked < ACCOUNTS_TRACKED_PER_POLL {
                         let Ok(state) = self.new_accounts.try_recv() else {
                             break;
                         };
                         self.book.track(state);
+                        tracked += 1;
                     }
                     self.publish_tracked();
+                    if tracked == ACCOUNTS_TRACKED_PER_POLL {
+                        // More may be waiting, and the channel stays ready: without a yield
+                        // the loop would come straight back here in the same poll (tokio's
+                        // budget lets a task run 128 such turns, ~40 ms, before it yields).
+                        self.start_read_if_due();
+                        tokio::task::yield_now().await;
+                    }
                 }
                 output = next_write(&mut self.write) => {
                     self.settle(output).await;

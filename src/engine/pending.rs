@@ -16,6 +16,7 @@
 use crate::sink::{Batch, BatchId, BatchOutcome, Increment, Key, KeyOutcome, SinkError};
 use std::collections::hash_map::{self, HashMap};
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,72 @@ const MAX_INCREMENT: u128 = i64::MAX as u128;
 /// could choose collisions to slow the map down: keys are built from account ids the
 /// application opened sessions for, and foldhash's seed is still random per process.
 pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
+
+/// Shards of a [`Sharded`] map.
+pub(crate) const MAP_SHARDS: usize = 256;
+
+/// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
+/// all of its entries at once: at a million keys that is one poll of tens to hundreds of
+/// milliseconds. Here one growth rehashes one shard, a 256th of the entries. Used for the
+/// flusher's per-key and per-account maps, looked up about once per key per flush, so with
+/// foldhash (see [`KeyMap`]).
+pub(crate) struct Sharded<K, V> {
+    route: foldhash::fast::RandomState,
+    pub(crate) shards: Box<[HashMap<K, V, foldhash::fast::RandomState>]>,
+}
+
+impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            route: foldhash::fast::RandomState::default(),
+            shards: (0..MAP_SHARDS).map(|_| HashMap::default()).collect(),
+        }
+    }
+
+    fn index<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> usize {
+        // The top byte of a hash of its own (the shards' maps use other seeds): below 256.
+        (self.route.hash_one(key) >> 56) as usize
+    }
+
+    pub(crate) fn shard<Q: std::hash::Hash + ?Sized>(
+        &self,
+        key: &Q,
+    ) -> &HashMap<K, V, foldhash::fast::RandomState> {
+        &self.shards[self.index(key)]
+    }
+
+    pub(crate) fn shard_mut<Q: std::hash::Hash + ?Sized>(
+        &mut self,
+        key: &Q,
+    ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
+        let index = self.index(key);
+        &mut self.shards[index]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(HashMap::len).sum()
+    }
+
+    /// An empty map whose shards have the capacity of `self`'s.
+    fn empty_like(&self) -> Self {
+        Self {
+            route: self.route.clone(),
+            shards: self
+                .shards
+                .iter()
+                .map(|shard| {
+                    HashMap::with_capacity_and_hasher(shard.capacity(), Default::default())
+                })
+                .collect(),
+        }
+    }
+}
+
+impl<K, V> std::fmt::Debug for Sharded<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sharded").finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug)]
 struct Waiting {
@@ -47,9 +114,14 @@ struct Answers {
 
 #[derive(Debug)]
 pub(crate) struct Pending {
-    waiting: KeyMap<Waiting>,
-    /// The open round's keys not yet in a batch (`None` once all are).
-    cutting: Option<hash_map::IntoIter<Key, Waiting>>,
+    waiting: Sharded<Key, Waiting>,
+    /// Keys in `waiting`.
+    waiting_keys: usize,
+    /// The open round's keys not yet in a batch, one iterator per shard of the `waiting` it
+    /// took, the next to cut from last (empty once all are cut).
+    cutting: Vec<hash_map::IntoIter<Key, Waiting>>,
+    /// Keys in `cutting`.
+    uncut: usize,
     /// The batch being filled by `cut`.
     filling: Vec<Increment>,
     /// Built, with ids, not sent yet; sent in order.
@@ -98,8 +170,10 @@ pub(crate) struct Settlement {
 impl Pending {
     pub(crate) fn new(writer: u64, batch_size: usize) -> Self {
         Self {
-            waiting: KeyMap::default(),
-            cutting: None,
+            waiting: Sharded::new(),
+            waiting_keys: 0,
+            cutting: Vec::new(),
+            uncut: 0,
             filling: Vec::new(),
             staged: VecDeque::new(),
             in_flight: Arc::default(),
@@ -119,22 +193,25 @@ impl Pending {
         if amount == 0 {
             return;
         }
-        let waiting = self
-            .waiting
-            .entry(key)
-            .or_insert(Waiting { amount: 0, ttl });
+        let waiting = match self.waiting.shard_mut(&key).entry(key) {
+            hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            hash_map::Entry::Vacant(entry) => {
+                self.waiting_keys += 1;
+                entry.insert(Waiting { amount: 0, ttl })
+            }
+        };
         waiting.amount += u128::from(amount);
         waiting.ttl = ttl;
         self.amount += u128::from(amount);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.waiting.is_empty() && !self.round_open()
+        self.waiting_keys == 0 && !self.round_open()
     }
 
     /// Whether some batch of the round begun last is not yet acknowledged, or not yet built.
     fn round_open(&self) -> bool {
-        self.cutting.is_some()
+        self.uncut > 0
             || !self.filling.is_empty()
             || !self.staged.is_empty()
             || !self.in_flight.is_empty()
@@ -143,7 +220,7 @@ impl Pending {
 
     /// Whether `cut` has work: keys of the open round not yet in a batch, or a round to begin.
     pub(crate) fn has_uncut(&self) -> bool {
-        self.cutting.is_some() || (!self.round_open() && !self.waiting.is_empty())
+        self.uncut > 0 || (!self.round_open() && self.waiting_keys > 0)
     }
 
     /// Moves up to `most` keys of the open round into batches, beginning a round from
@@ -151,33 +228,39 @@ impl Pending {
     /// in it; so cutting a round costs one poll per slice and is linear in its keys.
     pub(crate) fn cut(&mut self, most: usize) {
         if !self.round_open() {
-            if self.waiting.is_empty() {
+            if self.waiting_keys == 0 {
                 return;
             }
             self.rounds += 1;
-            // Amounts swept from now on wait for the next round, in a map as large as this
-            // one: growing it again step by step would rehash it whole at every doubling, a
-            // poll of tens of milliseconds at a million keys.
-            let capacity = self.waiting.capacity();
-            let round = std::mem::replace(
-                &mut self.waiting,
-                KeyMap::with_capacity_and_hasher(capacity, Default::default()),
-            );
-            self.cutting = Some(round.into_iter());
+            // Amounts swept from now on wait for the next round, in shards as large as these:
+            // growing them again is a rehash per doubling.
+            let next = self.waiting.empty_like();
+            let round = std::mem::replace(&mut self.waiting, next);
+            self.cutting = round
+                .shards
+                .into_vec()
+                .into_iter()
+                .map(HashMap::into_iter)
+                .collect();
+            self.uncut = std::mem::take(&mut self.waiting_keys);
         }
-        let Some(mut cutting) = self.cutting.take() else {
-            return;
-        };
-        for (key, mut waiting) in cutting.by_ref().take(most) {
+        let mut cut = 0;
+        while cut < most {
+            let Some(shard) = self.cutting.last_mut() else {
+                break;
+            };
+            let Some((key, mut waiting)) = shard.next() else {
+                self.cutting.pop();
+                continue;
+            };
+            cut += 1;
+            self.uncut -= 1;
             let amount = waiting.amount.min(MAX_INCREMENT);
             waiting.amount -= amount;
             if waiting.amount > 0 {
                 // What is over `i64::MAX` waits for a later round.
-                let later = self.waiting.entry(key.clone()).or_insert(Waiting {
-                    amount: 0,
-                    ttl: waiting.ttl,
-                });
-                later.amount += waiting.amount;
+                let ttl = waiting.ttl;
+                self.add_above_max(key.clone(), waiting.amount, ttl);
             }
             if self.filling.capacity() == 0 {
                 self.filling.reserve_exact(self.batch_size);
@@ -193,11 +276,25 @@ impl Pending {
                 self.stage();
             }
         }
-        if cutting.len() > 0 {
-            self.cutting = Some(cutting);
-        } else if !self.filling.is_empty() {
-            self.stage();
+        if self.uncut == 0 {
+            self.cutting.clear();
+            if !self.filling.is_empty() {
+                self.stage();
+            }
         }
+    }
+
+    /// Puts back into `waiting` the part of a key's amount above `i64::MAX` (already counted in
+    /// `amount`).
+    fn add_above_max(&mut self, key: Key, amount: u128, ttl: Duration) {
+        let later = match self.waiting.shard_mut(&key).entry(key) {
+            hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            hash_map::Entry::Vacant(entry) => {
+                self.waiting_keys += 1;
+                entry.insert(Waiting { amount: 0, ttl })
+            }
+        };
+        later.amount += amount;
     }
 
     /// Gives the batch being filled its id and queues it for sending.
@@ -238,7 +335,7 @@ impl Pending {
     /// open one, else the last one (already acknowledged). An amount above `i64::MAX` for
     /// one key spans several rounds; this is the first of them.
     pub(crate) fn round_carrying_pending(&self) -> u64 {
-        if self.waiting.is_empty() {
+        if self.waiting_keys == 0 {
             self.rounds
         } else {
             self.rounds + 1
@@ -362,17 +459,16 @@ impl Pending {
     /// batches. A key both in a batch and waiting again counts twice, so this is at most twice
     /// the distinct keys; it is read after every sweep slice, so it is counted, not computed.
     pub(crate) fn entries(&self) -> usize {
-        let uncut = self.cutting.as_ref().map_or(0, ExactSizeIterator::len);
-        self.waiting.len() + uncut + self.batched
+        self.waiting_keys + self.uncut + self.batched
     }
 
     /// Every key with its unacknowledged amount that certainly did not reach the sink (never
     /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
     pub(crate) fn unwritten(&mut self) -> Vec<(String, u128)> {
         // The uncut keys are only reachable by taking them: read them, then put them back.
-        let uncut: KeyMap<Waiting> = self.cutting.take().into_iter().flatten().collect();
+        let uncut: KeyMap<Waiting> = self.cutting.drain(..).flatten().collect();
         let mut per_key: HashMap<&str, u128> = HashMap::new();
-        for (key, waiting) in self.waiting.iter().chain(&uncut) {
+        for (key, waiting) in self.waiting.shards.iter().flatten().chain(&uncut) {
             *per_key.entry(key).or_default() += waiting.amount;
         }
         let certain = self
@@ -395,7 +491,7 @@ impl Pending {
             .collect();
         unwritten.sort();
         if !uncut.is_empty() {
-            self.cutting = Some(uncut.into_iter());
+            self.cutting.push(uncut.into_iter());
         }
         unwritten
     }
