@@ -35,8 +35,10 @@
 //! keys are all declared in `KEYS` and, on a Cluster, all lie in that slot, so Redis never
 //! answers `CROSSSLOT`, whatever the keys look like: the reference deployment's plain keys
 //! (`fair_use:dg_budget:uid-42:20261129`, spread over all 16,384 slots) as well as hash-tagged
-//! ones. All calls of a write go out in one fred pipeline; fred routes each call to the node
-//! that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work concurrently.
+//! ones. All calls of a write go out at once, in fred pipelines of about 1,024 keys each (so
+//! that no single poll copies or frees a whole round's commands); fred routes each call to the
+//! node that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work
+//! concurrently. Planning, queueing and reading replies yield to the runtime every 1,024 keys.
 //!
 //! # Exactly-once
 //!
@@ -609,18 +611,19 @@ impl RedisSink {
         calls
     }
 
-    /// Sends `calls` (the indices into `all`) in one pipeline; one reply per call, in order.
-    /// Queues them [`SLICE_KEYS`] keys at a time, with a yield in between.
+    /// Sends `calls` (the indices into `all`); one reply per call, in order. The calls go out
+    /// in pipelines of about [`SLICE_KEYS`] keys, each sent by a task of its own, all at once:
+    /// fred copies a pipeline's commands when it sends them and frees them afterwards, work
+    /// that for a whole round in one pipeline would be one poll of tens of milliseconds for the
+    /// caller. The calls are independent (one per (writer, lane) in a write), so their order
+    /// across pipelines does not matter.
     async fn send(&self, all: &[Call], calls: &[usize]) -> Vec<Result<Value, FredError>> {
-        let pipeline = Pipeline::from(self.client.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut sizes = Vec::new();
+        let mut chunk = Vec::new();
         let mut queued = 0;
-        for &c in calls {
+        for (n, &c) in calls.iter().enumerate() {
             let call = &all[c];
-            if queued >= SLICE_KEYS {
-                queued = 0;
-                tokio::task::yield_now().await;
-            }
-            queued += call.keys.len();
             // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
             let mut args = Vec::with_capacity(call.keys.len() + call.args.len() + 5);
             args.push(Value::from(self.script.sha1().clone()));
@@ -634,18 +637,36 @@ impl RedisSink {
             // (fred's `evalsha` has no pipeline form, so it goes as a custom command).
             let command =
                 CustomCommand::new_static("EVALSHA", ClusterHash::Custom(call.lane), false);
-            // Queued in memory; an error here is one of the whole pipeline.
-            if let Err(error) = pipeline.custom::<(), Value>(command, args).await {
-                return calls.iter().map(|_| Err(error.clone())).collect();
+            chunk.push((command, args));
+            queued += call.keys.len();
+            if queued >= SLICE_KEYS || n + 1 == calls.len() {
+                queued = 0;
+                sizes.push(chunk.len());
+                let index = sizes.len() - 1;
+                let pipeline = Pipeline::from(self.client.clone());
+                let commands = std::mem::take(&mut chunk);
+                tasks.spawn(async move { (index, send_pipeline(pipeline, commands).await) });
+                tokio::task::yield_now().await;
             }
         }
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(calls.len() as u64, Ordering::Relaxed);
-        let replies = pipeline.try_all::<Value>().await;
-        if let Err(error) = whole_pipeline(&replies, calls.len()) {
-            // Every call's outcome is unknown.
-            return calls.iter().map(|_| Err(error.clone())).collect();
+        let mut answered: Vec<Option<Vec<Result<Value, FredError>>>> = vec![None; sizes.len()];
+        while let Some(joined) = tasks.join_next().await {
+            // A task that panicked leaves its slot empty: its calls may have been sent, so
+            // they are answered as a lost connection (outcome unknown) below.
+            if let Ok((index, replies)) = joined {
+                answered[index] = Some(replies);
+            }
+        }
+        let mut replies = Vec::with_capacity(calls.len());
+        for (size, answer) in sizes.into_iter().zip(answered) {
+            let answer = answer.unwrap_or_else(|| {
+                let error = FredError::new(ErrorKind::IO, "the task sending a pipeline ended");
+                vec![Err(error); size]
+            });
+            replies.extend(answer);
         }
         replies
     }
@@ -721,6 +742,26 @@ impl Drop for RedisSink {
         if tokio::runtime::Handle::try_current().is_ok() {
             stop(&self.client);
         }
+    }
+}
+
+/// Queues `commands` in `pipeline` and sends it: one reply per command, in order.
+async fn send_pipeline(
+    pipeline: Pipeline<WithOptions<Client>>,
+    commands: Vec<(CustomCommand, Vec<Value>)>,
+) -> Vec<Result<Value, FredError>> {
+    let sent = commands.len();
+    for (command, args) in commands {
+        // Queued in memory; an error here is one of the whole pipeline.
+        if let Err(error) = pipeline.custom::<(), Value>(command, args).await {
+            return vec![Err(error); sent];
+        }
+    }
+    let replies = pipeline.try_all::<Value>().await;
+    match whole_pipeline(&replies, sent) {
+        Ok(()) => replies,
+        // Every call's outcome is unknown.
+        Err(error) => vec![Err(error); sent],
     }
 }
 
@@ -819,7 +860,8 @@ impl Sink for RedisSink {
             })
             .collect();
         let mut parsed_keys = 0;
-        for (call, reply) in calls.iter().zip(replies) {
+        // Consumed as they are read, so that the calls are freed in slices too.
+        for (call, reply) in calls.into_iter().zip(replies) {
             if parsed_keys >= SLICE_KEYS {
                 parsed_keys = 0;
                 tokio::task::yield_now().await;
