@@ -44,7 +44,9 @@ pub struct StatsSnapshot {
     pub amount_swept: u64,
     /// Collected while the engine was disabled, and therefore not written.
     pub amount_discarded: u64,
-    /// Write rounds started (a round sends every pending batch, pipelined).
+    /// Writes started. A write sends, pipelined, the batches built since the previous write
+    /// was answered, or re-sends the ones it left unacknowledged; a round of many keys takes
+    /// several, the first sent while the rest are still being built.
     pub flushes: u64,
     /// Batches the sink acknowledged.
     pub batches_written: u64,
@@ -58,9 +60,9 @@ pub struct StatsSnapshot {
     pub keys_rejected: u64,
     /// Amount of those increments.
     pub amount_rejected: u64,
-    /// Write rounds that failed (sink unavailable, error or timeout).
+    /// Writes that failed (sink unavailable, error or timeout).
     pub write_failures: u64,
-    /// Write rounds that re-sent unacknowledged batches.
+    /// Writes that re-sent unacknowledged batches.
     pub retries: u64,
     /// Amount swept and not yet acknowledged.
     pub pending_amount: u64,
@@ -70,7 +72,7 @@ pub struct StatsSnapshot {
     pub pending_keys: u64,
     /// Commands the sink sent (for Redis: `EVALSHA`/`SCRIPT LOAD` calls).
     pub sink_commands: u64,
-    /// How long the last write round took, from send to answer, in microseconds.
+    /// How long the last write took, from send to answer, in microseconds.
     pub last_flush_micros: u64,
     /// Global totals read for the read side (one per account: its first session in a bucket,
     /// or a full sweep that had nothing of it to write).
