@@ -37,9 +37,14 @@
 //! faster than one account per max(server, client) CPU time; the engine adds its sweep, which runs
 //! before its write.
 //!
-//! Run: `cargo bench --bench flush` (`-- flush_plain_keys` for the Cluster group and figures);
-//! smoke (one iteration each): `cargo bench --bench flush --
-//! --test`.
+//! Last, a polls pass (not with `--test`; alone with `-- polls`, a few minutes) opens a million
+//! sessions on a million slots with a `RedisSink`, flushes them all with `flush_now` three
+//! times, then twice at once, and prints the flusher's longest poll
+//! (`stats().longest_flusher_poll_micros`): the figure behind "no poll longer than 1 ms".
+//!
+//! Run: `cargo bench --bench flush` (`-- flush_plain_keys` for the Cluster group and figures,
+//! `-- polls` for the polls pass alone); smoke (one iteration each): `cargo bench --bench flush
+//! -- --test`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -230,7 +235,7 @@ fn batches(keys: &[String], writer: u64, sequence: &mut u64) -> Vec<Batch> {
                 increments: chunk
                     .iter()
                     .map(|key| Increment {
-                        key: key.clone(),
+                        key: key.as_str().into(),
                         amount: AMOUNT,
                         ttl: TTL,
                     })
@@ -301,9 +306,25 @@ fn encode(out: &mut Vec<u8>, args: &[&str]) {
     }
 }
 
+/// Whether the figures pass `name` (`cpu`, `figures` or `polls`) runs: never with `--test` or
+/// `--list`; with a filter argument, `polls` runs only when the filter is `polls`, and the
+/// others run unless it is.
+fn pass_wanted(name: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|arg| arg == "--test" || arg == "--list") {
+        return false;
+    }
+    let polls_only = args.iter().any(|arg| arg == "polls");
+    let filtered = args.iter().any(|arg| !arg.starts_with('-'));
+    match name {
+        "polls" => polls_only || !filtered,
+        _ => !polls_only,
+    }
+}
+
 /// CPU time per account of each contender at 100k accounts (see the module docs).
 fn cpu_per_account() {
-    if std::env::args().any(|arg| arg == "--test" || arg == "--list") {
+    if !pass_wanted("cpu") {
         return;
     }
     const N: usize = 100_000;
@@ -461,7 +482,7 @@ fn flush_plain_keys(c: &mut Criterion) {
     group.finish();
     drop((one, clustered));
 
-    if !std::env::args().any(|arg| arg == "--test" || arg == "--list") {
+    if pass_wanted("figures") {
         plain_key_figures(&runtime, &server, &cluster);
     }
 }
@@ -584,4 +605,95 @@ struct Target<'a> {
 }
 
 criterion_group!(benches, flush_to_redis, flush_plain_keys);
-criterion_main!(benches, cpu_per_account);
+criterion_main!(benches, cpu_per_account, flusher_polls);
+
+/// The longest poll of the flusher task (`Stats::longest_flusher_poll_micros`) at 1M slots with
+/// 1M dirty accounts, against a `redis-server` of its own: one `flush_now` alone, then two at
+/// once (the second sweeps while the first round is being written), each flush writing every
+/// account, then the shutdown. Prints the figures; asserts only that every key was written.
+fn flusher_polls() {
+    if !pass_wanted("polls") {
+        return;
+    }
+    const SLOTS: usize = 1 << 20;
+    const ACCOUNTS: usize = 1_000_000;
+    let server = support::RedisServer::start();
+    let keyspace = support::Keyspace::new(server.addr(), "polls");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (engine, sessions) = runtime.block_on(async {
+        let engine = Engine::builder()
+            .flush_interval(Duration::from_secs(3600))
+            .capacity(SLOTS)
+            .batch_size(BATCH_SIZE)
+            .write_timeout(Duration::from_secs(120))
+            .keys(KeyScheme::new(keyspace.key("polls")).ttl(Ttl::Fixed(TTL)))
+            .sink(redis_sink(&server.url(), &keyspace).await)
+            .build()
+            .expect("engine");
+        let sessions: Vec<Session> = (0..ACCOUNTS)
+            .map(|i| engine.open_session(&format!("acct-{i}")).expect("session"))
+            .collect();
+        // Every account tracked and read once, so the flushes below are steady ones.
+        while engine.stats().tracked_accounts < ACCOUNTS as u64
+            || engine.stats().account_reads < ACCOUNTS as u64
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (engine, sessions)
+    });
+    let longest = || engine.stats().longest_flusher_poll_micros;
+    eprintln!(
+        "polls/open     {ACCOUNTS} sessions on {SLOTS} slots: longest flusher poll {} us",
+        longest()
+    );
+    for round in 0..3 {
+        sessions.iter().for_each(|session| session.add(AMOUNT));
+        let start = Instant::now();
+        let report = runtime.block_on(engine.flush_now()).expect("flush");
+        assert_eq!(report.keys_written, ACCOUNTS as u64, "every key written");
+        eprintln!(
+            "polls/flush{round}    {ACCOUNTS} accounts in {:?}: longest flusher poll {} us",
+            start.elapsed(),
+            longest()
+        );
+    }
+    sessions.iter().for_each(|session| session.add(AMOUNT));
+    let written_before = engine.stats().amount_written;
+    let start = Instant::now();
+    runtime.block_on(async {
+        let first = engine.flush_now();
+        let second = async {
+            // Once the first round is being written: its sweep is then done.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            sessions.iter().for_each(|session| session.add(AMOUNT));
+            engine.flush_now().await
+        };
+        let (first, second) = tokio::join!(first, second);
+        first.expect("flush");
+        second.expect("flush");
+    });
+    assert_eq!(
+        engine.stats().amount_written - written_before,
+        2 * ACCOUNTS as u64 * AMOUNT,
+        "both adds of every account written"
+    );
+    eprintln!(
+        "polls/overlap  2 x {ACCOUNTS} accounts in {:?}: longest flusher poll {} us",
+        start.elapsed(),
+        longest()
+    );
+    drop(sessions);
+    let report = runtime.block_on(engine.shutdown()).expect("shutdown");
+    assert!(report.is_complete(), "{report:?}");
+    // The sessions ended before the shutdown: its sweep collects a million ended sessions.
+    // Wait for the flusher task to end, so that its last polls are counted.
+    runtime.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
+    eprintln!(
+        "polls/shutdown (1M sessions ended before it): longest flusher poll {} us",
+        longest()
+    );
+}

@@ -73,7 +73,7 @@ impl Writer {
                         .iter()
                         .enumerate()
                         .map(|(j, key)| Increment {
-                            key: key.clone(),
+                            key: key.as_str().into(),
                             amount: amount(c * 500 + j, round),
                             ttl: DAY,
                         })

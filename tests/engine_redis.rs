@@ -231,10 +231,12 @@ async fn a_redis_that_stops_and_starts_again_gets_exact_totals() {
         engine.stats().write_failures > 0
     })
     .await;
-    assert_eq!(
-        engine.stats().pending_keys,
-        20,
-        "pending is per key while Redis is away"
+    // 20 keys in the failing write (fewer if its sweep caught an `add_for` midway), 20 waiting
+    // again: per key and stage, not per flush (some 7 sweeps ran while Redis was away).
+    let pending_keys = engine.stats().pending_keys;
+    assert!(
+        (20..=40).contains(&pending_keys),
+        "pending is per key while Redis is away: {pending_keys}"
     );
 
     redis.restart();

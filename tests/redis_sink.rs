@@ -31,7 +31,7 @@ fn batch(writer: u64, sequence: u64, increments: &[(&str, u64, Duration)]) -> Ba
         increments: increments
             .iter()
             .map(|(key, amount, ttl)| Increment {
-                key: (*key).to_owned(),
+                key: (*key).into(),
                 amount: *amount,
                 ttl: *ttl,
             })
@@ -1077,4 +1077,47 @@ async fn a_password_changed_under_the_sink_is_misconfigured_until_it_is_back() {
     })
     .await;
     assert_eq!(outcome, BatchOutcome::Applied(vec![added(6)]));
+}
+
+/// A write of more keys than one pipeline carries: every key of every batch gets its own reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_in_several_pipelines_answers_every_key_in_order() {
+    let addr = shared_redis();
+    let keys = Keyspace::new(addr, "pipelines");
+    let sink = sink_on(&shared_redis_url(), &keys, Duration::from_secs(10)).await;
+    let writer = unique_u64();
+    // 7 batches of 700 keys: the sink sends them in pipelines of about 1,024 keys, so replies
+    // come back from several pipelines and must still reach the right key of the right batch.
+    let names: Vec<String> = (0..4_900).map(|i| keys.key(&format!("k:{i}"))).collect();
+    let batches: Vec<Batch> = names
+        .chunks(700)
+        .zip(0u64..)
+        .map(|(chunk, sequence)| {
+            let increments: Vec<(&str, u64, Duration)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, key)| (key.as_str(), sequence * 1_000 + i as u64 + 1, MINUTE))
+                .collect();
+            batch(writer, sequence, &increments)
+        })
+        .collect();
+    let results = sink.write(&batches).await;
+    assert_eq!(results.len(), batches.len());
+    for (batch, result) in batches.iter().zip(results) {
+        let Ok(BatchOutcome::Applied(outcomes)) = result else {
+            panic!("batch {} not applied: {result:?}", batch.id);
+        };
+        let expected: Vec<KeyOutcome> = batch
+            .increments
+            .iter()
+            .map(|increment| added(increment.amount as i64))
+            .collect();
+        assert_eq!(
+            outcomes, expected,
+            "batch {}: new keys total their amount",
+            batch.id
+        );
+    }
+    let mut redis = RespClient::connect(addr).unwrap();
+    assert_eq!(redis.get_i64(&names[4_899]), Some(6_700));
 }

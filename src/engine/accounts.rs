@@ -27,7 +27,9 @@
 //! session opens and by the flusher, never per chunk.
 
 use super::keys::{BucketSpan, KeyScheme};
+use super::pending::{Sharded, MAP_SHARDS};
 use crate::ledger::Account;
+use crate::sink::Key;
 use arc_swap::ArcSwap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
@@ -332,8 +334,9 @@ impl std::fmt::Debug for Registry {
 #[derive(Debug)]
 struct Tracked {
     state: Arc<AccountState>,
-    /// The account's key in the current bucket, built once per bucket.
-    key: String,
+    /// The account's key in the current bucket, built once per bucket and shared with every
+    /// flush of it.
+    key: Key,
     global: Option<u64>,
     global_as_of: Option<SystemTime>,
     pending: u128,
@@ -356,8 +359,8 @@ pub(crate) struct AccountBook {
     keys: KeyScheme,
     budgets: Budgets,
     bucket: BucketSpan,
-    tracked: HashMap<Account, Tracked>,
-    by_key: HashMap<String, Account>,
+    tracked: Sharded<Account, Tracked>,
+    by_key: Sharded<Key, Account>,
     /// Accounts changed by acknowledgements, not yet published; each at most once.
     unpublished: Vec<Account>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
@@ -370,8 +373,8 @@ impl AccountBook {
             bucket: keys.span(now),
             keys,
             budgets,
-            tracked: HashMap::new(),
-            by_key: HashMap::new(),
+            tracked: Sharded::new(),
+            by_key: Sharded::new(),
             wanted: VecDeque::new(),
             unpublished: Vec::new(),
         }
@@ -385,9 +388,11 @@ impl AccountBook {
     /// Starts tracking an account whose first session just opened; its global total is read.
     pub(crate) fn track(&mut self, state: Arc<AccountState>) {
         let account = state.account.clone();
-        let key = self.keys.key(&account, &self.bucket);
+        let key: Key = self.keys.key(&account, &self.bucket).into();
         let limit = self.budgets.limit_of(&account);
-        self.by_key.insert(key.clone(), account.clone());
+        self.by_key
+            .shard_mut(&key)
+            .insert(key.clone(), account.clone());
         let tracked = Tracked {
             state,
             key,
@@ -399,7 +404,11 @@ impl AccountBook {
             read_wanted: false,
             unpublished: false,
         };
-        let tracked = self.tracked.entry(account.clone()).or_insert(tracked);
+        let tracked = self
+            .tracked
+            .shard_mut(&account)
+            .entry(account.clone())
+            .or_insert(tracked);
         want_read(&mut self.wanted, &account, tracked);
         publish(tracked, &self.bucket);
     }
@@ -407,11 +416,11 @@ impl AccountBook {
     /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
     /// Returns the key that amount goes to when the account is tracked in that bucket (built
     /// once per bucket), so the flusher builds no key of its own for it.
-    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&str> {
+    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&Key> {
         if *span != self.bucket {
             return None;
         }
-        let tracked = self.tracked.get_mut(account)?;
+        let tracked = self.tracked.shard_mut(account).get_mut(account)?;
         tracked.pending += u128::from(amount);
         publish(tracked, &self.bucket);
         Some(&tracked.key)
@@ -426,10 +435,10 @@ impl AccountBook {
         total: Option<i64>,
         now: SystemTime,
     ) {
-        let Some((account, tracked)) = self
-            .by_key
-            .get(key)
-            .and_then(|account| Some((account, self.tracked.get_mut(account)?)))
+        let Some((account, tracked)) =
+            self.by_key.shard(key).get(key).and_then(|account| {
+                Some((account, self.tracked.shard_mut(account).get_mut(account)?))
+            })
         else {
             return;
         };
@@ -450,7 +459,7 @@ impl AccountBook {
     pub(crate) fn publish_acknowledged(&mut self, most: usize) -> bool {
         let from = self.unpublished.len().saturating_sub(most);
         for account in self.unpublished.drain(from..) {
-            if let Some(tracked) = self.tracked.get_mut(&account) {
+            if let Some(tracked) = self.tracked.shard_mut(&account).get_mut(&account) {
                 tracked.unpublished = false;
                 publish(tracked, &self.bucket);
             }
@@ -468,9 +477,9 @@ impl AccountBook {
         let mut request = ReadRequest::default();
         let taken = self.wanted.len().min(MAX_READS_PER_REQUEST);
         for account in self.wanted.drain(..taken) {
-            if let Some(tracked) = self.tracked.get_mut(&account) {
+            if let Some(tracked) = self.tracked.shard_mut(&account).get_mut(&account) {
                 tracked.read_wanted = false;
-                request.keys.push(tracked.key.clone());
+                request.keys.push(tracked.key.to_string());
                 request.accounts.push(account);
             }
         }
@@ -487,10 +496,10 @@ impl AccountBook {
     ) {
         let values = values.ok();
         for (i, (account, key)) in request.accounts.iter().zip(&request.keys).enumerate() {
-            let Some(tracked) = self.tracked.get_mut(account) else {
+            let Some(tracked) = self.tracked.shard_mut(account).get_mut(account) else {
                 continue;
             };
-            if tracked.key != *key {
+            if *tracked.key != **key {
                 continue; // read in a bucket that has passed since
             }
             if let Some(values) = &values {
@@ -502,45 +511,55 @@ impl AccountBook {
         }
     }
 
+    /// The shards of the account maps: [`AccountBook::rekey`] and [`AccountBook::review`] take
+    /// one at a time, so that the flusher can yield between them.
+    pub(crate) fn shards(&self) -> usize {
+        MAP_SHARDS
+    }
+
     /// Before a full sweep at `now`: moves to a new bucket if one began (usage starts from zero,
-    /// every account's total is read again).
-    pub(crate) fn roll_bucket(&mut self, now: SystemTime) {
+    /// every account's total is read again); returns whether one did. The accounts still carry
+    /// the old bucket's key until [`AccountBook::rekey`] has seen every shard, which the caller
+    /// does before anything else touches the book.
+    pub(crate) fn roll_bucket(&mut self, now: SystemTime) -> bool {
         let bucket = self.keys.span(now);
         if bucket == self.bucket {
-            return;
+            return false;
         }
         self.bucket = bucket;
-        self.by_key.clear();
-        for (account, tracked) in &mut self.tracked {
-            tracked.key = self.keys.key(account, &self.bucket);
+        true
+    }
+
+    /// After a [`AccountBook::roll_bucket`]: gives the accounts of one shard their key in the
+    /// new bucket and starts them from zero.
+    pub(crate) fn rekey(&mut self, shard: usize) {
+        for (account, tracked) in self.tracked.shards[shard].iter_mut() {
+            let key: Key = self.keys.key(account, &self.bucket).into();
+            let old = std::mem::replace(&mut tracked.key, key.clone());
+            self.by_key.shard_mut(&old).remove(&old);
+            self.by_key.shard_mut(&key).insert(key, account.clone());
             tracked.global = None;
             tracked.global_as_of = None;
             tracked.pending = 0;
             tracked.synced = false;
-            self.by_key.insert(tracked.key.clone(), account.clone());
             want_read(&mut self.wanted, account, tracked);
             publish(tracked, &self.bucket);
         }
     }
 
-    /// Every tracked account, for [`AccountBook::review`] in slices after a full sweep.
-    pub(crate) fn tracked_accounts(&self) -> Vec<Account> {
-        self.tracked.keys().cloned().collect()
-    }
-
-    /// After a full sweep, for `accounts`: forgets those without a session and with nothing
-    /// pending, re-reads those that have nothing to write (so other processes' usage shows), and
-    /// refreshes limits (a lookup's answer may have changed). Accounts no longer tracked are
-    /// skipped, so the flusher may review a full sweep's list in slices.
-    pub(crate) fn review(&mut self, accounts: &[Account], registry: &Registry) {
-        for account in accounts {
-            let Some(tracked) = self.tracked.get_mut(account) else {
+    /// After a full sweep, for the accounts of one shard: forgets those without a session and
+    /// with nothing pending, re-reads those that have nothing to write (so other processes'
+    /// usage shows), and refreshes limits (a lookup's answer may have changed).
+    pub(crate) fn review(&mut self, shard: usize, registry: &Registry) {
+        let accounts: Vec<Account> = self.tracked.shards[shard].keys().cloned().collect();
+        for account in &accounts {
+            let Some(tracked) = self.tracked.shards[shard].get_mut(account) else {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                let key = std::mem::take(&mut tracked.key);
-                self.tracked.remove(account);
-                self.by_key.remove(&key);
+                let key = tracked.key.clone();
+                self.tracked.shards[shard].remove(account);
+                self.by_key.shard_mut(&key).remove(&key);
                 continue;
             }
             if tracked.pending == 0 {
@@ -557,7 +576,7 @@ impl AccountBook {
     /// New limits, applied to every tracked account now.
     pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
         self.budgets = budgets;
-        for (account, tracked) in &mut self.tracked {
+        for (account, tracked) in self.tracked.shards.iter_mut().flatten() {
             tracked.limit = self.budgets.limit_of(account);
             publish(tracked, &self.bucket);
         }
@@ -672,7 +691,11 @@ mod tests {
         let reads = book.take_reads().unwrap();
         book.read_done::<()>(reads, Ok(vec![Some(50)]), at(NOON));
         assert!(state.is_exhausted());
-        book.roll_bucket(at(NOON + 43_200)); // midnight
+        assert!(book.roll_bucket(at(NOON + 43_200)), "midnight");
+        assert!(!book.roll_bucket(at(NOON + 43_201)), "the same bucket");
+        for shard in 0..book.shards() {
+            book.rekey(shard);
+        }
         assert!(!state.is_exhausted());
         assert_eq!(state.usage().global, None);
         assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
@@ -686,12 +709,61 @@ mod tests {
     #[test]
     fn accounts_without_sessions_are_forgotten() {
         let (registry, mut book, state) = setup(Budgets::unlimited());
-        book.review(&book.tracked_accounts(), &registry);
+        let review = |book: &mut AccountBook| {
+            for shard in 0..book.shards() {
+                book.review(shard, &registry);
+            }
+        };
+        review(&mut book);
         assert_eq!(book.len(), 1, "a session holds it");
         drop(state);
-        book.review(&book.tracked_accounts(), &registry);
+        review(&mut book);
         assert_eq!(book.len(), 0);
+        assert!(
+            book.by_key.shards.iter().all(HashMap::is_empty),
+            "its key is forgotten too"
+        );
         assert!(registry.get("u").is_none());
+    }
+
+    #[test]
+    fn a_new_bucket_rekeys_every_shard_and_forgets_the_old_keys() {
+        let (registry, mut announced) = Registry::new();
+        let mut book = AccountBook::new(KeyScheme::daily_utc("b"), Budgets::unlimited(), at(NOON));
+        let states: Vec<_> = (0..1_000)
+            .map(|i| registry.open(&format!("u{i}")))
+            .collect();
+        while let Ok(state) = announced.try_recv() {
+            book.track(state);
+        }
+        assert_eq!(book.len(), 1_000);
+        assert!(
+            book.tracked
+                .shards
+                .iter()
+                .filter(|shard| !shard.is_empty())
+                .count()
+                > 200,
+            "accounts spread over the shards"
+        );
+        assert!(book.roll_bucket(at(NOON + 43_200)));
+        for shard in 0..book.shards() {
+            book.rekey(shard);
+        }
+        assert_eq!(
+            book.by_key.len(),
+            1_000,
+            "one key per account, the old ones gone"
+        );
+        let span = book.keys.span(at(NOON + 43_200));
+        for state in &states {
+            let key = book
+                .swept(state.account(), &span, 1)
+                .expect("tracked")
+                .clone();
+            assert!(key.ends_with(":20261130"), "{key}");
+            assert_eq!(book.by_key.shard(&key).get(&key), Some(&state.account));
+        }
     }
 
     #[test]

@@ -17,16 +17,18 @@
 //! # Writing
 //!
 //! Sweeping never waits for the sink: writes run as one in-flight future polled beside the
-//! timers. A failed or timed-out round leaves its batches in flight, re-sent unchanged (same ids)
-//! after an exponential backoff with jitter (`backoff.rs`; a misconfigured sink waits the longest
-//! step at once); amounts swept meanwhile wait, merged per key, for the next round. See
-//! `pending.rs` for why memory stays bounded.
+//! timers. A round is cut into batches [`CUT_SLICE_KEYS`] keys per poll, and the batches built
+//! go out as soon as no write is in flight, so the sink writes the first batches of a round
+//! while the flusher cuts the rest. A failed or timed-out write leaves its batches in flight,
+//! re-sent unchanged (same ids) after an exponential backoff with jitter (`backoff.rs`; a
+//! misconfigured sink waits the longest step at once); amounts swept meanwhile wait, merged per
+//! key, for the next round. See `pending.rs` for why memory stays bounded.
 
 use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
 use super::backoff::{Backoff, FailureLog};
 use super::keys::KeyScheme;
 use super::metrics;
-use super::pending::{Pending, Rejection};
+use super::pending::{Pending, Rejection, Settlement};
 use super::stats::Stats;
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
 use crate::ledger::{Sweeper, Usage};
@@ -43,14 +45,22 @@ use tracing::Instrument;
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
-/// Tracked accounts reviewed after a full sweep between two yields to the runtime.
-const REVIEW_SLICE_ACCOUNTS: usize = 2_048;
+// The slices below keep every poll of the flusher well under 1 ms on this machine's 2 cores
+// with a million slots and accounts (`cargo bench --bench flush -- polls`).
+/// Accounts whose new view is published between two yields (an allocation and an arc-swap
+/// store each, about 1 µs).
+const PUBLISH_SLICE_ACCOUNTS: usize = 256;
 /// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
-const ACCOUNTS_TRACKED_PER_POLL: usize = 1_024;
+const ACCOUNTS_TRACKED_PER_POLL: usize = 256;
 /// Slots swept between two yields to the runtime. A slice with every slot active costs about
-/// 2,048 × (sweep + aggregation) ≈ 0.3–0.6 ms on this machine's 2 cores (`benches/sweep.rs`,
-/// `benches/flush.rs`); idle slots cost a few ns each.
-const SWEEP_SLICE_SLOTS: usize = 2_048;
+/// 512 × (sweep, aggregation, the account's view published) ≈ 0.5 ms; idle slots cost a few
+/// ns each.
+const SWEEP_SLICE_SLOTS: usize = 512;
+/// Keys of a round cut into batches per poll (about 50 ns each on this machine, see
+/// `benches/flush.rs`).
+const CUT_SLICE_KEYS: usize = 8_192;
+/// Increments of a write's answers applied per poll (the read side hears of each, ~100 ns).
+const SETTLE_SLICE_KEYS: usize = 4_096;
 
 pub(crate) enum Command {
     FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
@@ -242,8 +252,8 @@ pub(crate) struct Flusher<S> {
     ended_due: Option<Instant>,
     waiters: Vec<FlushWaiter>,
     settled: Settled,
-    /// Write rounds started (the `flushes` stat), numbering the `flush_round` spans.
-    rounds_started: u64,
+    /// Writes started (the `flushes` stat), numbering the `flush_write` spans.
+    writes_started: u64,
 }
 
 /// What the engine's handles, sessions and ledger tell the flusher.
@@ -295,7 +305,7 @@ impl<S: Sink> Flusher<S> {
             ended_due: None,
             waiters: Vec::new(),
             settled: Settled::default(),
-            rounds_started: 0,
+            writes_started: 0,
         }
     }
 
@@ -344,16 +354,25 @@ impl<S: Sink> Flusher<S> {
                     // per poll (the rest comes next turn), so that a burst of new accounts
                     // never holds the runtime worker for long.
                     self.book.track(state);
-                    for _ in 1..ACCOUNTS_TRACKED_PER_POLL {
+                    let mut tracked = 1;
+                    while tracked < ACCOUNTS_TRACKED_PER_POLL {
                         let Ok(state) = self.new_accounts.try_recv() else {
                             break;
                         };
                         self.book.track(state);
+                        tracked += 1;
                     }
                     self.publish_tracked();
+                    if tracked == ACCOUNTS_TRACKED_PER_POLL {
+                        // More may be waiting, and the channel stays ready: without a yield
+                        // the loop would come straight back here in the same poll (tokio's
+                        // budget lets a task run 128 such turns, ~40 ms, before it yields).
+                        self.start_read_if_due();
+                        tokio::task::yield_now().await;
+                    }
                 }
                 output = next_write(&mut self.write) => {
-                    self.settle(output);
+                    self.settle(output).await;
                     self.publish_acknowledged().await;
                 }
                 (request, values) = next_read(&mut self.read) => {
@@ -369,10 +388,16 @@ impl<S: Sink> Flusher<S> {
                 }
                 _ = sleep_until(self.ended_due) => {
                     self.ended_due = None;
-                    self.collect_ended();
+                    self.collect_ended().await;
                 }
                 _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
                     self.backoff.retry_now();
+                }
+                // Last: a slice of the open round per turn, after a yield, while the sink
+                // writes the batches cut before.
+                _ = tokio::task::yield_now(), if self.pending.has_uncut() => {
+                    self.pending.cut(CUT_SLICE_KEYS);
+                    self.publish_pending();
                 }
             }
             self.start_write_if_due();
@@ -397,53 +422,76 @@ impl<S: Sink> Flusher<S> {
         let started = Instant::now();
         let now = self.config.clock.now();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
-        self.book.roll_bucket(now);
+        if self.book.roll_bucket(now) {
+            for shard in 0..self.book.shards() {
+                tokio::task::yield_now().await;
+                self.book.rekey(shard);
+            }
+        }
         self.usage.clear();
         let ended = self.sweeper.collect_ended(&mut self.usage);
         Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb(now);
+        self.absorb_in_slices(now).await;
         for start in (0..self.sweeper.capacity()).step_by(SWEEP_SLICE_SLOTS) {
             tokio::task::yield_now().await;
             self.sweeper
                 .sweep_slots(start..start + SWEEP_SLICE_SLOTS, &mut self.usage);
-            self.absorb(now);
+            self.absorb(now, 0);
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
-        let accounts = self.book.tracked_accounts();
-        for slice in accounts.chunks(REVIEW_SLICE_ACCOUNTS) {
+        for shard in 0..self.book.shards() {
             tokio::task::yield_now().await;
-            self.book.review(slice, &self.registry);
+            self.book.review(shard, &self.registry);
         }
         self.publish_tracked();
         metrics::sweep_took(started.elapsed());
         metrics::export(&self.stats.snapshot());
     }
 
-    fn collect_ended(&mut self) {
+    async fn collect_ended(&mut self) {
         let now = self.config.clock.now();
         self.usage.clear();
         let ended = self.sweeper.collect_ended(&mut self.usage);
         Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb(now);
+        self.absorb_in_slices(now).await;
     }
 
-    /// Moves collected usage into `pending`, keyed by the bucket the interval started in.
-    fn absorb(&mut self, now: SystemTime) {
+    /// [`Flusher::absorb`] of everything collected, [`SWEEP_SLICE_SLOTS`] records per poll: the
+    /// sessions that end together (a gateway draining) are collected at once.
+    async fn absorb_in_slices(&mut self, now: SystemTime) {
+        loop {
+            let from = self.usage.len().saturating_sub(SWEEP_SLICE_SLOTS);
+            self.absorb(now, from);
+            if self.usage.is_empty() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Moves collected usage from index `from` on into `pending`, keyed by the bucket the
+    /// interval started in.
+    fn absorb(&mut self, now: SystemTime, from: usize) {
         let keys = &self.config.keys;
         let span = keys.span(self.interval_start);
         let ttl = keys.ttl_at(&span, now);
-        for usage in self.usage.drain(..) {
-            Stats::add(&self.stats.amount_swept, usage.amount.into());
+        let mut swept = 0u128;
+        for usage in self.usage.drain(from..) {
+            swept += u128::from(usage.amount);
             if self.enabled {
+                // A tracked account's key is built once per bucket and shared; others' (an
+                // account forgotten since, a sweep closing the previous bucket) now.
                 let key = match self.book.swept(&usage.account, &span, usage.amount) {
-                    Some(key) => key.to_owned(),
-                    None => keys.key(&usage.account, &span),
+                    Some(key) => key.clone(),
+                    None => keys.key(&usage.account, &span).into(),
                 };
                 self.pending.add(key, usage.amount, ttl);
-            } else {
-                Stats::add(&self.stats.amount_discarded, usage.amount.into());
             }
+        }
+        Stats::add(&self.stats.amount_swept, swept);
+        if !self.enabled {
+            Stats::add(&self.stats.amount_discarded, swept);
         }
         self.publish_pending();
     }
@@ -480,17 +528,22 @@ impl<S: Sink> Flusher<S> {
         if self.write.is_some() || self.backoff.retry_at().is_some() {
             return;
         }
+        if !self.pending.has_batches() {
+            // Nothing built to send: cut a slice now rather than wait for the loop's turn (the
+            // shutdown's loop has none).
+            self.pending.cut(CUT_SLICE_KEYS);
+        }
         let batches = self.pending.batches_to_send();
         if batches.is_empty() {
             return;
         }
-        self.rounds_started += 1;
-        Stats::set(&self.stats.flushes, self.rounds_started.into());
+        self.writes_started += 1;
+        Stats::set(&self.stats.flushes, self.writes_started.into());
         let retry = self.backoff.failures() > 0;
         if retry {
             Stats::add(&self.stats.retries, 1);
         }
-        let span = round_span(self.rounds_started, retry, &batches);
+        let span = write_span(self.writes_started, retry, &batches);
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
         self.write = Some(Box::pin(
@@ -505,7 +558,7 @@ impl<S: Sink> Flusher<S> {
         ));
     }
 
-    fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
+    async fn settle(&mut self, (results, took): (Option<WriteResults>, Duration)) {
         self.write = None;
         Stats::set(&self.stats.last_flush_micros, took.as_micros());
         metrics::write_took(took);
@@ -515,9 +568,16 @@ impl<S: Sink> Flusher<S> {
             results.unwrap_or_else(|| vec![Err(timeout); self.pending.batches_in_flight()]);
         let now = self.config.clock.now();
         let book = &mut self.book;
-        let settlement = self.pending.settle(results, |increment, total| {
-            book.acknowledged(&increment.key, increment.amount, total, now);
-        });
+        let mut settlement = Settlement::default();
+        self.pending.receive(results);
+        while !self
+            .pending
+            .settle_some(SETTLE_SLICE_KEYS, &mut settlement, |increment, total| {
+                book.acknowledged(&increment.key, increment.amount, total, now);
+            })
+        {
+            tokio::task::yield_now().await;
+        }
 
         let settled = &mut self.settled;
         settled
@@ -560,9 +620,9 @@ impl<S: Sink> Flusher<S> {
         Stats::set(&self.stats.amount_rejected, settled.rejected.amount);
 
         if !self.waiters.is_empty() {
-            // A `flush_now` caller reads the read side next: publish everything before answering
-            // it (a rare, operator-driven round; periodic rounds publish in slices).
-            self.book.publish_acknowledged(usize::MAX);
+            // A `flush_now` caller reads the read side next: publish everything (in slices)
+            // before answering it.
+            self.publish_acknowledged().await;
         }
         match settlement.failure {
             Some(error) => {
@@ -581,25 +641,25 @@ impl<S: Sink> Flusher<S> {
                 self.stats.set_last_write_error(Some(&cause));
                 // At a bounded rate, with the cause (see `FailureLog`).
                 let warn_due = self.failure_log.failed(now, &cause);
-                let failed_rounds = self.backoff.failures();
+                let failed_writes = self.backoff.failures();
                 if warn_due && misconfigured {
-                    tracing::error!(%error, failed_rounds, pending = %self.pending.amount(),
+                    tracing::error!(%error, failed_writes, pending = %self.pending.amount(),
                         retry_in = ?delay,
                         "flush failed: the sink's configuration is wrong; amounts stay pending \
                          and are retried until it is fixed");
                 } else if warn_due {
-                    tracing::warn!(%error, failed_rounds, pending = %self.pending.amount(),
+                    tracing::warn!(%error, failed_writes, pending = %self.pending.amount(),
                         retry_in = ?delay, "flush failed; amounts stay pending");
                 } else {
-                    tracing::debug!(%error, retry_in = ?delay, attempt = failed_rounds,
+                    tracing::debug!(%error, retry_in = ?delay, attempt = failed_writes,
                         "flush failed again");
                 }
                 self.answer_waiters(Some(error));
             }
             None => {
-                let failed_rounds = self.backoff.succeeded();
-                if failed_rounds > 0 {
-                    tracing::info!(failed_rounds, "sink recovered");
+                let failed_writes = self.backoff.succeeded();
+                if failed_writes > 0 {
+                    tracing::info!(failed_writes, "sink recovered");
                     self.failure_log.recovered();
                     self.stats.set_last_write_error(None);
                 }
@@ -643,7 +703,7 @@ impl<S: Sink> Flusher<S> {
     /// Publishes what the last settlement changed on the read side, in slices with a yield
     /// between them.
     async fn publish_acknowledged(&mut self) {
-        while self.book.publish_acknowledged(REVIEW_SLICE_ACCOUNTS) {
+        while self.book.publish_acknowledged(PUBLISH_SLICE_ACCOUNTS) {
             tokio::task::yield_now().await;
         }
     }
@@ -673,7 +733,7 @@ impl<S: Sink> Flusher<S> {
 
     fn publish_pending(&self) {
         Stats::set(&self.stats.pending_amount, self.pending.amount());
-        Stats::set(&self.stats.pending_keys, self.pending.keys() as u128);
+        Stats::set(&self.stats.pending_keys, self.pending.entries() as u128);
     }
 
     /// Sweeps everything once, then writes until nothing is pending or the shutdown timeout
@@ -695,7 +755,7 @@ impl<S: Sink> Flusher<S> {
             }
             tokio::select! {
                 output = next_write(&mut self.write) => {
-                    self.settle(output);
+                    self.settle(output).await;
                     self.publish_acknowledged().await;
                 }
                 _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
@@ -727,12 +787,12 @@ impl<S: Sink> Flusher<S> {
     }
 }
 
-/// The span of one write round: from send to answer, around what the sink logs meanwhile.
-fn round_span(round: u64, retry: bool, batches: &[crate::sink::Batch]) -> tracing::Span {
+/// The span of one write: from send to answer, around what the sink logs meanwhile.
+fn write_span(write: u64, retry: bool, batches: &[crate::sink::Batch]) -> tracing::Span {
     // The fields are computed only when a subscriber wants the span.
     tracing::info_span!(
-        "flush_round",
-        round,
+        "flush_write",
+        write,
         retry,
         batches = batches.len(),
         keys = batches.iter().map(|b| b.increments.len()).sum::<usize>(),

@@ -4,10 +4,10 @@
 //!
 //! | metric | kind | what |
 //! | --- | --- | --- |
-//! | `shardmeter_flush_rounds_total` | counter | write rounds started |
-//! | `shardmeter_write_failures_total` | counter | write rounds that failed |
-//! | `shardmeter_config_errors_total` | counter | of those, rounds failed because the sink is misconfigured |
-//! | `shardmeter_retries_total` | counter | write rounds that re-sent unacknowledged batches |
+//! | `shardmeter_flush_rounds_total` | counter | writes started (a large round takes several) |
+//! | `shardmeter_write_failures_total` | counter | writes that failed |
+//! | `shardmeter_config_errors_total` | counter | of those, writes failed because the sink is misconfigured |
+//! | `shardmeter_retries_total` | counter | writes that re-sent unacknowledged batches |
 //! | `shardmeter_batches_written_total` | counter | batches the sink acknowledged |
 //! | `shardmeter_duplicate_batches_total` | counter | of those, re-sends the sink had already applied (duplicates caught) |
 //! | `shardmeter_keys_written_total` / `shardmeter_written_amount_total` | counter | increments and amount acknowledged |
@@ -19,7 +19,7 @@
 //! | `shardmeter_tracked_accounts` | gauge | accounts the read side tracks |
 //! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher held a runtime worker (stall) |
 //! | `shardmeter_sweep_seconds` | histogram | one full sweep, slices and yields included |
-//! | `shardmeter_write_seconds` | histogram | one write round, send to answer |
+//! | `shardmeter_write_seconds` | histogram | one write, send to answer |
 
 use super::stats::StatsSnapshot;
 use std::time::Duration;
@@ -77,7 +77,7 @@ pub(crate) fn sweep_took(took: Duration) {
     let _ = took;
 }
 
-/// One write round took `took`.
+/// One write took `took`.
 pub(crate) fn write_took(took: Duration) {
     #[cfg(feature = "metrics")]
     metrics::histogram!("shardmeter_write_seconds").record(took.as_secs_f64());

@@ -59,7 +59,9 @@ pub struct StatsSnapshot {
     pub amount_swept: u64,
     /// Collected while the engine was disabled, and therefore not written.
     pub amount_discarded: u64,
-    /// Write rounds started (a round sends every pending batch, pipelined).
+    /// Writes started. A write sends, pipelined, the batches built since the previous write
+    /// was answered, or re-sends the ones it left unacknowledged; a round of many keys takes
+    /// several, the first sent while the rest are still being built.
     pub flushes: u64,
     /// Batches the sink acknowledged.
     pub batches_written: u64,
@@ -73,25 +75,27 @@ pub struct StatsSnapshot {
     pub keys_rejected: u64,
     /// Amount of those increments.
     pub amount_rejected: u64,
-    /// Write rounds that failed (sink unavailable, error, timeout or misconfiguration).
+    /// Writes that failed (sink unavailable, error, timeout or misconfiguration).
     pub write_failures: u64,
-    /// Of those, rounds the sink failed because it is misconfigured
+    /// Of those, writes the sink failed because it is misconfigured
     /// ([`SinkError::Misconfigured`](crate::sink::SinkError::Misconfigured): a database, a
     /// password or a permission the target refuses). Retried at the longest backoff, logged
     /// at `ERROR`.
     pub config_errors: u64,
-    /// Why the last write round failed, while failures go on; `None` once a round succeeds
-    /// (and before any failed).
+    /// Why the last write failed, while failures go on; `None` once a write succeeds (and
+    /// before any failed).
     pub last_write_error: Option<String>,
-    /// Write rounds that re-sent unacknowledged batches.
+    /// Writes that re-sent unacknowledged batches.
     pub retries: u64,
     /// Amount swept and not yet acknowledged.
     pub pending_amount: u64,
-    /// Keys with such an amount.
+    /// Entries holding such an amount: one per key waiting for a batch, one per increment in a
+    /// batch not yet acknowledged. A key in flight and waiting again counts twice, so this is
+    /// at most twice the distinct keys, however many flushes fail.
     pub pending_keys: u64,
     /// Commands the sink sent (for Redis: `EVALSHA`/`SCRIPT LOAD` calls).
     pub sink_commands: u64,
-    /// How long the last write round took, from send to answer, in microseconds.
+    /// How long the last write took, from send to answer, in microseconds.
     pub last_flush_micros: u64,
     /// Global totals read for the read side (one per account: its first session in a bucket,
     /// or a full sweep that had nothing of it to write).

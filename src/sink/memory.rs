@@ -71,16 +71,16 @@ impl MemorySink {
             .increments
             .iter()
             .map(|increment| {
-                let current = store.totals.get(&increment.key).copied().unwrap_or(0);
+                let current = store.totals.get(&*increment.key).copied().unwrap_or(0);
                 let added = i64::try_from(increment.amount)
                     .ok()
                     .and_then(|amount| current.checked_add(amount));
                 match added {
                     Some(total) => {
-                        store.totals.insert(increment.key.clone(), total);
+                        store.totals.insert(increment.key.to_string(), total);
                         store
                             .expires
-                            .insert(increment.key.clone(), now + increment.ttl);
+                            .insert(increment.key.to_string(), now + increment.ttl);
                         KeyOutcome::Added { total }
                     }
                     None => KeyOutcome::Rejected {

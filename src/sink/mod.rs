@@ -48,11 +48,15 @@ impl std::fmt::Display for BatchId {
     }
 }
 
+/// A counter's key. Shared, not copied: the engine builds an account's key once per time
+/// bucket and hands the same allocation to every flush.
+pub type Key = std::sync::Arc<str>;
+
 /// Add `amount` to `key`, and make `key` expire `ttl` from now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Increment {
     /// The full key, as the engine's key scheme built it.
-    pub key: String,
+    pub key: Key,
     /// Always 1 to `i64::MAX`: the flusher splits larger amounts over later batches.
     pub amount: u64,
     /// Never zero.
