@@ -259,6 +259,47 @@ fn sweep_also_collects_ended_sessions() {
     assert_eq!(ledger.slots_in_use(), 1);
 }
 
+/// Ended sessions collected a few at a time: each step takes at most its bound, a sweep between
+/// two steps charges the growth of the sessions still queued, and the last step their rest:
+/// every amount once.
+#[test]
+fn ended_sessions_collected_in_bounded_steps_are_exact() {
+    let (ledger, mut sweeper) = ledger(8);
+    let sessions: Vec<Session> = ["ann", "bob", "cid", "dee", "eve"]
+        .iter()
+        .map(|account| ledger.open_session(account).unwrap())
+        .collect();
+    for (amount, session) in (1..).zip(&sessions) {
+        session.add(amount);
+    }
+    drop(sessions);
+    let mut usage = Vec::new();
+    assert_eq!(sweeper.collect_ended_up_to(2, &mut usage), 2);
+    assert_eq!(ledger.slots_in_use(), 3, "only the two collected are freed");
+    // A sweep meanwhile charges the three still queued as open slots; their collection then
+    // finds nothing left and frees them.
+    sweeper.sweep_slots(0..sweeper.capacity(), &mut usage);
+    assert_eq!(usage.len(), 5);
+    assert_eq!(sweeper.collect_ended_up_to(2, &mut usage), 2);
+    assert_eq!(
+        sweeper.collect_ended_up_to(2, &mut usage),
+        1,
+        "fewer: none left"
+    );
+    assert_eq!(sweeper.collect_ended_up_to(2, &mut usage), 0);
+    assert_eq!(ledger.slots_in_use(), 0);
+    assert_eq!(
+        sorted(usage),
+        vec![
+            record("ann", 1),
+            record("bob", 2),
+            record("cid", 3),
+            record("dee", 4),
+            record("eve", 5)
+        ]
+    );
+}
+
 #[test]
 fn a_session_that_ends_with_nothing_left_is_counted_without_a_record() {
     let (ledger, mut sweeper) = ledger(4);

@@ -428,10 +428,7 @@ impl<S: Sink> Flusher<S> {
                 self.book.rekey(shard);
             }
         }
-        self.usage.clear();
-        let ended = self.sweeper.collect_ended(&mut self.usage);
-        Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb_in_slices(now).await;
+        self.collect_ended_at(now).await;
         for start in (0..self.sweeper.capacity()).step_by(SWEEP_SLICE_SLOTS) {
             tokio::task::yield_now().await;
             self.sweeper
@@ -450,20 +447,20 @@ impl<S: Sink> Flusher<S> {
     }
 
     async fn collect_ended(&mut self) {
-        let now = self.config.clock.now();
-        self.usage.clear();
-        let ended = self.sweeper.collect_ended(&mut self.usage);
-        Stats::add(&self.stats.sessions_ended, ended as u128);
-        self.absorb_in_slices(now).await;
+        self.collect_ended_at(self.config.clock.now()).await;
     }
 
-    /// [`Flusher::absorb`] of everything collected, [`SWEEP_SLICE_SLOTS`] records per poll: the
-    /// sessions that end together (a gateway draining) are collected at once.
-    async fn absorb_in_slices(&mut self, now: SystemTime) {
+    /// Collects and absorbs the ended sessions, [`SWEEP_SLICE_SLOTS`] per poll: the sessions
+    /// that end together (a gateway draining, a million before a shutdown) are many.
+    async fn collect_ended_at(&mut self, now: SystemTime) {
         loop {
-            let from = self.usage.len().saturating_sub(SWEEP_SLICE_SLOTS);
-            self.absorb(now, from);
-            if self.usage.is_empty() {
+            self.usage.clear();
+            let ended = self
+                .sweeper
+                .collect_ended_up_to(SWEEP_SLICE_SLOTS, &mut self.usage);
+            Stats::add(&self.stats.sessions_ended, ended as u128);
+            self.absorb(now, 0);
+            if ended < SWEEP_SLICE_SLOTS {
                 return;
             }
             tokio::task::yield_now().await;

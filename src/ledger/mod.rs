@@ -365,8 +365,20 @@ impl Sweeper {
     /// Collects the remainders of ended sessions into `out` and frees their slots. Returns the
     /// number of sessions that ended.
     pub fn collect_ended(&mut self, out: &mut Vec<Usage>) -> usize {
+        self.collect_ended_up_to(usize::MAX, out)
+    }
+
+    /// [`Sweeper::collect_ended`] of at most `max` sessions, so that a caller sharing its thread
+    /// can pause between bounded steps when many sessions ended at once. Returns how many it
+    /// collected: fewer than `max` means none is left (until more end). Sessions it leaves in
+    /// the queue stay exact: a sweep meanwhile collects their growth as an open slot's, and the
+    /// later collection takes what is left.
+    pub fn collect_ended_up_to(&mut self, max: usize, out: &mut Vec<Usage>) -> usize {
         let mut ended = 0;
-        while let Some(slot) = self.shared.slots.next_ended() {
+        while ended < max {
+            let Some(slot) = self.shared.slots.next_ended() else {
+                break;
+            };
             ended += 1;
             let total = self.take_delta(slot as usize, true);
             let account = self.shared.slots.free(slot);
