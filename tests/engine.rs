@@ -63,6 +63,15 @@ async fn many_threads_and_sessions_flush_exact_totals() {
     for key in expected.keys() {
         assert!(sink.ttl(key).unwrap() > Duration::from_secs(29 * 86_400));
     }
+    // The flusher's polls were timed: the CPU a poll used is within its wall-clock time.
+    let (wall, cpu) = (
+        stats.longest_flusher_poll_micros,
+        stats.longest_flusher_poll_cpu_micros,
+    );
+    assert!(wall > 0, "no flusher poll was timed");
+    if cfg!(unix) {
+        assert!(0 < cpu && cpu <= wall, "CPU {cpu} us, wall-clock {wall} us");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@
 //! | `shardmeter_pending_amount` / `shardmeter_pending_keys` | gauge | swept, not yet acknowledged |
 //! | `shardmeter_tracked_accounts` | gauge | accounts the read side tracks |
 //! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher held a runtime worker (stall) |
+//! | `shardmeter_flusher_longest_poll_cpu_seconds` | gauge | the most CPU time one poll of the flusher used (its work, without the OS's preemptions) |
 //! | `shardmeter_sweep_seconds` | histogram | one full sweep, slices and yields included |
 //! | `shardmeter_write_seconds` | histogram | one write, send to answer |
 
@@ -59,6 +60,10 @@ pub(crate) fn export(stats: &StatsSnapshot) {
             (
                 "shardmeter_flusher_longest_poll_seconds",
                 stats.longest_flusher_poll_micros as f64 / 1e6,
+            ),
+            (
+                "shardmeter_flusher_longest_poll_cpu_seconds",
+                stats.longest_flusher_poll_cpu_micros as f64 / 1e6,
             ),
         ];
         for (name, value) in gauges {
