@@ -880,6 +880,18 @@ async fn a_failed_call_never_looks_applied_because_of_a_later_one() {
     );
 }
 
+/// Writes `b` until the sink answers that Redis refuses its settings; returns that message.
+async fn until_misconfigured(sink: &RedisSink, b: &Batch) -> String {
+    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
+        match write_one(sink, b).await {
+            Err(SinkError::Misconfigured(message)) => Ok(message),
+            other => Err(other),
+        }
+    })
+    .await;
+    message
+}
+
 /// A sink connected to a free port where nothing listens (yet), with `path` after the address
 /// (`""`, `"/99"`): `connect` succeeds, as a gateway starting before its Redis needs.
 async fn sink_to_nowhere(path: &str) -> (u16, RedisSink) {
@@ -962,13 +974,7 @@ async fn a_database_redis_does_not_have_is_misconfigured_once_redis_is_up() {
     );
 
     let _server = RedisServer::start_on(port, &[]);
-    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
-        match write_one(&sink, &b).await {
-            Err(SinkError::Misconfigured(message)) => Ok(message),
-            other => Err(other),
-        }
-    })
-    .await;
+    let message = until_misconfigured(&sink, &b).await;
     assert!(
         message.contains(&format!("127.0.0.1:{port}"))
             && message.contains("ERR DB index is out of range"),
@@ -1056,13 +1062,7 @@ async fn a_password_changed_under_the_sink_is_misconfigured_until_it_is_back() {
         .unwrap();
 
     let b = batch(unique_u64(), 1, &[("{acct}:rotated", 6, MINUTE)]);
-    let (message, _) = until_ok("a configuration error", PATIENCE, || async {
-        match write_one(&sink, &b).await {
-            Err(SinkError::Misconfigured(message)) => Ok(message),
-            other => Err(other),
-        }
-    })
-    .await;
+    let message = until_misconfigured(&sink, &b).await;
     assert!(
         message.contains(&format!("127.0.0.1:{}", server.port())) && message.contains("WRONGPASS"),
         "{message}"
