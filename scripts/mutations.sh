@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Checks the checks: each mutation below breaks the ledger in one known way, and the check named
-# beside it (a loom model, the stress test, the hot-path guard or Miri) must fail on it. For each
-# mutation the script copies the working tree to a scratch directory, applies one edit there
-# (never in this checkout), runs the check and requires the expected failure. Exits 0 only if
-# every selected mutation is caught. `scripts/test.sh` runs it last.
+# Checks the checks: each mutation below breaks the ledger (or, last, the engine and the Redis
+# sink) in one known way, and the check named beside it (a loom model, a test, the hot-path guard
+# or Miri) must fail on it. For each mutation the script copies the working tree to a scratch
+# directory, applies one edit there (never in this checkout), runs the check and requires the
+# expected failure. Exits 0 only if every selected mutation is caught. `scripts/test.sh` runs it
+# last.
 #
 #   scripts/mutations.sh                          # every mutation
 #   scripts/mutations.sh claim-acquire worker-rmw # just the named ones (all of their checks)
@@ -41,6 +42,10 @@ unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(NOT_A_WORKER\)/cell
 worker-rmw	src/ledger/shard.rs	s/Some\(total\) => cell\.store\(total, Ordering::Relaxed\),/Some(total) => {\n                    cell.fetch_max(total, Ordering::Relaxed);\n                }/	guard	-	-	HOT PATH OVER BUDGET: locked instruction
 lazy-worker-index	src/loom.rs	s/static \$name: \$t = const \{ \$init \};/static \$name: \$t = \$init;/	guard	-	-	HOT PATH OVER BUDGET
 cell-provenance	src/ledger/shard.rs	s/NonNull::from\(&\*self\.lines\)\.cast::<u8>\(\)/NonNull::from(self.cell(0, 0)).cast::<u8>()/	miri	ledger	open_add_sweep_is_exact_on_both_paths	Undefined Behavior
+collect-ignores-bound	src/ledger/mod.rs	s/while ended < max \{/while ended < usize::MAX {/	test	ledger	ended_sessions_collected_in_bounded_steps_are_exact	assertion `left == right` failed
+lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if false then/m	test	redis_sink	an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call	was written
+misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\(now\)/self.backoff.failed(now)/	test	engine	a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats	retried like an outage
+enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion
 EOF
 )"
 
