@@ -116,19 +116,12 @@ fn flush_to_redis(c: &mut Criterion) {
         // The sink alone.
         let sink = runtime.block_on(redis_sink(&url, &keyspace));
         let sink_keys = keys("sink");
-        let writer = support::unique_u64();
-        let mut sequence = 0;
+        let mut writer = BatchWriter::new();
         group.bench_function(BenchmarkId::new("sink", accounts), |b| {
             b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    let batches = batches(&sink_keys, writer, &mut sequence);
-                    let start = Instant::now();
-                    let results = runtime.block_on(sink.write(&batches));
-                    timed += start.elapsed();
-                    assert!(results.iter().all(Result::is_ok), "a batch failed");
-                }
-                timed
+                (0..iters)
+                    .map(|_| writer.write(&runtime, &sink, &sink_keys))
+                    .sum()
             })
         });
         drop(sink);
@@ -243,6 +236,38 @@ fn batches(keys: &[String], writer: u64, sequence: &mut u64) -> Vec<Batch> {
             }
         })
         .collect()
+}
+
+/// One writer's fresh batches, as the engine sends them: each write takes the next sequence
+/// numbers, so the sink never mistakes it for a re-send.
+struct BatchWriter {
+    writer: u64,
+    sequence: u64,
+}
+
+impl BatchWriter {
+    fn new() -> Self {
+        Self {
+            writer: support::unique_u64(),
+            sequence: 0,
+        }
+    }
+
+    /// Writes `keys` through `sink` in batches of [`BATCH_SIZE`] and checks that every batch
+    /// applied. Returns how long the write took (building the batches is not timed).
+    fn write(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        sink: &RedisSink,
+        keys: &[String],
+    ) -> Duration {
+        let batches = batches(keys, self.writer, &mut self.sequence);
+        let start = Instant::now();
+        let results = runtime.block_on(sink.write(&batches));
+        let took = start.elapsed();
+        assert!(results.iter().all(Result::is_ok), "a batch failed");
+        took
+    }
 }
 
 /// Commands encoded once, written on one raw connection while the replies are counted: close
@@ -370,14 +395,8 @@ fn cpu_per_account() {
 
     let sink = runtime.block_on(redis_sink(&url, &keyspace));
     let sink_keys = keys("sink");
-    let (writer, mut sequence) = (support::unique_u64(), 0);
-    measure("sink", &mut || {
-        let batches = batches(&sink_keys, writer, &mut sequence);
-        let start = Instant::now();
-        let results = runtime.block_on(sink.write(&batches));
-        assert!(results.iter().all(Result::is_ok), "a batch failed");
-        start.elapsed()
-    });
+    let mut writer = BatchWriter::new();
+    measure("sink", &mut || writer.write(&runtime, &sink, &sink_keys));
 
     let client = runtime.block_on(fred_client(&url));
     let pipeline = runtime.block_on(fred_pipeline(&client, &keys("fred")));
@@ -463,18 +482,12 @@ fn flush_plain_keys(c: &mut Criterion) {
         group.throughput(Throughput::Elements(accounts as u64));
         let keys = plain_keys(accounts);
         for (name, sink) in [("one_redis", &one), ("cluster", &clustered)] {
-            let (writer, mut sequence) = (support::unique_u64(), 0);
+            let mut writer = BatchWriter::new();
             group.bench_function(BenchmarkId::new(name, accounts), |b| {
                 b.iter_custom(|iters| {
-                    let mut timed = Duration::ZERO;
-                    for _ in 0..iters {
-                        let batches = batches(&keys, writer, &mut sequence);
-                        let start = Instant::now();
-                        let results = runtime.block_on(sink.write(&batches));
-                        timed += start.elapsed();
-                        assert!(results.iter().all(Result::is_ok), "a batch failed");
-                    }
-                    timed
+                    (0..iters)
+                        .map(|_| writer.write(&runtime, sink, &keys))
+                        .sum()
                 })
             });
         }
@@ -558,11 +571,9 @@ fn plain_key_figures(
     ];
     for (target, url, prefix) in runs {
         let sink = runtime.block_on(plain_sink(&url, prefix));
-        let (writer, mut sequence) = (support::unique_u64(), 0);
+        let mut writer = BatchWriter::new();
         let mut flush = || {
-            let batches = batches(&keys, writer, &mut sequence);
-            let results = runtime.block_on(sink.write(&batches));
-            assert!(results.iter().all(Result::is_ok), "a batch failed");
+            writer.write(runtime, &sink, &keys);
         };
         // The counters exist from the criterion group: what the first flushes add is records.
         let empty = (target.used_memory)();
@@ -572,7 +583,7 @@ fn plain_key_figures(
             flush();
         }
         let per_account = (target.calls)() as f64 / (ROUNDS as f64 * N as f64);
-        let records = (target.scan)(&format!("{prefix}:*:{writer:016x}"));
+        let records = (target.scan)(&format!("{prefix}:*:{:016x}", writer.writer));
         let usage = (target.memory_usage)(&records);
         let before = (target.used_memory)();
         let added = before.saturating_sub(empty);
