@@ -490,10 +490,7 @@ fn building_outside_a_runtime_is_a_typed_error() {
 #[test]
 fn dropping_the_engine_without_shutdown_is_logged_as_an_error() {
     let logs = support::logs::captured_logs();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::current_thread_runtime();
     let _entered = runtime.enter();
     let engine = Engine::builder()
         .keys(KeyScheme::new("dropped"))

@@ -9,6 +9,8 @@
 //! A current-thread runtime runs the flusher only inside `block_on`, so measurements outside it
 //! see this thread alone.
 
+mod support;
+
 use shardmeter::ledger::Ledger;
 use shardmeter::{Budgets, Engine, KeyScheme, MemorySink};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -68,10 +70,7 @@ fn account(i: usize) -> String {
 
 #[test]
 fn the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_allocate() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::current_thread_runtime();
     let _entered = runtime.enter();
     let engine = Engine::builder()
         .capacity(ACCOUNTS)

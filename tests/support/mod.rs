@@ -70,6 +70,15 @@ pub fn unique_u64() -> u64 {
     rng::splitmix64(nanos ^ (u64::from(std::process::id()) << 32) ^ n.rotate_left(17))
 }
 
+/// A current-thread tokio runtime with its timers and I/O, for tests that build an engine
+/// outside `#[tokio::test]` (enter it with `runtime.enter()` before `build()`).
+pub fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// A port that was free a moment ago (bound to :0, then released). Another process may take it
 /// before it is used; [`RedisServer::start_with`] retries with a new one if so.
 pub fn free_port() -> u16 {
