@@ -43,8 +43,10 @@ pub(crate) struct Stats {
     pub(crate) sink_commands: AtomicU64,
     pub(crate) last_flush_micros: AtomicU64,
     pub(crate) account_reads: AtomicU64,
-    pub(crate) longest_flusher_poll_micros: AtomicU64,
-    pub(crate) longest_flusher_poll_cpu_micros: AtomicU64,
+    /// The longest flusher poll: wall-clock microseconds in the high half, CPU microseconds in
+    /// the low half (each saturating at `u32::MAX`, 71 minutes). One atomic, so that a reader
+    /// never pairs one poll's CPU time with an older, shorter wall-clock time.
+    pub(crate) longest_flusher_polls: AtomicU64,
     pub(crate) tracked_accounts: AtomicU64,
 }
 
@@ -161,6 +163,8 @@ impl Stats {
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         // Relaxed: each counter is read on its own; a snapshot is not a consistent cut.
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        // Once: wall-clock and CPU time of the longest poll from the same store.
+        let polls = read(&self.longest_flusher_polls);
         StatsSnapshot {
             sweeps: read(&self.sweeps),
             sessions_ended: read(&self.sessions_ended),
@@ -186,8 +190,8 @@ impl Stats {
             sink_commands: read(&self.sink_commands),
             last_flush_micros: read(&self.last_flush_micros),
             account_reads: read(&self.account_reads),
-            longest_flusher_poll_micros: read(&self.longest_flusher_poll_micros),
-            longest_flusher_poll_cpu_micros: read(&self.longest_flusher_poll_cpu_micros),
+            longest_flusher_poll_micros: polls >> 32,
+            longest_flusher_poll_cpu_micros: polls & u64::from(u32::MAX),
             tracked_accounts: read(&self.tracked_accounts),
             slots_in_use: 0,
             saturated_amount: 0,
@@ -218,26 +222,31 @@ impl<F: Future> Future for PollTimed<F> {
         let started = Instant::now();
         let cpu_started = thread_cpu_time();
         let output = self.inner.as_mut().poll(cx);
-        let stats = &self.stats;
-        raise_to(&stats.longest_flusher_poll_micros, started.elapsed());
+        // The CPU span nests inside the wall-clock span (read last at the start, first at the
+        // end), so a poll's CPU time never exceeds its wall-clock time.
+        let cpu_ended = thread_cpu_time();
         // A poll runs on one thread from start to end, so the thread's CPU clock measures it.
-        if let (Some(from), Some(to)) = (cpu_started, thread_cpu_time()) {
-            raise_to(
-                &stats.longest_flusher_poll_cpu_micros,
-                to.saturating_sub(from),
-            );
-        }
+        let cpu = match (cpu_started, cpu_ended) {
+            (Some(from), Some(to)) => to.saturating_sub(from),
+            _ => Duration::ZERO,
+        };
+        raise_longest_poll(&self.stats.longest_flusher_polls, started.elapsed(), cpu);
         output
     }
 }
 
-/// Raises a longest-time counter, in microseconds, to `took` if that is longer.
-fn raise_to(longest: &AtomicU64, took: Duration) {
-    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+/// Raises the longest poll's wall-clock and CPU times (packed as in `Stats`) to `wall` and
+/// `cpu` where those are longer. Per poll `cpu <= wall`, so the maxima keep that order too.
+fn raise_longest_poll(longest: &AtomicU64, wall: Duration, cpu: Duration) {
+    let micros = |took: Duration| {
+        u64::try_from(took.as_micros()).map_or(u64::from(u32::MAX), |m| m.min(u64::from(u32::MAX)))
+    };
     // Relaxed load and store: the flusher task is the counter's only writer, and readers want a
     // statistic, not an ordering.
-    if micros > longest.load(Ordering::Relaxed) {
-        longest.store(micros, Ordering::Relaxed);
+    let old = longest.load(Ordering::Relaxed);
+    let new = (old >> 32).max(micros(wall)) << 32 | (old & u64::from(u32::MAX)).max(micros(cpu));
+    if new != old {
+        longest.store(new, Ordering::Relaxed);
     }
 }
 
