@@ -924,6 +924,8 @@ fn metrics_are_exposed_in_prometheus_text_format() {
             "# TYPE shardmeter_write_failures_total counter",
             "# TYPE shardmeter_pending_amount gauge",
             "# TYPE shardmeter_flusher_longest_poll_seconds gauge",
+            "# TYPE shardmeter_flusher_longest_poll_cpu_seconds gauge",
+            "# TYPE shardmeter_config_errors_total counter",
             "# TYPE shardmeter_duplicate_batches_total counter",
         ] {
             assert!(body.contains(name), "{name} missing in:\n{body}");
