@@ -43,6 +43,10 @@ worker-rmw	src/ledger/shard.rs	s/Some\(total\) => cell\.store\(total, Ordering::
 lazy-worker-index	src/loom.rs	s/static \$name: \$t = const \{ \$init \};/static \$name: \$t = \$init;/	guard	-	-	HOT PATH OVER BUDGET
 cell-provenance	src/ledger/shard.rs	s/NonNull::from\(&\*self\.lines\)\.cast::<u8>\(\)/NonNull::from(self.cell(0, 0)).cast::<u8>()/	miri	ledger	open_add_sweep_is_exact_on_both_paths	Undefined Behavior
 collect-ignores-bound	src/ledger/mod.rs	s/while ended < max \{/while ended < usize::MAX {/	test	ledger	ended_sessions_collected_in_bounded_steps_are_exact	assertion `left == right` failed
+seqlock-no-writer-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Release\);//	loom	seqlock	seqlock_reads_whole_publications	torn read
+seqlock-no-reader-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Acquire\);//	loom	seqlock	seqlock_reads_whole_publications	torn read
+seqlock-relaxed-begin	src/seqlock.rs	s/let before = self\.sequence\.load\(Ordering::Acquire\)/let before = self.sequence.load(Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
+seqlock-relaxed-end	src/seqlock.rs	s/\.store\(sequence\.wrapping_add\(2\), Ordering::Release\)/.store(sequence.wrapping_add(2), Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if false then/m	test	redis_sink	an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call	was written
 misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\(now\)/self.backoff.failed(now)/	test	engine	a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats	retried like an outage
 enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion

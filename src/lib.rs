@@ -75,6 +75,8 @@
 pub mod engine;
 pub mod ledger;
 mod loom;
+#[cfg(any(feature = "engine", shardmeter_loom))]
+mod seqlock;
 #[cfg(feature = "engine")]
 pub mod sink;
 
@@ -89,6 +91,9 @@ pub use ledger::Session;
 pub use ledger::{
     register_worker_thread, unregister_worker_thread, Ledger, LedgerError, Sweeper, Usage,
 };
+/// The read side's sequence lock, exported for the loom models only.
+#[cfg(shardmeter_loom)]
+pub use seqlock::SeqLock;
 #[cfg(feature = "redis")]
 pub use sink::redis::RedisSink;
 #[cfg(feature = "engine")]

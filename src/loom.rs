@@ -6,8 +6,21 @@
 
 #[cfg(not(shardmeter_loom))]
 mod imp {
+    #[cfg(feature = "engine")]
+    pub(crate) use std::sync::atomic::fence;
     pub(crate) use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
     pub(crate) use std::sync::Arc;
+
+    /// Waits a little before a retry: a spin hint for the first `attempt`s, then a yield of the
+    /// thread (whoever holds us up may be descheduled).
+    #[cfg(feature = "engine")]
+    pub(crate) fn back_off(attempt: u32) {
+        if attempt < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 
     /// A queue that never allocates after construction; crossbeam's is lock-free.
     pub(crate) type BoundedQueue<T> = crossbeam_queue::ArrayQueue<T>;
@@ -53,8 +66,13 @@ mod imp {
 #[cfg(shardmeter_loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
     pub(crate) use loom::sync::{Arc, Mutex};
+
+    /// A retry loop must yield to loom's scheduler, or the model never ends.
+    pub(crate) fn back_off(_attempt: u32) {
+        loom::thread::yield_now();
+    }
 
     /// crossbeam's `ArrayQueue` is not loom-aware; a loom mutex around a deque stands in for it.
     /// The models then check our use of the queue (push happens-before pop), not crossbeam itself.

@@ -20,8 +20,9 @@
 //! # Synchronization
 //!
 //! The flusher is the only writer of every [`AccountState`]: it keeps the numbers in its private
-//! [`AccountBook`] and publishes them as an immutable [`AccountView`] through arc-swap, then the
-//! `exhausted` flag, then wakes waiters. Readers (sessions, the engine, any thread) load the view
+//! [`AccountBook`] and publishes them through a sequence lock (`seqlock.rs`: a consistent
+//! snapshot of a few words, no allocation), then the `exhausted` and `synced` flags, then wakes
+//! waiters when a flag became true. Readers (sessions, the engine, any thread) load the view
 //! without a lock; the per-chunk check [`AccountState::is_exhausted`] is one atomic load.
 //! Accounts are found by name in a [`Registry`] of a few mutex-guarded maps, touched when a
 //! session opens and by the flusher, never per chunk.
@@ -29,14 +30,14 @@
 use super::keys::{BucketSpan, KeyScheme};
 use super::pending::{Sharded, MAP_SHARDS};
 use crate::ledger::Account;
+use crate::seqlock::SeqLock;
 use crate::sink::Key;
-use arc_swap::ArcSwap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Notify};
 
 /// Budget limits, in the unit of `add`, per account per time bucket (per UTC day for
@@ -148,27 +149,78 @@ pub struct BudgetStatus {
     pub resets_at: Option<SystemTime>,
 }
 
-/// What the flusher publishes for one account: replaced whole, never changed in place.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AccountView {
+/// What the flusher publishes for one account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct AccountView {
     usage: AccountUsage,
     limit: Option<u64>,
-    /// The global part has been read, or its read has failed: nothing more will come soon.
-    synced: bool,
 }
 
 impl AccountView {
     fn exhausted(&self) -> bool {
         self.limit.is_some_and(|limit| self.usage.used >= limit)
     }
+
+    /// The view as the words of its sequence lock: presence flags, then one word per number.
+    /// Times are nanoseconds since 1970 (a time before 1970 reads back as 1970).
+    fn to_words(&self) -> [u64; VIEW_WORDS] {
+        let usage = &self.usage;
+        let flag = |present: bool, flag: u64| if present { flag } else { 0 };
+        let flags = flag(usage.global.is_some(), HAS_GLOBAL)
+            | flag(usage.global_as_of.is_some(), HAS_GLOBAL_AS_OF)
+            | flag(usage.bucket_end.is_some(), HAS_BUCKET_END)
+            | flag(self.limit.is_some(), HAS_LIMIT);
+        [
+            flags,
+            usage.global.unwrap_or(0),
+            usage.global_as_of.map_or(0, nanos_since_1970),
+            usage.local_pending,
+            usage.bucket_end.map_or(0, nanos_since_1970),
+            self.limit.unwrap_or(0),
+        ]
+    }
+
+    fn from_words(words: [u64; VIEW_WORDS]) -> Self {
+        let [flags, global, global_as_of, local_pending, bucket_end, limit] = words;
+        let present = |flag: u64, value: u64| (flags & flag != 0).then_some(value);
+        let time = |nanos: u64| UNIX_EPOCH + Duration::from_nanos(nanos);
+        let global = present(HAS_GLOBAL, global);
+        Self {
+            usage: AccountUsage {
+                used: global.unwrap_or(0).saturating_add(local_pending),
+                global,
+                global_as_of: present(HAS_GLOBAL_AS_OF, global_as_of).map(time),
+                local_pending,
+                bucket_end: present(HAS_BUCKET_END, bucket_end).map(time),
+            },
+            limit: present(HAS_LIMIT, limit),
+        }
+    }
+}
+
+const VIEW_WORDS: usize = 6;
+const HAS_GLOBAL: u64 = 1;
+const HAS_GLOBAL_AS_OF: u64 = 2;
+const HAS_BUCKET_END: u64 = 4;
+const HAS_LIMIT: u64 = 8;
+
+fn nanos_since_1970(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    })
 }
 
 /// One account's published state, shared by its sessions, the registry and the flusher.
 pub(crate) struct AccountState {
     account: Account,
-    view: ArcSwap<AccountView>,
-    /// A copy of `view.exhausted()`, so the per-chunk check is one load.
+    /// The flusher's numbers for the account (an [`AccountView`]), written by the flusher only.
+    view: SeqLock<VIEW_WORDS>,
+    /// A copy of the view's exhaustion, so the per-chunk check is one load.
     exhausted: AtomicBool,
+    /// The global part has been read, or its read has failed: nothing more will come soon.
+    synced: AtomicBool,
+    /// Notified when `exhausted` or `synced` becomes true, what [`AccountState::wait_until`]
+    /// waits for.
     changed: Notify,
 }
 
@@ -176,8 +228,9 @@ impl AccountState {
     fn new(account: Account) -> Self {
         Self {
             account,
-            view: ArcSwap::from_pointee(AccountView::default()),
+            view: SeqLock::new(AccountView::default().to_words()),
             exhausted: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -193,12 +246,21 @@ impl AccountState {
         self.exhausted.load(Ordering::Acquire)
     }
 
+    fn is_synced(&self) -> bool {
+        // Acquire: as for `exhausted`.
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn view(&self) -> AccountView {
+        AccountView::from_words(self.view.read())
+    }
+
     pub(crate) fn usage(&self) -> AccountUsage {
-        self.view.load().usage.clone()
+        self.view().usage
     }
 
     pub(crate) fn status(&self) -> Option<BudgetStatus> {
-        let view = self.view.load();
+        let view = self.view();
         let limit = view.limit?;
         let used = view.usage.used;
         Some(BudgetStatus {
@@ -212,12 +274,12 @@ impl AccountState {
 
     /// Resolves once the account is exhausted (at once if it is).
     pub(crate) async fn wait_exhausted(&self) {
-        self.wait_until(|state| state.is_exhausted()).await;
+        self.wait_until(Self::is_exhausted).await;
     }
 
     /// Resolves once the global part is known or could not be read.
     pub(crate) async fn wait_synced(&self) {
-        self.wait_until(|state| state.view.load().synced).await;
+        self.wait_until(Self::is_synced).await;
     }
 
     async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
@@ -233,13 +295,21 @@ impl AccountState {
         }
     }
 
-    /// Replaces the view; only the flusher calls this.
-    fn publish(&self, view: AccountView) {
+    /// Replaces the view; only the flusher calls this (the sequence lock's single writer).
+    fn publish(&self, view: &AccountView, synced: bool) {
+        self.view.publish(view.to_words());
         let exhausted = view.exhausted();
-        self.view.store(Arc::new(view));
-        // Release: a reader that sees the flag sees the view stored before it.
+        // Relaxed loads: the flusher reads back its own last stores.
+        let woken = (exhausted && !self.exhausted.load(Ordering::Relaxed))
+            || (synced && !self.synced.load(Ordering::Relaxed));
+        // Release: a reader that sees a flag sees the view published before it.
         self.exhausted.store(exhausted, Ordering::Release);
-        self.changed.notify_waiters();
+        self.synced.store(synced, Ordering::Release);
+        // Waiters only wait for a flag to become true: no wake-up for anything else, which
+        // spares a lock in `notify_waiters` for almost every publication.
+        if woken {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -247,7 +317,8 @@ impl std::fmt::Debug for AccountState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccountState")
             .field("account", &self.account)
-            .field("view", &self.view.load())
+            .field("view", &self.view())
+            .field("synced", &self.is_synced())
             .finish()
     }
 }
@@ -610,7 +681,7 @@ fn observe(tracked: &mut Tracked, total: i64, now: SystemTime) {
 
 fn publish(tracked: &Tracked, bucket: &BucketSpan) {
     let pending = u64::try_from(tracked.pending).unwrap_or(u64::MAX);
-    tracked.state.publish(AccountView {
+    let view = AccountView {
         usage: AccountUsage {
             used: tracked.global.unwrap_or(0).saturating_add(pending),
             global: tracked.global,
@@ -619,8 +690,8 @@ fn publish(tracked: &Tracked, bucket: &BucketSpan) {
             bucket_end: bucket.end(),
         },
         limit: tracked.limit,
-        synced: tracked.synced,
-    });
+    };
+    tracked.state.publish(&view, tracked.synced);
 }
 
 #[cfg(test)]
@@ -680,7 +751,7 @@ mod tests {
         let (_registry, mut book, state) = setup(Budgets::per_bucket(10));
         let reads = book.take_reads().unwrap();
         book.read_done(reads, Err("connection refused"), at(NOON));
-        assert!(state.view.load().synced);
+        assert!(state.is_synced());
         assert_eq!(state.usage().global, None);
         assert!(!state.is_exhausted());
     }

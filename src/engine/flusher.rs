@@ -45,10 +45,10 @@ use tracing::Instrument;
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
-// The slices below keep every poll of the flusher well under 1 ms on this machine's 2 cores
-// with a million slots and accounts (`cargo bench --bench flush -- polls`).
-/// Accounts whose new view is published between two yields (an allocation and an arc-swap
-/// store each, about 1 µs).
+// The slices below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
+// longest at a million slots and accounts (`docs/benchmarks.md`).
+/// Accounts whose new view is published between two yields (a map lookup and a sequence-lock
+/// publication each).
 const PUBLISH_SLICE_ACCOUNTS: usize = 256;
 /// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
 const ACCOUNTS_TRACKED_PER_POLL: usize = 256;
