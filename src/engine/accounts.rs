@@ -157,29 +157,7 @@ struct AccountView {
 }
 
 impl AccountView {
-    fn exhausted(&self) -> bool {
-        self.limit.is_some_and(|limit| self.usage.used >= limit)
-    }
-
-    /// The view as the words of its sequence lock: presence flags, then one word per number.
-    /// Times are nanoseconds since 1970 (a time before 1970 reads back as 1970).
-    fn to_words(&self) -> [u64; VIEW_WORDS] {
-        let usage = &self.usage;
-        let flag = |present: bool, flag: u64| if present { flag } else { 0 };
-        let flags = flag(usage.global.is_some(), HAS_GLOBAL)
-            | flag(usage.global_as_of.is_some(), HAS_GLOBAL_AS_OF)
-            | flag(usage.bucket_end.is_some(), HAS_BUCKET_END)
-            | flag(self.limit.is_some(), HAS_LIMIT);
-        [
-            flags,
-            usage.global.unwrap_or(0),
-            usage.global_as_of.map_or(0, nanos_since_1970),
-            usage.local_pending,
-            usage.bucket_end.map_or(0, nanos_since_1970),
-            self.limit.unwrap_or(0),
-        ]
-    }
-
+    /// The view from the words of its sequence lock (see [`view_words`]).
     fn from_words(words: [u64; VIEW_WORDS]) -> Self {
         let [flags, global, global_as_of, local_pending, bucket_end, limit] = words;
         let present = |flag: u64, value: u64| (flags & flag != 0).then_some(value);
@@ -196,6 +174,14 @@ impl AccountView {
             limit: present(HAS_LIMIT, limit),
         }
     }
+}
+
+/// Whether the view in `words` is at or over its limit: `used >= limit`, as in
+/// [`AccountView::from_words`].
+fn exhausted_in(words: &[u64; VIEW_WORDS]) -> bool {
+    let [flags, global, _, local_pending, _, limit] = *words;
+    let global = if flags & HAS_GLOBAL != 0 { global } else { 0 };
+    flags & HAS_LIMIT != 0 && global.saturating_add(local_pending) >= limit
 }
 
 const VIEW_WORDS: usize = 6;
@@ -228,7 +214,8 @@ impl AccountState {
     fn new(account: Account) -> Self {
         Self {
             account,
-            view: SeqLock::new(AccountView::default().to_words()),
+            // Flags 0: every optional number absent, the default view.
+            view: SeqLock::new([0; VIEW_WORDS]),
             exhausted: AtomicBool::new(false),
             synced: AtomicBool::new(false),
             changed: Notify::new(),
@@ -296,9 +283,9 @@ impl AccountState {
     }
 
     /// Replaces the view; only the flusher calls this (the sequence lock's single writer).
-    fn publish(&self, view: &AccountView, synced: bool) {
-        self.view.publish(view.to_words());
-        let exhausted = view.exhausted();
+    fn publish(&self, words: [u64; VIEW_WORDS], synced: bool) {
+        self.view.publish(words);
+        let exhausted = exhausted_in(&words);
         // Relaxed loads: the flusher reads back its own last stores.
         let woken = (exhausted && !self.exhausted.load(Ordering::Relaxed))
             || (synced && !self.synced.load(Ordering::Relaxed));
@@ -409,12 +396,13 @@ struct Tracked {
     /// flush of it.
     key: Key,
     global: Option<u64>,
-    global_as_of: Option<SystemTime>,
+    /// When `global` was seen, in nanoseconds since 1970 (as published).
+    global_as_of: Option<u64>,
     pending: u128,
     limit: Option<u64>,
     synced: bool,
     read_wanted: bool,
-    /// Changed by an acknowledgement and not yet published (listed in `unpublished`).
+    /// Changed by an acknowledgement and not yet published (its index is in `unpublished`).
     unpublished: bool,
 }
 
@@ -426,25 +414,40 @@ pub(crate) struct ReadRequest {
 }
 
 /// The flusher's side of the read side: synchronous, so it is tested without tokio.
+///
+/// Tracked accounts live in a slab (`entries`), found by name through `by_account` (a sweep
+/// names the account) and by key through `by_key` (an acknowledgement names the key): one map
+/// lookup each, and none to publish what acknowledgements changed, whose indices are kept. An
+/// index stays its account's until the account is forgotten; a kept index that outlived its
+/// account is recognised by its entry's flags (`unpublished`).
 pub(crate) struct AccountBook {
     keys: KeyScheme,
     budgets: Budgets,
     bucket: BucketSpan,
-    tracked: Sharded<Account, Tracked>,
-    by_key: Sharded<Key, Account>,
+    /// `bucket`'s end as published: nanoseconds since 1970.
+    bucket_end: Option<u64>,
+    entries: Vec<Option<Tracked>>,
+    /// Indices of `entries` that hold `None`.
+    free: Vec<usize>,
+    by_account: Sharded<Account, usize>,
+    by_key: Sharded<Key, usize>,
     /// Accounts changed by acknowledgements, not yet published; each at most once.
-    unpublished: Vec<Account>,
+    unpublished: Vec<usize>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
     wanted: VecDeque<Account>,
 }
 
 impl AccountBook {
     pub(crate) fn new(keys: KeyScheme, budgets: Budgets, now: SystemTime) -> Self {
+        let bucket = keys.span(now);
         Self {
-            bucket: keys.span(now),
+            bucket_end: bucket.end().map(nanos_since_1970),
+            bucket,
             keys,
             budgets,
-            tracked: Sharded::new(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            by_account: Sharded::new(),
             by_key: Sharded::new(),
             wanted: VecDeque::new(),
             unpublished: Vec::new(),
@@ -453,20 +456,30 @@ impl AccountBook {
 
     /// Accounts tracked now (each has an open session, or had one and awaits clean-up).
     pub(crate) fn len(&self) -> usize {
-        self.tracked.len()
+        self.entries.len() - self.free.len()
+    }
+
+    fn entry(&mut self, account: &str) -> Option<&mut Tracked> {
+        let index = *self.by_account.shard(account).get(account)?;
+        self.entries[index].as_mut()
     }
 
     /// Starts tracking an account whose first session just opened; its global total is read.
     pub(crate) fn track(&mut self, state: Arc<AccountState>) {
         let account = state.account.clone();
+        if let Some(&index) = self.by_account.shard(&account).get(&account) {
+            // Tracked already (a state the registry replaced): its sessions see the numbers.
+            if let Some(tracked) = self.entries[index].as_mut() {
+                tracked.state = state;
+                publish(tracked, self.bucket_end);
+            }
+            return;
+        }
         let key: Key = self.keys.key(&account, &self.bucket).into();
         let limit = self.budgets.limit_of(&account);
-        self.by_key
-            .shard_mut(&key)
-            .insert(key.clone(), account.clone());
-        let tracked = Tracked {
+        let mut tracked = Tracked {
             state,
-            key,
+            key: key.clone(),
             global: None,
             global_as_of: None,
             pending: 0,
@@ -475,13 +488,20 @@ impl AccountBook {
             read_wanted: false,
             unpublished: false,
         };
-        let tracked = self
-            .tracked
-            .shard_mut(&account)
-            .entry(account.clone())
-            .or_insert(tracked);
-        want_read(&mut self.wanted, &account, tracked);
-        publish(tracked, &self.bucket);
+        want_read(&mut self.wanted, &account, &mut tracked);
+        publish(&tracked, self.bucket_end);
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.entries[index] = Some(tracked);
+                index
+            }
+            None => {
+                self.entries.push(Some(tracked));
+                self.entries.len() - 1
+            }
+        };
+        self.by_key.shard_mut(&key).insert(key, index);
+        self.by_account.shard_mut(&account).insert(account, index);
     }
 
     /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
@@ -491,9 +511,10 @@ impl AccountBook {
         if *span != self.bucket {
             return None;
         }
-        let tracked = self.tracked.shard_mut(account).get_mut(account)?;
+        let index = *self.by_account.shard(account).get(account)?;
+        let tracked = self.entries[index].as_mut()?;
         tracked.pending += u128::from(amount);
-        publish(tracked, &self.bucket);
+        publish(tracked, self.bucket_end);
         Some(&tracked.key)
     }
 
@@ -501,16 +522,15 @@ impl AccountBook {
     /// said it (not for a batch it had already applied, nor for a refused increment).
     pub(crate) fn acknowledged(
         &mut self,
-        key: &str,
+        key: &Key,
         amount: u64,
         total: Option<i64>,
         now: SystemTime,
     ) {
-        let Some((account, tracked)) =
-            self.by_key.shard(key).get(key).and_then(|account| {
-                Some((account, self.tracked.shard_mut(account).get_mut(account)?))
-            })
-        else {
+        let Some(&index) = self.by_key.shard(key).get(key) else {
+            return;
+        };
+        let Some(tracked) = self.entries[index].as_mut() else {
             return;
         };
         tracked.pending = tracked.pending.saturating_sub(u128::from(amount));
@@ -522,17 +542,18 @@ impl AccountBook {
         // right after (`publish_acknowledged`).
         if !tracked.unpublished {
             tracked.unpublished = true;
-            self.unpublished.push(account.clone());
+            self.unpublished.push(index);
         }
     }
 
     /// Publishes up to `most` accounts changed by acknowledgements; returns whether some remain.
     pub(crate) fn publish_acknowledged(&mut self, most: usize) -> bool {
         let from = self.unpublished.len().saturating_sub(most);
-        for account in self.unpublished.drain(from..) {
-            if let Some(tracked) = self.tracked.shard_mut(&account).get_mut(&account) {
+        for index in self.unpublished.drain(from..) {
+            // An account forgotten since (its index maybe reused) has nothing left to publish.
+            if let Some(tracked) = self.entries[index].as_mut().filter(|t| t.unpublished) {
                 tracked.unpublished = false;
-                publish(tracked, &self.bucket);
+                publish(tracked, self.bucket_end);
             }
         }
         !self.unpublished.is_empty()
@@ -547,8 +568,9 @@ impl AccountBook {
         }
         let mut request = ReadRequest::default();
         let taken = self.wanted.len().min(MAX_READS_PER_REQUEST);
-        for account in self.wanted.drain(..taken) {
-            if let Some(tracked) = self.tracked.shard_mut(&account).get_mut(&account) {
+        let wanted: Vec<Account> = self.wanted.drain(..taken).collect();
+        for account in wanted {
+            if let Some(tracked) = self.entry(&account) {
                 tracked.read_wanted = false;
                 request.keys.push(tracked.key.to_string());
                 request.accounts.push(account);
@@ -567,7 +589,10 @@ impl AccountBook {
     ) {
         let values = values.ok();
         for (i, (account, key)) in request.accounts.iter().zip(&request.keys).enumerate() {
-            let Some(tracked) = self.tracked.shard_mut(account).get_mut(account) else {
+            let Some(&index) = self.by_account.shard(account).get(account) else {
+                continue;
+            };
+            let Some(tracked) = self.entries[index].as_mut() else {
                 continue;
             };
             if *tracked.key != **key {
@@ -578,7 +603,7 @@ impl AccountBook {
             }
             // A failed read still settles the wait: the session opens, fail-open.
             tracked.synced = true;
-            publish(tracked, &self.bucket);
+            publish(tracked, self.bucket_end);
         }
     }
 
@@ -597,6 +622,7 @@ impl AccountBook {
         if bucket == self.bucket {
             return false;
         }
+        self.bucket_end = bucket.end().map(nanos_since_1970);
         self.bucket = bucket;
         true
     }
@@ -604,17 +630,20 @@ impl AccountBook {
     /// After a [`AccountBook::roll_bucket`]: gives the accounts of one shard their key in the
     /// new bucket and starts them from zero.
     pub(crate) fn rekey(&mut self, shard: usize) {
-        for (account, tracked) in self.tracked.shards[shard].iter_mut() {
+        for (account, &index) in &self.by_account.shards[shard] {
+            let Some(tracked) = self.entries[index].as_mut() else {
+                continue;
+            };
             let key: Key = self.keys.key(account, &self.bucket).into();
             let old = std::mem::replace(&mut tracked.key, key.clone());
             self.by_key.shard_mut(&old).remove(&old);
-            self.by_key.shard_mut(&key).insert(key, account.clone());
+            self.by_key.shard_mut(&key).insert(key, index);
             tracked.global = None;
             tracked.global_as_of = None;
             tracked.pending = 0;
             tracked.synced = false;
             want_read(&mut self.wanted, account, tracked);
-            publish(tracked, &self.bucket);
+            publish(tracked, self.bucket_end);
         }
     }
 
@@ -622,24 +651,28 @@ impl AccountBook {
     /// with nothing pending, re-reads those that have nothing to write (so other processes'
     /// usage shows), and refreshes limits (a lookup's answer may have changed).
     pub(crate) fn review(&mut self, shard: usize, registry: &Registry) {
-        let accounts: Vec<Account> = self.tracked.shards[shard].keys().cloned().collect();
-        for account in &accounts {
-            let Some(tracked) = self.tracked.shards[shard].get_mut(account) else {
+        let accounts: Vec<(Account, usize)> = self.by_account.shards[shard]
+            .iter()
+            .map(|(account, &index)| (account.clone(), index))
+            .collect();
+        for (account, index) in accounts {
+            let Some(tracked) = self.entries[index].as_mut() else {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                let key = tracked.key.clone();
-                self.tracked.shards[shard].remove(account);
-                self.by_key.shard_mut(&key).remove(&key);
+                self.by_key.shard_mut(&tracked.key).remove(&tracked.key);
+                self.by_account.shards[shard].remove(&account);
+                self.entries[index] = None;
+                self.free.push(index);
                 continue;
             }
             if tracked.pending == 0 {
-                want_read(&mut self.wanted, account, tracked);
+                want_read(&mut self.wanted, &account, tracked);
             }
-            let limit = self.budgets.limit_of(account);
+            let limit = self.budgets.limit_of(&account);
             if limit != tracked.limit {
                 tracked.limit = limit;
-                publish(tracked, &self.bucket);
+                publish(tracked, self.bucket_end);
             }
         }
     }
@@ -647,9 +680,9 @@ impl AccountBook {
     /// New limits, applied to every tracked account now.
     pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
         self.budgets = budgets;
-        for (account, tracked) in self.tracked.shards.iter_mut().flatten() {
-            tracked.limit = self.budgets.limit_of(account);
-            publish(tracked, &self.bucket);
+        for tracked in self.entries.iter_mut().flatten() {
+            tracked.limit = self.budgets.limit_of(tracked.state.account());
+            publish(tracked, self.bucket_end);
         }
     }
 }
@@ -657,7 +690,7 @@ impl AccountBook {
 impl std::fmt::Debug for AccountBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccountBook")
-            .field("tracked", &self.tracked.len())
+            .field("tracked", &self.len())
             .field("budgets", &self.budgets)
             .finish_non_exhaustive()
     }
@@ -675,23 +708,34 @@ fn want_read(wanted: &mut VecDeque<Account>, account: &Account, tracked: &mut Tr
 fn observe(tracked: &mut Tracked, total: i64, now: SystemTime) {
     let total = u64::try_from(total).unwrap_or(0);
     tracked.global = Some(tracked.global.map_or(total, |seen| seen.max(total)));
-    tracked.global_as_of = Some(now);
+    tracked.global_as_of = Some(nanos_since_1970(now));
     tracked.synced = true;
 }
 
-fn publish(tracked: &Tracked, bucket: &BucketSpan) {
-    let pending = u64::try_from(tracked.pending).unwrap_or(u64::MAX);
-    let view = AccountView {
-        usage: AccountUsage {
-            used: tracked.global.unwrap_or(0).saturating_add(pending),
-            global: tracked.global,
-            global_as_of: tracked.global_as_of,
-            local_pending: pending,
-            bucket_end: bucket.end(),
-        },
-        limit: tracked.limit,
-    };
-    tracked.state.publish(&view, tracked.synced);
+/// Publishes `tracked`'s numbers; `bucket_end` is [`AccountBook::bucket_end`].
+fn publish(tracked: &Tracked, bucket_end: Option<u64>) {
+    tracked
+        .state
+        .publish(view_words(tracked, bucket_end), tracked.synced);
+}
+
+/// The words of `tracked`'s view (read back by [`AccountView::from_words`]): presence flags,
+/// then one word per number; times are nanoseconds since 1970, a time before 1970 reads back as
+/// 1970.
+fn view_words(tracked: &Tracked, bucket_end: Option<u64>) -> [u64; VIEW_WORDS] {
+    let flag = |present: bool, flag: u64| if present { flag } else { 0 };
+    let flags = flag(tracked.global.is_some(), HAS_GLOBAL)
+        | flag(tracked.global_as_of.is_some(), HAS_GLOBAL_AS_OF)
+        | flag(bucket_end.is_some(), HAS_BUCKET_END)
+        | flag(tracked.limit.is_some(), HAS_LIMIT);
+    [
+        flags,
+        tracked.global.unwrap_or(0),
+        tracked.global_as_of.unwrap_or(0),
+        u64::try_from(tracked.pending).unwrap_or(u64::MAX),
+        bucket_end.unwrap_or(0),
+        tracked.limit.unwrap_or(0),
+    ]
 }
 
 #[cfg(test)]
@@ -736,7 +780,7 @@ mod tests {
         assert_eq!(status.resets_at, Some(at(1_795_996_800)));
 
         // The write is acknowledged: the reply's total replaces the pending part.
-        book.acknowledged("b:u:20261129", 40, Some(101), at(NOON + 2));
+        book.acknowledged(&"b:u:20261129".into(), 40, Some(101), at(NOON + 2));
         assert!(!book.publish_acknowledged(16), "one account to publish");
         let usage = state.usage();
         assert_eq!(
@@ -772,7 +816,7 @@ mod tests {
         assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
         assert_eq!(book.take_reads().unwrap().keys, ["b:u:20261130"]);
         // An acknowledgement for yesterday's key no longer moves today's usage.
-        book.acknowledged("b:u:20261129", 5, Some(55), at(NOON + 43_201));
+        book.acknowledged(&"b:u:20261129".into(), 5, Some(55), at(NOON + 43_201));
         book.publish_acknowledged(16);
         assert_eq!(state.usage().used, 0);
     }
@@ -794,6 +838,7 @@ mod tests {
             book.by_key.shards.iter().all(HashMap::is_empty),
             "its key is forgotten too"
         );
+        assert!(book.by_account.shards.iter().all(HashMap::is_empty));
         assert!(registry.get("u").is_none());
     }
 
@@ -809,7 +854,7 @@ mod tests {
         }
         assert_eq!(book.len(), 1_000);
         assert!(
-            book.tracked
+            book.by_account
                 .shards
                 .iter()
                 .filter(|shard| !shard.is_empty())
@@ -822,7 +867,7 @@ mod tests {
             book.rekey(shard);
         }
         assert_eq!(
-            book.by_key.len(),
+            book.by_key.shards.iter().map(HashMap::len).sum::<usize>(),
             1_000,
             "one key per account, the old ones gone"
         );
@@ -833,7 +878,12 @@ mod tests {
                 .expect("tracked")
                 .clone();
             assert!(key.ends_with(":20261130"), "{key}");
-            assert_eq!(book.by_key.shard(&key).get(&key), Some(&state.account));
+            let index = book.by_key.shard(&key).get(&key).copied();
+            let entry = index.and_then(|index| book.entries[index].as_ref());
+            assert_eq!(
+                entry.map(|tracked| tracked.state.account()),
+                Some(state.account())
+            );
         }
     }
 

@@ -70,10 +70,6 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         &mut self.shards[index]
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
-    }
-
     /// An empty map whose shards have the capacity of `self`'s.
     fn empty_like(&self) -> Self {
         Self {
