@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prints the tables of docs/benchmarks.md from criterion's output of the last run.
 
-Usage, after `cargo bench --bench hot_path` and/or `cargo bench --bench sweep`:
+Usage, after `cargo bench --bench hot_path` (or `-- shuffled` for the at-scale groups alone)
+and/or `cargo bench --bench sweep`:
 
     python3 benches/report.py [target/criterion]
 
@@ -67,10 +68,11 @@ def hot_path():
     print("\n### Ratios (same run) and targets\n")
     print("| check | value | target | verdict |")
     print("| --- | ---: | --- | --- |")
+    # The "2x of one fused add at one address" target was replaced by the at-scale ones below
+    # (docs/benchmarks.md, "At scale"): these ratios are context now.
     for floor in ("floor_load_store", "floor_via_handle"):
         r = worker1 / med[(1, floor)]
-        print(f"| 1 thread: `session_add_worker` ÷ `{floor}` (time) | {r:.2f}x | ≤ 2x | "
-              f"{verdict(r <= 2)} |")
+        print(f"| 1 thread: `session_add_worker` ÷ `{floor}` (time) | {r:.2f}x | (context) | |")
     scale = 2 * worker1 / worker2
     print(f"| `session_add_worker`: 2-thread ÷ 1-thread aggregate throughput | {scale:.2f}x | "
           f"≥ 1.8x | {verdict(scale >= 1.8)} |")
@@ -102,6 +104,26 @@ def hot_path():
               f"{2 * one / two:.2f}x | {one / rmed[(1, 'floor_load_store')]:.2f}x |")
 
 
+def at_scale():
+    contenders = ["floor_via_handle", "arc_fetch_add", "session_add_worker"]
+    sizes = ["10k", "1M"]
+    med = {(n, c): median_ns(f"add_{n}_sessions_shuffled", c) for n in sizes for c in contenders}
+    if all(v is None for v in med.values()):
+        return
+    print("\n### At scale: sessions visited in shuffled order (the targets)\n")
+    print("| sessions | " + " | ".join(f"`{c}` ns/add" for c in contenders) +
+          " | ÷ `floor_via_handle` (≤ 1.5x) | ÷ `arc_fetch_add` (≤ 1x) |")
+    print("| ---: | " + " | ".join("---:" for _ in contenders) + " | --- | --- |")
+    for n in sizes:
+        row = [med[(n, c)] for c in contenders]
+        if any(v is None for v in row):
+            continue
+        floor, arc, add = row
+        print(f"| {n} | " + " | ".join(fmt_ns(v) for v in row) +
+              f" | {add / floor:.2f}x {verdict(add <= 1.5 * floor)} | "
+              f"{add / arc:.2f}x {verdict(add <= arc)} |")
+
+
 def sweep():
     caps = [("1Ki", 1 << 10), ("64Ki", 1 << 16), ("1Mi", 1 << 20)]
     rows = []
@@ -128,4 +150,5 @@ def sweep():
 
 if __name__ == "__main__":
     hot_path()
+    at_scale()
     sweep()
