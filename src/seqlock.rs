@@ -57,6 +57,7 @@ impl<const N: usize> SeqLock<N> {
     pub fn publish(&self, words: [u64; N]) {
         // Relaxed: the single writer reads its own last store.
         let sequence = self.sequence.load(Ordering::Relaxed);
+        debug_assert!(sequence % 2 == 0, "SeqLock: two publications at once");
         self.sequence
             .store(sequence.wrapping_add(1), Ordering::Relaxed);
         // Release fence: a reader that loads any word stored below also sees the odd sequence
@@ -71,7 +72,8 @@ impl<const N: usize> SeqLock<N> {
             .store(sequence.wrapping_add(2), Ordering::Release);
     }
 
-    /// The words of one whole publication (the latest one, or one that ended while reading).
+    /// The words of one whole publication: the one whose end the read saw first (a word of a
+    /// later publication makes it try again).
     /// A reader only waits while a publication is under way (`N + 2` stores, unless the OS
     /// deschedules the writer in between).
     pub fn read(&self) -> [u64; N] {
@@ -81,7 +83,7 @@ impl<const N: usize> SeqLock<N> {
             let before = self.sequence.load(Ordering::Acquire);
             if before % 2 == 1 {
                 back_off(attempt);
-                attempt += 1;
+                attempt = attempt.saturating_add(1);
                 continue;
             }
             // Relaxed: checked against the sequence below.
@@ -94,7 +96,7 @@ impl<const N: usize> SeqLock<N> {
                 return words;
             }
             back_off(attempt);
-            attempt += 1;
+            attempt = attempt.saturating_add(1);
         }
     }
 }

@@ -125,11 +125,13 @@ pub struct AccountUsage {
     /// The account's total in the sink, all processes included, as last seen; `None` until a
     /// write or a read has told it (or when that read failed).
     pub global: Option<u64>,
-    /// When `global` was seen (the engine's clock): its age bounds how stale it is.
+    /// When `global` was seen (the engine's clock): its age bounds how stale it is. Published
+    /// with nanosecond precision between 1970 and 2554 (earlier reads as 1970).
     pub global_as_of: Option<SystemTime>,
     /// Swept by this process, not yet acknowledged by the sink.
     pub local_pending: u64,
     /// When the current bucket ends (the budget resets); `None` for a scheme without buckets.
+    /// Published as `global_as_of` is.
     pub bucket_end: Option<SystemTime>,
 }
 
@@ -431,7 +433,8 @@ pub(crate) struct AccountBook {
     free: Vec<usize>,
     by_account: Sharded<Account, usize>,
     by_key: Sharded<Key, usize>,
-    /// Accounts changed by acknowledgements, not yet published; each at most once.
+    /// Accounts changed by acknowledgements, not yet published: each live entry at most once,
+    /// plus the indices of entries forgotten since (skipped by their flag).
     unpublished: Vec<usize>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
     wanted: VecDeque<Account>,
@@ -467,12 +470,10 @@ impl AccountBook {
     /// Starts tracking an account whose first session just opened; its global total is read.
     pub(crate) fn track(&mut self, state: Arc<AccountState>) {
         let account = state.account.clone();
-        if let Some(&index) = self.by_account.shard(&account).get(&account) {
-            // Tracked already (a state the registry replaced): its sessions see the numbers.
-            if let Some(tracked) = self.entries[index].as_mut() {
-                tracked.state = state;
-                publish(tracked, self.bucket_end);
-            }
+        // The registry announces an account only when it has no state for it, and forgets one
+        // only together with the book (`review`): an account is never announced twice.
+        if self.by_account.shard(&account).contains_key(&account) {
+            debug_assert!(false, "account {account} announced while tracked");
             return;
         }
         let key: Key = self.keys.key(&account, &self.bucket).into();
