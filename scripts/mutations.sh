@@ -47,6 +47,8 @@ seqlock-no-writer-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Release\);//	loom
 seqlock-no-reader-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Acquire\);//	loom	seqlock	seqlock_reads_whole_publications	torn read
 seqlock-relaxed-begin	src/seqlock.rs	s/let before = self\.sequence\.load\(Ordering::Acquire\)/let before = self.sequence.load(Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 seqlock-relaxed-end	src/seqlock.rs	s/\.store\(sequence\.wrapping_add\(2\), Ordering::Release\)/.store(sequence.wrapping_add(2), Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
+wake-never	src/engine/accounts.rs	s/        if woken \{/        if false {/	test	budgets	exhaustion_is_at_exactly_the_limit_as_the_deployments_reader_sees_it	panicked|timed out|Elapsed
+wake-not-on-sync	src/engine/accounts.rs	s/\n\s*\|\| \(synced && !self\.synced\.load\(Ordering::Relaxed\)\)//	test	budgets	a_session_opens_while_redis_is_down_and_fails_open	the failed read settles
 lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if false then/m	test	redis_sink	an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call	was written
 misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\(now\)/self.backoff.failed(now)/	test	engine	a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats	retried like an outage
 enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion
