@@ -39,7 +39,8 @@
 //! ones. All calls of a write go out at once, in fred pipelines of about 1,024 keys each (so
 //! that no single poll copies or frees a whole round's commands); fred routes each call to the
 //! node that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work
-//! concurrently. Planning, queueing and reading replies yield to the runtime every 1,024 keys.
+//! concurrently. Planning, copying the calls' arguments and reading replies yield to the runtime
+//! every 256 keys (inside a batch or a call too), queueing after each pipeline.
 //!
 //! # Exactly-once
 //!
@@ -217,10 +218,13 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned, queued or answered between two yields to the runtime, so that a write of a
-/// million keys never holds the caller's worker for long (about 0.3 µs per key on this
-/// machine's 2 cores, see `benches/flush.rs`).
-const SLICE_KEYS: usize = 1_024;
+/// Keys planned or answered between two yields to the runtime, so that a write of a million
+/// keys never holds the caller's worker for long: ~1.2 µs per key planned when the round is a
+/// million keys (a key's slot, its call's lookup, two values made; the keys no longer fit in the
+/// caches), so a slice is ~0.3 ms.
+const SLICE_KEYS: usize = 256;
+/// Keys per pipeline: each is sent by a task of its own (see `RedisSink::send`).
+const PIPELINE_KEYS: usize = 1_024;
 
 /// Why a [`RedisSink`] could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -571,6 +575,9 @@ impl RedisSink {
     }
 
     fn assemble(settings: RedisSinkBuilder, client: Client, owns_client: bool) -> Self {
+        // Computed here, once per process, rather than in the first write's first poll (a few
+        // milliseconds of the flusher's time).
+        lane_tags();
         let options = Options {
             timeout: Some(settings.command_timeout),
             max_attempts: Some(MAX_COMMAND_ATTEMPTS),
@@ -637,7 +644,8 @@ impl RedisSink {
     }
 
     /// Regroups `batches` into one call per (writer, lane), yielding every [`SLICE_KEYS`]
-    /// keys. A batch id seen earlier in the same write is left out (see `Sink::write`).
+    /// keys (inside a batch too: one may hold 100,000). A batch id seen earlier in the same
+    /// write is left out (see `Sink::write`).
     async fn plan(&self, batches: &[Batch], first_of: &[usize]) -> Vec<Call> {
         let clustered = self.client.is_clustered();
         // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
@@ -649,12 +657,12 @@ impl RedisSink {
             if first_of[b] != b {
                 continue;
             }
-            if planned >= SLICE_KEYS {
-                planned = 0;
-                tokio::task::yield_now().await;
-            }
-            planned += batch.increments.len();
             for (i, increment) in batch.increments.iter().enumerate() {
+                if planned >= SLICE_KEYS {
+                    planned = 0;
+                    tokio::task::yield_now().await;
+                }
+                planned += 1;
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
                 let lane = lane(clustered, batch.id.sequence, slot);
                 let writer = batch.id.writer;
@@ -684,7 +692,7 @@ impl RedisSink {
     }
 
     /// Sends `calls` (the indices into `all`); one reply per call, in order. The calls go out
-    /// in pipelines of about [`SLICE_KEYS`] keys, each sent by a task of its own, all at once:
+    /// in pipelines of about [`PIPELINE_KEYS`] keys, each sent by a task of its own, all at once:
     /// fred copies a pipeline's commands when it sends them and frees them afterwards, work
     /// that for a whole round in one pipeline would be one poll of tens of milliseconds for the
     /// caller. The calls are independent (one per (writer, lane) in a write), so their order
@@ -694,6 +702,8 @@ impl RedisSink {
         let mut sizes = Vec::new();
         let mut chunk = Vec::new();
         let mut queued = 0;
+        // Keys whose arguments were copied since the last yield: a call may hold thousands.
+        let mut copied = 0;
         for (n, &c) in calls.iter().enumerate() {
             let call = &all[c];
             // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
@@ -701,23 +711,39 @@ impl RedisSink {
             args.push(Value::from(self.script.sha1().clone()));
             args.push(Value::Integer(call.keys.len() as i64 + 1));
             args.push(Value::from(call.record.as_str()));
-            args.extend(call.keys.iter().cloned());
+            for keys in call.keys.chunks(SLICE_KEYS) {
+                if copied >= SLICE_KEYS {
+                    copied = 0;
+                    tokio::task::yield_now().await;
+                }
+                args.extend(keys.iter().cloned());
+                copied += keys.len();
+            }
             args.push(Value::from(call.sequence.to_string()));
             args.push(Value::Integer(self.dedup_window_secs));
-            args.extend(call.args.iter().cloned());
+            // Two arguments per key.
+            for pairs in call.args.chunks(2 * SLICE_KEYS) {
+                if copied >= SLICE_KEYS {
+                    copied = 0;
+                    tokio::task::yield_now().await;
+                }
+                args.extend(pairs.iter().cloned());
+                copied += pairs.len() / 2;
+            }
             // Routed to the owner of the lane's slot, where the record and every key lie
             // (fred's `evalsha` has no pipeline form, so it goes as a custom command).
             let command =
                 CustomCommand::new_static("EVALSHA", ClusterHash::Custom(call.lane), false);
             chunk.push((command, args));
             queued += call.keys.len();
-            if queued >= SLICE_KEYS || n + 1 == calls.len() {
+            if queued >= PIPELINE_KEYS || n + 1 == calls.len() {
                 queued = 0;
                 sizes.push(chunk.len());
                 let index = sizes.len() - 1;
                 let pipeline = Pipeline::from(self.client.clone());
                 let commands = std::mem::take(&mut chunk);
                 tasks.spawn(async move { (index, send_pipeline(pipeline, commands).await) });
+                copied = 0;
                 tokio::task::yield_now().await;
             }
         }
@@ -954,20 +980,23 @@ impl Sink for RedisSink {
                 error: None,
             })
             .collect();
+        // Keys answered or freed since the last yield. On one Redis a call carries every batch of
+        // its lane in the write (thousands of keys when a write carries a round of a million), so
+        // the slices end inside calls.
         let mut parsed_keys = 0;
         // Consumed as they are read, so that the calls are freed in slices too.
         for (call, reply) in calls.into_iter().zip(replies) {
-            if parsed_keys >= SLICE_KEYS {
-                parsed_keys = 0;
-                tokio::task::yield_now().await;
-            }
-            parsed_keys += call.parts.len();
             let parsed = reply
                 .map_err(|error| self.sink_error(&error))
                 .and_then(|value| parse_reply(value, call.parts.len()));
             match parsed {
                 Ok((applied_now, outcomes)) => {
                     for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                        if parsed_keys >= SLICE_KEYS {
+                            parsed_keys = 0;
+                            tokio::task::yield_now().await;
+                        }
+                        parsed_keys += 1;
                         if settled[b].outcomes.is_empty() {
                             settled[b].outcomes = vec![None; batches[b].increments.len()];
                         }
@@ -980,6 +1009,20 @@ impl Sink for RedisSink {
                         settled[b].error.get_or_insert_with(|| error.clone());
                     }
                 }
+            }
+            // Its key and argument values, a slice at a time (two arguments per key).
+            let Call {
+                mut keys, mut args, ..
+            } = call;
+            while !keys.is_empty() {
+                if parsed_keys >= SLICE_KEYS {
+                    parsed_keys = 0;
+                    tokio::task::yield_now().await;
+                }
+                let freed = keys.len().min(SLICE_KEYS);
+                keys.truncate(keys.len() - freed);
+                args.truncate(2 * keys.len());
+                parsed_keys += freed;
             }
         }
         let mut results: Vec<Result<BatchOutcome, SinkError>> = Vec::with_capacity(batches.len());
