@@ -32,7 +32,7 @@ use super::pending::{Pending, Rejection, Settlement};
 use super::stats::Stats;
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
 use crate::ledger::{Sweeper, Usage};
-use crate::sink::{BatchOutcome, Sink, SinkError};
+use crate::sink::{BatchOutcome, Sink, SinkError, Slicer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,11 +45,12 @@ use tracing::Instrument;
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
-// The slices below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
+// The steps below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
 // longest at a million slots and accounts (`docs/benchmarks.md`). Each is sized to ~0.3-0.5 ms
 // of CPU at that size on the development machine, where the maps and keys no longer fit in
 // its caches and every item costs a few cache misses: the costs per item quoted are from a
-// poll-phase trace of that bench.
+// poll-phase trace of that bench. The loops yield between steps once `SLICE_BUDGET` has passed
+// (`Slicer`), so where items are cheaper several steps share a poll.
 /// Accounts whose new view is published between two yields (a map lookup and a sequence-lock
 /// publication each).
 const PUBLISH_SLICE_ACCOUNTS: usize = 256;
@@ -438,16 +439,17 @@ impl<S: Sink> Flusher<S> {
     async fn sweep(&mut self, review: bool) {
         let started = Instant::now();
         let now = self.config.clock.now();
+        let mut slicer = Slicer::new();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
         if self.book.roll_bucket(now) {
             for shard in 0..self.book.shards() {
-                tokio::task::yield_now().await;
+                slicer.pause().await;
                 self.book.rekey(shard);
             }
         }
         self.collect_ended_at(now).await;
         for start in (0..self.sweeper.capacity()).step_by(SWEEP_SLICE_SLOTS) {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
             self.sweeper
                 .sweep_slots(start..start + SWEEP_SLICE_SLOTS, &mut self.usage);
             self.absorb(now, 0);
@@ -456,7 +458,7 @@ impl<S: Sink> Flusher<S> {
         self.interval_start = now;
         let shards = if review { self.book.shards() } else { 0 };
         for shard in 0..shards {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
             self.book.review(shard, &self.registry);
         }
         self.publish_tracked();
@@ -471,6 +473,7 @@ impl<S: Sink> Flusher<S> {
     /// Collects and absorbs the ended sessions, [`SWEEP_SLICE_SLOTS`] per poll: the sessions
     /// that end together (a gateway draining, a million before a shutdown) are many.
     async fn collect_ended_at(&mut self, now: SystemTime) {
+        let mut slicer = Slicer::new();
         loop {
             self.usage.clear();
             let ended = self
@@ -481,7 +484,7 @@ impl<S: Sink> Flusher<S> {
             if ended < SWEEP_SLICE_SLOTS {
                 return;
             }
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
     }
 
@@ -590,13 +593,14 @@ impl<S: Sink> Flusher<S> {
         let book = &mut self.book;
         let mut settlement = Settlement::default();
         self.pending.receive(results);
+        let mut slicer = Slicer::new();
         while !self
             .pending
             .settle_some(SETTLE_SLICE_KEYS, &mut settlement, |increment, total| {
                 book.acknowledged(&increment.key, increment.amount, total, now);
             })
         {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
 
         let settled = &mut self.settled;
@@ -723,8 +727,9 @@ impl<S: Sink> Flusher<S> {
     /// Publishes what the last settlement changed on the read side, in slices with a yield
     /// between them.
     async fn publish_acknowledged(&mut self) {
+        let mut slicer = Slicer::new();
         while self.book.publish_acknowledged(PUBLISH_SLICE_ACCOUNTS) {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
     }
 

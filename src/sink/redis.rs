@@ -39,8 +39,9 @@
 //! ones. All calls of a write go out at once, in fred pipelines of about 1,024 keys each (so
 //! that no single poll copies or frees a whole round's commands); fred routes each call to the
 //! node that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work
-//! concurrently. Planning, copying the calls' arguments and reading replies yield to the runtime
-//! every 256 keys (inside a batch or a call too), queueing after each pipeline.
+//! concurrently. Planning, copying the calls' arguments and reading replies check every 256 keys
+//! (inside a batch or a call too) and after each pipeline whether to yield to the runtime: once
+//! 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
 //!
@@ -153,7 +154,7 @@
 //! [`KeyOutcome::Added::total`] is the key's value right after the increment, including every
 //! other writer's additions: a free, fresh view of an account's usage across gateways.
 
-use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError};
+use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError, Slicer};
 use fred::clients::{Client, Pipeline, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
@@ -218,10 +219,10 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned or answered between two yields to the runtime, so that a write of a million
-/// keys never holds the caller's worker for long: ~1.2 µs per key planned when the round is a
-/// million keys (a key's slot, its call's lookup, two values made; the keys no longer fit in the
-/// caches), so a slice is ~0.3 ms.
+/// Keys planned, copied, answered or freed between two checks of the time since the last yield
+/// to the runtime ([`Slicer`]), so that a write of a million keys never holds the caller's
+/// worker for long: ~1.2 µs per key planned when the round is a million keys (a key's slot, its
+/// call's lookup, two values made; the keys no longer fit in the caches), so a step is ~0.3 ms.
 const SLICE_KEYS: usize = 256;
 /// Keys per pipeline: each is sent by a task of its own (see `RedisSink::send`).
 const PIPELINE_KEYS: usize = 1_024;
@@ -650,6 +651,7 @@ impl RedisSink {
         let clustered = self.client.is_clustered();
         // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
         let write = self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut slicer = Slicer::new();
         let mut calls: Vec<Call> = Vec::new();
         let mut by_lane: HashMap<(u64, u16), usize> = HashMap::new();
         let mut planned = 0;
@@ -660,7 +662,7 @@ impl RedisSink {
             for (i, increment) in batch.increments.iter().enumerate() {
                 if planned >= SLICE_KEYS {
                     planned = 0;
-                    tokio::task::yield_now().await;
+                    slicer.pause().await;
                 }
                 planned += 1;
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
@@ -698,6 +700,7 @@ impl RedisSink {
     /// caller. The calls are independent (one per (writer, lane) in a write), so their order
     /// across pipelines does not matter.
     async fn send(&self, all: &[Call], calls: &[usize]) -> Vec<Result<Value, FredError>> {
+        let mut slicer = Slicer::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut sizes = Vec::new();
         let mut chunk = Vec::new();
@@ -714,7 +717,7 @@ impl RedisSink {
             for keys in call.keys.chunks(SLICE_KEYS) {
                 if copied >= SLICE_KEYS {
                     copied = 0;
-                    tokio::task::yield_now().await;
+                    slicer.pause().await;
                 }
                 args.extend(keys.iter().cloned());
                 copied += keys.len();
@@ -725,7 +728,7 @@ impl RedisSink {
             for pairs in call.args.chunks(2 * SLICE_KEYS) {
                 if copied >= SLICE_KEYS {
                     copied = 0;
-                    tokio::task::yield_now().await;
+                    slicer.pause().await;
                 }
                 args.extend(pairs.iter().cloned());
                 copied += pairs.len() / 2;
@@ -744,7 +747,7 @@ impl RedisSink {
                 let commands = std::mem::take(&mut chunk);
                 tasks.spawn(async move { (index, send_pipeline(pipeline, commands).await) });
                 copied = 0;
-                tokio::task::yield_now().await;
+                slicer.pause().await;
             }
         }
         // Relaxed: a statistic, read without ordering against anything else.
@@ -984,6 +987,7 @@ impl Sink for RedisSink {
         // its lane in the write (thousands of keys when a write carries a round of a million), so
         // the slices end inside calls.
         let mut parsed_keys = 0;
+        let mut slicer = Slicer::new();
         // Consumed as they are read, so that the calls are freed in slices too.
         for (call, reply) in calls.into_iter().zip(replies) {
             let parsed = reply
@@ -994,7 +998,7 @@ impl Sink for RedisSink {
                     for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
                         if parsed_keys >= SLICE_KEYS {
                             parsed_keys = 0;
-                            tokio::task::yield_now().await;
+                            slicer.pause().await;
                         }
                         parsed_keys += 1;
                         if settled[b].outcomes.is_empty() {
@@ -1017,7 +1021,7 @@ impl Sink for RedisSink {
             while !keys.is_empty() {
                 if parsed_keys >= SLICE_KEYS {
                     parsed_keys = 0;
-                    tokio::task::yield_now().await;
+                    slicer.pause().await;
                 }
                 let freed = keys.len().min(SLICE_KEYS);
                 keys.truncate(keys.len() - freed);
@@ -1030,7 +1034,7 @@ impl Sink for RedisSink {
         for (batch, settling) in batches.iter().zip(settled) {
             if finished_keys >= SLICE_KEYS {
                 finished_keys = 0;
-                tokio::task::yield_now().await;
+                slicer.pause().await;
             }
             finished_keys += batch.increments.len();
             results.push(settling.finish(batch.increments.len()));
