@@ -63,8 +63,8 @@ const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
 const SWEEP_SLICE_SLOTS: usize = 128;
 /// Keys of a round cut into batches per poll (~0.2 µs each at a million keys).
 const CUT_SLICE_KEYS: usize = 2_048;
-/// Increments of a write's answers applied per poll (~1.3 µs each at a million accounts: the
-/// read side's two map lookups per increment miss the caches).
+/// Increments of a write's answers applied per step (~1.3 µs each at a million accounts, measured
+/// before the read side's slab: its lookups per increment miss the caches).
 const SETTLE_SLICE_KEYS: usize = 256;
 
 pub(crate) enum Command {
