@@ -32,7 +32,7 @@ use super::pending::{Pending, Rejection, Settlement};
 use super::stats::Stats;
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
 use crate::ledger::{Sweeper, Usage};
-use crate::sink::{BatchOutcome, Sink, SinkError};
+use crate::sink::{BatchOutcome, Sink, SinkError, Slicer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,22 +45,27 @@ use tracing::Instrument;
 const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
-// The slices below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
-// longest at a million slots and accounts (`docs/benchmarks.md`).
+// The steps below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
+// longest at a million slots and accounts (`docs/benchmarks.md`). Each is sized to ~0.3-0.5 ms
+// of CPU at that size on the development machine, where the maps and keys no longer fit in
+// its caches and every item costs a few cache misses: the costs per item quoted are from a
+// poll-phase trace of that bench. The loops yield between steps once `SLICE_BUDGET` has passed
+// (`Slicer`), so where items are cheaper several steps share a poll.
 /// Accounts whose new view is published between two yields (a map lookup and a sequence-lock
 /// publication each).
 const PUBLISH_SLICE_ACCOUNTS: usize = 256;
-/// New accounts the flusher starts tracking in one poll, at most (~1 µs each).
-const ACCOUNTS_TRACKED_PER_POLL: usize = 256;
-/// Slots swept between two yields to the runtime. A slice with every slot active costs about
-/// 512 × (sweep, aggregation, the account's view published) ≈ 0.5 ms; idle slots cost a few
-/// ns each.
-const SWEEP_SLICE_SLOTS: usize = 512;
-/// Keys of a round cut into batches per poll (about 50 ns each on this machine, see
-/// `benches/flush.rs`).
-const CUT_SLICE_KEYS: usize = 8_192;
-/// Increments of a write's answers applied per poll (the read side hears of each, ~100 ns).
-const SETTLE_SLICE_KEYS: usize = 4_096;
+/// New accounts the flusher starts tracking in one poll, at most (~7 µs each while a million
+/// sessions open: a key built, two map inserts, a view published).
+const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
+/// Slots swept (and ended sessions collected) between two yields to the runtime. A slice with
+/// every slot active costs about 128 × 3.3 µs (sweep, aggregation, the account's view
+/// published) ≈ 0.4 ms; idle slots cost a few ns each.
+const SWEEP_SLICE_SLOTS: usize = 128;
+/// Keys of a round cut into batches per poll (~0.2 µs each at a million keys).
+const CUT_SLICE_KEYS: usize = 2_048;
+/// Increments of a write's answers applied per step (~1.3 µs each at a million accounts, measured
+/// before the read side's slab: its lookups per increment miss the caches).
+const SETTLE_SLICE_KEYS: usize = 256;
 
 pub(crate) enum Command {
     FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
@@ -334,6 +339,7 @@ impl<S: Sink> Flusher<S> {
                     }
                     Some(Command::Shutdown(reply)) => {
                         let _ = reply.send(self.shutdown().await);
+                        self.release();
                         return;
                     }
                     // Every engine handle is gone: flush what there is and stop.
@@ -346,6 +352,7 @@ impl<S: Sink> Flusher<S> {
                                 "engine dropped without shutdown; amounts left unwritten"
                             );
                         }
+                        self.release();
                         return;
                     }
                 },
@@ -378,6 +385,8 @@ impl<S: Sink> Flusher<S> {
                 (request, values) = next_read(&mut self.read) => {
                     self.read = None;
                     self.book.read_done(request, values, self.config.clock.now());
+                    // The next read is taken (a slice of work of its own) in a poll of its own.
+                    tokio::task::yield_now().await;
                 }
                 _ = ticker.tick() => self.sweep_all().await,
                 _ = sleep_until(boundary) => self.sweep_all().await,
@@ -414,31 +423,42 @@ impl<S: Sink> Flusher<S> {
         Some(Instant::now() + wait)
     }
 
+    /// Sweeps every slot, then reviews the read side (see [`Flusher::sweep`]).
+    async fn sweep_all(&mut self) {
+        self.sweep(true).await;
+    }
+
     /// Sweeps every slot, in slices of [`SWEEP_SLICE_SLOTS`] with a yield to the runtime
     /// between them, so that a sweep of a million slots never holds a runtime worker for long:
-    /// the gateway's audio tasks run between the slices.
+    /// the gateway's audio tasks run between the slices. Then, if `review`, the read side's
+    /// review of every account, a map shard per poll. The shutdown's sweep has none: the read
+    /// side is freed right after, and reviewing would retire every account whose session ended
+    /// (a million small frees in the flusher's polls, which the allocator may later consolidate
+    /// in one poll of a third of a second, `docs/benchmarks.md`).
     #[tracing::instrument(name = "sweep", skip_all, fields(slots = self.sweeper.capacity()))]
-    async fn sweep_all(&mut self) {
+    async fn sweep(&mut self, review: bool) {
         let started = Instant::now();
         let now = self.config.clock.now();
+        let mut slicer = Slicer::new();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
         if self.book.roll_bucket(now) {
             for shard in 0..self.book.shards() {
-                tokio::task::yield_now().await;
+                slicer.pause().await;
                 self.book.rekey(shard);
             }
         }
         self.collect_ended_at(now).await;
         for start in (0..self.sweeper.capacity()).step_by(SWEEP_SLICE_SLOTS) {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
             self.sweeper
                 .sweep_slots(start..start + SWEEP_SLICE_SLOTS, &mut self.usage);
             self.absorb(now, 0);
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
-        for shard in 0..self.book.shards() {
-            tokio::task::yield_now().await;
+        let shards = if review { self.book.shards() } else { 0 };
+        for shard in 0..shards {
+            slicer.pause().await;
             self.book.review(shard, &self.registry);
         }
         self.publish_tracked();
@@ -453,6 +473,7 @@ impl<S: Sink> Flusher<S> {
     /// Collects and absorbs the ended sessions, [`SWEEP_SLICE_SLOTS`] per poll: the sessions
     /// that end together (a gateway draining, a million before a shutdown) are many.
     async fn collect_ended_at(&mut self, now: SystemTime) {
+        let mut slicer = Slicer::new();
         loop {
             self.usage.clear();
             let ended = self
@@ -463,7 +484,7 @@ impl<S: Sink> Flusher<S> {
             if ended < SWEEP_SLICE_SLOTS {
                 return;
             }
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
     }
 
@@ -540,7 +561,12 @@ impl<S: Sink> Flusher<S> {
         if retry {
             Stats::add(&self.stats.retries, 1);
         }
-        let span = write_span(self.writes_started, retry, &batches);
+        let span = write_span(
+            self.writes_started,
+            retry,
+            batches.len(),
+            self.pending.in_flight_totals(),
+        );
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
         self.write = Some(Box::pin(
@@ -567,13 +593,14 @@ impl<S: Sink> Flusher<S> {
         let book = &mut self.book;
         let mut settlement = Settlement::default();
         self.pending.receive(results);
+        let mut slicer = Slicer::new();
         while !self
             .pending
             .settle_some(SETTLE_SLICE_KEYS, &mut settlement, |increment, total| {
                 book.acknowledged(&increment.key, increment.amount, total, now);
             })
         {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
 
         let settled = &mut self.settled;
@@ -700,8 +727,9 @@ impl<S: Sink> Flusher<S> {
     /// Publishes what the last settlement changed on the read side, in slices with a yield
     /// between them.
     async fn publish_acknowledged(&mut self) {
+        let mut slicer = Slicer::new();
         while self.book.publish_acknowledged(PUBLISH_SLICE_ACCOUNTS) {
-            tokio::task::yield_now().await;
+            slicer.pause().await;
         }
     }
 
@@ -737,7 +765,7 @@ impl<S: Sink> Flusher<S> {
     /// passes; adds after that sweep are not counted.
     async fn shutdown(&mut self) -> ShutdownReport {
         let deadline = Instant::now() + self.config.shutdown_timeout;
-        self.sweep_all().await;
+        self.sweep(false).await;
         // A backoff scheduled before the shutdown can end after its deadline (after a long
         // outage it reaches `retry_max`, 30 s by default, vs a 10 s timeout), and the shutdown
         // would then report everything unwritten without one attempt. So attempt at once, as
@@ -784,21 +812,39 @@ impl<S: Sink> Flusher<S> {
     }
 }
 
-/// The span of one write: from send to answer, around what the sink logs meanwhile.
-fn write_span(write: u64, retry: bool, batches: &[crate::sink::Batch]) -> tracing::Span {
-    // The fields are computed only when a subscriber wants the span.
-    tracing::info_span!(
-        "flush_write",
-        write,
-        retry,
-        batches = batches.len(),
-        keys = batches.iter().map(|b| b.increments.len()).sum::<usize>(),
-        amount = batches
-            .iter()
-            .flat_map(|b| &b.increments)
-            .map(|i| u128::from(i.amount))
-            .sum::<u128>(),
-    )
+impl<S> Flusher<S> {
+    /// Ends the flusher after its shutdown: its large state (the read side's maps, a key and a
+    /// view per tracked account; what `Pending` keeps for the next round; the sweeper's reading
+    /// per slot, and the ledger if the engine is gone) is freed on one of tokio's blocking
+    /// threads. At a million accounts and slots that is ~0.3-0.5 s of CPU, all in the task's
+    /// last poll otherwise, holding a runtime worker. Nothing waits for it: the shutdown is
+    /// answered, and the state is only memory (no handle, no I/O, no lock held). On a runtime
+    /// that is shutting down the blocking pool runs nothing more, and the state is dropped
+    /// here, as before.
+    fn release(self) {
+        let Self {
+            book,
+            pending,
+            usage,
+            sweeper,
+            ..
+        } = self;
+        drop(tokio::task::spawn_blocking(move || {
+            drop((book, pending, usage, sweeper));
+        }));
+    }
+}
+
+/// The span of one write: from send to answer, around what the sink logs meanwhile. Its totals
+/// are `Pending`'s, kept as the batches are cut: summing a round's million increments here was
+/// a poll of 2-4 ms, with or without a subscriber.
+fn write_span(
+    write: u64,
+    retry: bool,
+    batches: usize,
+    (keys, amount): (usize, u128),
+) -> tracing::Span {
+    tracing::info_span!("flush_write", write, retry, batches, keys, amount)
 }
 
 /// The in-flight write's output; never ready when there is none.

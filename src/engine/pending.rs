@@ -29,12 +29,17 @@ const MAX_INCREMENT: u128 = i64::MAX as u128;
 /// application opened sessions for, and foldhash's seed is still random per process.
 pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
-/// Shards of a [`Sharded`] map.
-pub(crate) const MAP_SHARDS: usize = 256;
+/// Bits of a hash that pick a [`Sharded`] map's shard.
+const SHARD_BITS: u32 = 12;
+/// Shards of a [`Sharded`] map: 4,096, so that at a million keys a shard holds ~250, which the
+/// flusher's per-shard passes (`AccountBook::review`, `AccountBook::rekey`, ~1.3 µs per
+/// account at that size) get through in one poll of ~0.3 ms, and a shard's growth rehashes as
+/// few. An empty shard costs its 48 bytes and nothing else.
+pub(crate) const MAP_SHARDS: usize = 1 << SHARD_BITS;
 
 /// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
-/// milliseconds. Here one growth rehashes one shard, a 256th of the entries. Used for the
+/// milliseconds. Here one growth rehashes one shard, a 4,096th of the entries. Used for the
 /// flusher's per-key and per-account maps, looked up about once per key per flush, so with
 /// foldhash (see [`KeyMap`]).
 pub(crate) struct Sharded<K, V> {
@@ -51,8 +56,9 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
     }
 
     fn index<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> usize {
-        // The top byte of a hash of its own (the shards' maps use other seeds): below 256.
-        (self.route.hash_one(key) >> 56) as usize
+        // The top `SHARD_BITS` of a hash of its own (the shards' maps use other seeds): below
+        // `MAP_SHARDS`, so the cast keeps the value.
+        (self.route.hash_one(key) >> (u64::BITS - SHARD_BITS)) as usize
     }
 
     pub(crate) fn shard<Q: std::hash::Hash + ?Sized>(
@@ -68,20 +74,6 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
     ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
         let index = self.index(key);
         &mut self.shards[index]
-    }
-
-    /// An empty map whose shards have the capacity of `self`'s.
-    fn empty_like(&self) -> Self {
-        Self {
-            route: self.route.clone(),
-            shards: self
-                .shards
-                .iter()
-                .map(|shard| {
-                    HashMap::with_capacity_and_hasher(shard.capacity(), Default::default())
-                })
-                .collect(),
-        }
     }
 }
 
@@ -103,9 +95,20 @@ struct Answers {
     batches: std::vec::IntoIter<Batch>,
     in_doubt: std::vec::IntoIter<bool>,
     results: std::vec::IntoIter<Result<BatchOutcome, SinkError>>,
+    /// The acknowledged batch whose increments are being applied, when a slice ended inside it.
+    applying: Option<Applying>,
     /// The batches not acknowledged, in flight again once every answer is applied.
     kept: Vec<Batch>,
     kept_in_doubt: Vec<bool>,
+}
+
+/// An acknowledged batch applied increment by increment, so that a slice can end inside it (a
+/// batch holds up to 100,000 increments).
+#[derive(Debug)]
+struct Applying {
+    increments: std::vec::IntoIter<Increment>,
+    /// The sink's outcome per increment, in order; `None` for a batch it had already applied.
+    outcomes: Option<std::vec::IntoIter<KeyOutcome>>,
 }
 
 #[derive(Debug)]
@@ -113,9 +116,11 @@ pub(crate) struct Pending {
     waiting: Sharded<Key, Waiting>,
     /// Keys in `waiting`.
     waiting_keys: usize,
-    /// The open round's keys not yet in a batch, one iterator per shard of the `waiting` it
-    /// took, the next to cut from last (empty once all are cut).
-    cutting: Vec<hash_map::IntoIter<Key, Waiting>>,
+    /// The open round's keys not yet in a batch: the shards of the `waiting` it took that are
+    /// not begun yet, and the one being cut. A shard is taken when the one before is used up,
+    /// so that beginning a round does no work per shard.
+    round: std::vec::IntoIter<KeyMap<Waiting>>,
+    cutting: Option<hash_map::IntoIter<Key, Waiting>>,
     /// Keys in `cutting`.
     uncut: usize,
     /// The batch being filled by `cut`.
@@ -132,6 +137,12 @@ pub(crate) struct Pending {
     answers: Option<Answers>,
     /// Increments in `filling`, `staged`, `in_flight` and `answers`.
     batched: usize,
+    /// Amount in `filling`; increments and amount in `staged`, and in `in_flight` (while a
+    /// write's answers are applied: in its batches not yet acknowledged). What a write carries,
+    /// known without a pass over its (up to a million) increments.
+    filling_amount: u128,
+    staged_totals: (usize, u128),
+    in_flight_totals: (usize, u128),
     /// Sum of everything not yet acknowledged, in every stage.
     amount: u128,
     writer: u64,
@@ -168,7 +179,8 @@ impl Pending {
         Self {
             waiting: Sharded::new(),
             waiting_keys: 0,
-            cutting: Vec::new(),
+            round: Vec::new().into_iter(),
+            cutting: None,
             uncut: 0,
             filling: Vec::new(),
             staged: VecDeque::new(),
@@ -176,6 +188,9 @@ impl Pending {
             in_doubt: Vec::new(),
             answers: None,
             batched: 0,
+            filling_amount: 0,
+            staged_totals: (0, 0),
+            in_flight_totals: (0, 0),
             amount: 0,
             writer,
             next_sequence: 0,
@@ -228,25 +243,27 @@ impl Pending {
                 return;
             }
             self.rounds += 1;
-            // Amounts swept from now on wait for the next round, in shards as large as these:
-            // growing them again is a rehash per doubling.
-            let next = self.waiting.empty_like();
-            let round = std::mem::replace(&mut self.waiting, next);
-            self.cutting = round
-                .shards
-                .into_vec()
-                .into_iter()
-                .map(HashMap::into_iter)
-                .collect();
+            // Amounts swept from now on wait for the next round, in new shards that grow as
+            // they fill: a shard holds a 4,096th of the keys, so its growths are small rehashes
+            // spread over the sweeps (sizing 4,096 shards up front here was one poll of ~17 ms
+            // at a million keys, mostly page faults).
+            let round = std::mem::replace(&mut self.waiting, Sharded::new());
+            self.round = round.shards.into_vec().into_iter();
+            self.cutting = None;
             self.uncut = std::mem::take(&mut self.waiting_keys);
         }
         let mut cut = 0;
         while cut < most {
-            let Some(shard) = self.cutting.last_mut() else {
-                break;
+            let Some(shard) = self.cutting.as_mut() else {
+                let Some(next) = self.round.next() else {
+                    break;
+                };
+                self.cutting = Some(next.into_iter());
+                continue;
             };
             let Some((key, mut waiting)) = shard.next() else {
-                self.cutting.pop();
+                // Used up: its table is freed here, one shard's worth.
+                self.cutting = None;
                 continue;
             };
             cut += 1;
@@ -268,12 +285,14 @@ impl Pending {
                 ttl: waiting.ttl,
             });
             self.batched += 1;
+            self.filling_amount += amount;
             if self.filling.len() == self.batch_size {
                 self.stage();
             }
         }
         if self.uncut == 0 {
-            self.cutting.clear();
+            self.cutting = None;
+            self.round = Vec::new().into_iter();
             if !self.filling.is_empty() {
                 self.stage();
             }
@@ -300,6 +319,8 @@ impl Pending {
             sequence: self.next_sequence,
         };
         self.next_sequence += 1;
+        self.staged_totals.0 += self.filling.len();
+        self.staged_totals.1 += std::mem::take(&mut self.filling_amount);
         self.staged.push_back(Batch {
             id,
             increments: std::mem::take(&mut self.filling),
@@ -313,8 +334,14 @@ impl Pending {
             let batches: Vec<Batch> = self.staged.drain(..).collect();
             self.in_doubt = vec![false; batches.len()];
             self.in_flight = Arc::new(batches);
+            self.in_flight_totals = std::mem::take(&mut self.staged_totals);
         }
         self.in_flight.clone()
+    }
+
+    /// Increments and amount of the batches the last `batches_to_send` returned.
+    pub(crate) fn in_flight_totals(&self) -> (usize, u128) {
+        self.in_flight_totals
     }
 
     /// Whether a built batch waits to be sent, or a sent one to be acknowledged.
@@ -350,6 +377,7 @@ impl Pending {
         // The write future that shared these batches is done, so this copies nothing.
         let batches = std::mem::take(Arc::make_mut(&mut self.in_flight));
         self.answers = Some(Answers {
+            applying: None,
             kept: Vec::new(),
             kept_in_doubt: Vec::new(),
             batches: batches.into_iter(),
@@ -358,12 +386,13 @@ impl Pending {
         });
     }
 
-    /// Applies the received answers of batches holding about `most` increments (whole
-    /// batches, at least one), adding what they achieved to `settlement`; returns whether all
-    /// are applied. Acknowledged batches leave, the others are in flight again, to be re-sent
-    /// unchanged. `acknowledged` hears of every increment that left: with the key's new total
-    /// when the sink gave one (not for a batch it had already applied, nor for a refused
-    /// increment). Slices keep a write of a whole round from being settled in one poll.
+    /// Applies the received answers to up to `most` increments (a batch that was not
+    /// acknowledged counts as one; a slice may end inside a batch), adding what they achieved to
+    /// `settlement`; returns whether all are applied. Acknowledged batches leave, the others are
+    /// in flight again, to be re-sent unchanged. `acknowledged` hears of every increment that
+    /// left: with the key's new total when the sink gave one (not for a batch it had already
+    /// applied, nor for a refused increment). Slices keep a write of a whole round from being
+    /// settled in one poll.
     pub(crate) fn settle_some(
         &mut self,
         most: usize,
@@ -374,72 +403,89 @@ impl Pending {
             return true;
         };
         let mut applied = 0;
-        while applied < most {
-            let Some(batch) = answers.batches.next() else {
-                break;
+        while applied < most.max(1) {
+            let Some(applying) = answers.applying.as_mut() else {
+                let Some(batch) = answers.batches.next() else {
+                    break;
+                };
+                let was_in_doubt = answers.in_doubt.next().unwrap_or(true);
+                let result = answers.results.next().unwrap_or_else(|| {
+                    Err(SinkError::Failed(
+                        "the sink returned fewer results than batches".into(),
+                    ))
+                });
+                applied += 1;
+                let outcomes = match result {
+                    Ok(BatchOutcome::Applied(outcomes)) => Some(outcomes.into_iter()),
+                    Ok(BatchOutcome::AlreadyApplied) => {
+                        settlement.duplicate_batches += 1;
+                        None
+                    }
+                    Err(error) => {
+                        answers
+                            .kept_in_doubt
+                            .push(was_in_doubt || error.may_have_applied());
+                        answers.kept.push(batch);
+                        settlement.failure.get_or_insert(error);
+                        continue;
+                    }
+                };
+                settlement.batches_written += 1;
+                answers.applying = Some(Applying {
+                    increments: batch.increments.into_iter(),
+                    outcomes,
+                });
+                continue;
             };
-            let was_in_doubt = answers.in_doubt.next().unwrap_or(true);
-            let result = answers.results.next().unwrap_or_else(|| {
-                Err(SinkError::Failed(
-                    "the sink returned fewer results than batches".into(),
-                ))
-            });
-            applied += batch.increments.len().max(1);
-            match result {
-                Ok(BatchOutcome::Applied(outcomes)) => {
-                    settlement.batches_written += 1;
-                    let mut outcomes = outcomes.into_iter();
-                    for increment in &batch.increments {
-                        match outcomes.next() {
-                            Some(KeyOutcome::Added { total }) => {
-                                acknowledged_increment(increment, Some(total));
-                                settlement.keys_written += 1;
-                                settlement.amount_written += u128::from(increment.amount);
-                            }
-                            Some(KeyOutcome::Rejected { reason }) => {
-                                acknowledged_increment(increment, None);
-                                settlement.rejections.push(Rejection {
-                                    key: increment.key.to_string(),
-                                    amount: increment.amount,
-                                    reason,
-                                });
-                            }
-                            None => {
-                                acknowledged_increment(increment, None);
-                                settlement.rejections.push(Rejection {
-                                    key: increment.key.to_string(),
-                                    amount: increment.amount,
-                                    reason: "the sink returned no outcome for this key".into(),
-                                });
-                            }
-                        }
-                    }
-                }
-                Ok(BatchOutcome::AlreadyApplied) => {
-                    for increment in &batch.increments {
-                        acknowledged_increment(increment, None);
-                    }
-                    settlement.batches_written += 1;
-                    settlement.duplicate_batches += 1;
-                    settlement.keys_written += batch.increments.len() as u64;
-                    settlement.amount_written += batch_amount(&batch);
-                }
-                Err(error) => {
-                    answers
-                        .kept_in_doubt
-                        .push(was_in_doubt || error.may_have_applied());
-                    answers.kept.push(batch);
-                    settlement.failure.get_or_insert(error);
+            let Some(increment) = applying.increments.next() else {
+                answers.applying = None;
+                continue;
+            };
+            applied += 1;
+            self.amount -= u128::from(increment.amount);
+            self.batched -= 1;
+            self.in_flight_totals.0 -= 1;
+            self.in_flight_totals.1 -= u128::from(increment.amount);
+            let outcome = match applying.outcomes.as_mut() {
+                Some(outcomes) => outcomes.next().unwrap_or_else(|| KeyOutcome::Rejected {
+                    reason: "the sink returned no outcome for this key".into(),
+                }),
+                // Applied by an earlier attempt: written, with no new total.
+                None => {
+                    acknowledged_increment(&increment, None);
+                    settlement.keys_written += 1;
+                    settlement.amount_written += u128::from(increment.amount);
                     continue;
                 }
+            };
+            match outcome {
+                KeyOutcome::Added { total } => {
+                    acknowledged_increment(&increment, Some(total));
+                    settlement.keys_written += 1;
+                    settlement.amount_written += u128::from(increment.amount);
+                }
+                KeyOutcome::Rejected { reason } => {
+                    acknowledged_increment(&increment, None);
+                    settlement.rejections.push(Rejection {
+                        key: increment.key.to_string(),
+                        amount: increment.amount,
+                        reason,
+                    });
+                }
             }
-            self.amount -= batch_amount(&batch);
-            self.batched -= batch.increments.len();
         }
-        if answers.batches.len() > 0 {
+        if answers
+            .applying
+            .as_ref()
+            .is_some_and(|applying| applying.increments.len() == 0)
+        {
+            answers.applying = None;
+        }
+        if answers.applying.is_some() || answers.batches.len() > 0 {
             return false;
         }
         if let Some(answers) = self.answers.take() {
+            // `in_flight_totals` lost each increment acknowledged: it is the kept batches' now.
             self.in_flight = Arc::new(answers.kept);
             self.in_doubt = answers.kept_in_doubt;
         }
@@ -462,7 +508,13 @@ impl Pending {
     /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
     pub(crate) fn unwritten(&mut self) -> Vec<(String, u128)> {
         // The uncut keys are only reachable by taking them: read them, then put them back.
-        let uncut: KeyMap<Waiting> = self.cutting.drain(..).flatten().collect();
+        let uncut: KeyMap<Waiting> = self
+            .cutting
+            .take()
+            .into_iter()
+            .flatten()
+            .chain(std::mem::take(&mut self.round).flatten())
+            .collect();
         let mut per_key: HashMap<&str, u128> = HashMap::new();
         for (key, waiting) in self.waiting.shards.iter().flatten().chain(&uncut) {
             *per_key.entry(key).or_default() += waiting.amount;
@@ -487,7 +539,7 @@ impl Pending {
             .collect();
         unwritten.sort();
         if !uncut.is_empty() {
-            self.cutting.push(uncut.into_iter());
+            self.cutting = Some(uncut.into_iter());
         }
         unwritten
     }
@@ -505,14 +557,6 @@ impl Pending {
             .map(|(batch, _)| batch.clone())
             .collect()
     }
-}
-
-fn batch_amount(batch: &Batch) -> u128 {
-    batch
-        .increments
-        .iter()
-        .map(|increment| u128::from(increment.amount))
-        .sum()
 }
 
 #[cfg(test)]
@@ -782,6 +826,66 @@ mod tests {
             next.iter().map(|b| b.id.sequence).collect::<Vec<_>>(),
             [1, 2]
         );
+    }
+
+    #[test]
+    fn a_slice_of_answers_may_end_inside_a_batch() {
+        let mut pending = Pending::new(1, 4);
+        for key in ["a", "b", "c", "d", "e"] {
+            pending.add(key.into(), 2, TTL);
+        }
+        let batches = send(&mut pending);
+        assert_eq!(batches.len(), 2, "4 keys, then 1");
+        pending.receive(batches.iter().map(applied).collect());
+        let mut settlement = Settlement::default();
+        let mut heard = 0;
+        // Beginning a batch counts as one, each increment as one: the first slice hears two.
+        assert!(!pending.settle_some(3, &mut settlement, |_, _| heard += 1));
+        assert_eq!(heard, 2);
+        assert_eq!(
+            pending.amount(),
+            6,
+            "what was heard of is no longer pending"
+        );
+        while !pending.settle_some(3, &mut settlement, |_, _| heard += 1) {}
+        assert_eq!(heard, 5);
+        assert_eq!(settlement.batches_written, 2);
+        assert_eq!(settlement.keys_written, 5);
+        assert_eq!(settlement.amount_written, 10);
+        assert_eq!((pending.amount(), pending.entries()), (0, 0));
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn in_flight_totals_follow_the_batches_sent() {
+        let totals = |batches: &[Batch]| {
+            let increments = || batches.iter().flat_map(|batch| &batch.increments);
+            (
+                increments().count(),
+                increments().map(|i| u128::from(i.amount)).sum::<u128>(),
+            )
+        };
+        let mut pending = Pending::new(1, 2);
+        for (amount, key) in (1..).zip(["a", "b", "c", "d", "e"]) {
+            pending.add(key.into(), amount, TTL);
+        }
+        pending.cut(4);
+        let first = pending.batches_to_send().to_vec();
+        assert_eq!(first.len(), 2);
+        assert_eq!(pending.in_flight_totals(), totals(&first));
+        pending.cut(usize::MAX);
+        settle(
+            &mut pending,
+            vec![applied(&first[0]), Err(SinkError::Timeout(TTL))],
+        );
+        let resent = pending.batches_to_send().to_vec();
+        assert_eq!(resent, first[1..]);
+        assert_eq!(pending.in_flight_totals(), totals(&resent));
+        settle(&mut pending, vec![applied(&resent[0])]);
+        let last = pending.batches_to_send().to_vec();
+        assert_eq!(pending.in_flight_totals(), totals(&last));
+        assert_eq!(pending.in_flight_totals().0, 1);
+        assert_eq!(pending.in_flight_totals().1 + totals(&first).1, 15);
     }
 
     #[test]

@@ -31,7 +31,39 @@ pub mod redis;
 pub use memory::MemorySink;
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a loop of the flusher or of a sink's write runs before it yields to the runtime.
+/// Such a loop checks after each step of a few hundred items ([`Slicer::pause`]) and yields
+/// once this much time has passed since it last did: a step is sized to take ~0.3 ms where the
+/// work per item is highest (a million accounts, nothing in the caches), and where it is
+/// cheaper several steps share one yield. A yield per step cost a third of the engine's
+/// throughput at 100,000 accounts (`docs/benchmarks.md`).
+pub(crate) const SLICE_BUDGET: Duration = Duration::from_micros(300);
+
+/// Yields to the runtime between steps of a long loop once [`SLICE_BUDGET`] has passed since
+/// the last yield (or since the loop began). Wall-clock time: a thread the OS paused meanwhile
+/// yields sooner, never later.
+#[derive(Debug)]
+pub(crate) struct Slicer {
+    since: Instant,
+}
+
+impl Slicer {
+    pub(crate) fn new() -> Self {
+        Self {
+            since: Instant::now(),
+        }
+    }
+
+    /// Called between two steps: yields if the budget is spent.
+    pub(crate) async fn pause(&mut self) {
+        if self.since.elapsed() >= SLICE_BUDGET {
+            tokio::task::yield_now().await;
+            self.since = Instant::now();
+        }
+    }
+}
 
 /// Identifies a batch for deduplication: the writing engine's random id and a sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -39,7 +39,9 @@
 //! ones. All calls of a write go out at once, in fred pipelines of about 1,024 keys each (so
 //! that no single poll copies or frees a whole round's commands); fred routes each call to the
 //! node that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work
-//! concurrently. Planning, queueing and reading replies yield to the runtime every 1,024 keys.
+//! concurrently. Planning, copying the calls' arguments and reading replies check every 256 keys
+//! (inside a batch or a call too) and after each pipeline whether to yield to the runtime: once
+//! 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
 //!
@@ -152,7 +154,7 @@
 //! [`KeyOutcome::Added::total`] is the key's value right after the increment, including every
 //! other writer's additions: a free, fresh view of an account's usage across gateways.
 
-use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError};
+use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError, Slicer};
 use fred::clients::{Client, Pipeline, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
@@ -217,10 +219,13 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned, queued or answered between two yields to the runtime, so that a write of a
-/// million keys never holds the caller's worker for long (about 0.3 µs per key on this
-/// machine's 2 cores, see `benches/flush.rs`).
-const SLICE_KEYS: usize = 1_024;
+/// Keys planned, copied, answered or freed between two checks of the time since the last yield
+/// to the runtime ([`Slicer`]), so that a write of a million keys never holds the caller's
+/// worker for long: ~1.2 µs per key planned when the round is a million keys (a key's slot, its
+/// call's lookup, two values made; the keys no longer fit in the caches), so a step is ~0.3 ms.
+const SLICE_KEYS: usize = 256;
+/// Keys per pipeline: each is sent by a task of its own (see `RedisSink::send`).
+const PIPELINE_KEYS: usize = 1_024;
 
 /// Why a [`RedisSink`] could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -571,6 +576,9 @@ impl RedisSink {
     }
 
     fn assemble(settings: RedisSinkBuilder, client: Client, owns_client: bool) -> Self {
+        // Computed here, once per process, rather than in the first write's first poll (a few
+        // milliseconds of the flusher's time).
+        lane_tags();
         let options = Options {
             timeout: Some(settings.command_timeout),
             max_attempts: Some(MAX_COMMAND_ATTEMPTS),
@@ -637,11 +645,13 @@ impl RedisSink {
     }
 
     /// Regroups `batches` into one call per (writer, lane), yielding every [`SLICE_KEYS`]
-    /// keys. A batch id seen earlier in the same write is left out (see `Sink::write`).
+    /// keys (inside a batch too: one may hold 100,000). A batch id seen earlier in the same
+    /// write is left out (see `Sink::write`).
     async fn plan(&self, batches: &[Batch], first_of: &[usize]) -> Vec<Call> {
         let clustered = self.client.is_clustered();
         // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
         let write = self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut slicer = Slicer::new();
         let mut calls: Vec<Call> = Vec::new();
         let mut by_lane: HashMap<(u64, u16), usize> = HashMap::new();
         let mut planned = 0;
@@ -649,12 +659,12 @@ impl RedisSink {
             if first_of[b] != b {
                 continue;
             }
-            if planned >= SLICE_KEYS {
-                planned = 0;
-                tokio::task::yield_now().await;
-            }
-            planned += batch.increments.len();
             for (i, increment) in batch.increments.iter().enumerate() {
+                if planned >= SLICE_KEYS {
+                    planned = 0;
+                    slicer.pause().await;
+                }
+                planned += 1;
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
                 let lane = lane(clustered, batch.id.sequence, slot);
                 let writer = batch.id.writer;
@@ -684,16 +694,19 @@ impl RedisSink {
     }
 
     /// Sends `calls` (the indices into `all`); one reply per call, in order. The calls go out
-    /// in pipelines of about [`SLICE_KEYS`] keys, each sent by a task of its own, all at once:
+    /// in pipelines of about [`PIPELINE_KEYS`] keys, each sent by a task of its own, all at once:
     /// fred copies a pipeline's commands when it sends them and frees them afterwards, work
     /// that for a whole round in one pipeline would be one poll of tens of milliseconds for the
     /// caller. The calls are independent (one per (writer, lane) in a write), so their order
     /// across pipelines does not matter.
     async fn send(&self, all: &[Call], calls: &[usize]) -> Vec<Result<Value, FredError>> {
+        let mut slicer = Slicer::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut sizes = Vec::new();
         let mut chunk = Vec::new();
         let mut queued = 0;
+        // Keys whose arguments were copied since the last yield: a call may hold thousands.
+        let mut copied = 0;
         for (n, &c) in calls.iter().enumerate() {
             let call = &all[c];
             // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
@@ -701,24 +714,40 @@ impl RedisSink {
             args.push(Value::from(self.script.sha1().clone()));
             args.push(Value::Integer(call.keys.len() as i64 + 1));
             args.push(Value::from(call.record.as_str()));
-            args.extend(call.keys.iter().cloned());
+            for keys in call.keys.chunks(SLICE_KEYS) {
+                if copied >= SLICE_KEYS {
+                    copied = 0;
+                    slicer.pause().await;
+                }
+                args.extend(keys.iter().cloned());
+                copied += keys.len();
+            }
             args.push(Value::from(call.sequence.to_string()));
             args.push(Value::Integer(self.dedup_window_secs));
-            args.extend(call.args.iter().cloned());
+            // Two arguments per key.
+            for pairs in call.args.chunks(2 * SLICE_KEYS) {
+                if copied >= SLICE_KEYS {
+                    copied = 0;
+                    slicer.pause().await;
+                }
+                args.extend(pairs.iter().cloned());
+                copied += pairs.len() / 2;
+            }
             // Routed to the owner of the lane's slot, where the record and every key lie
             // (fred's `evalsha` has no pipeline form, so it goes as a custom command).
             let command =
                 CustomCommand::new_static("EVALSHA", ClusterHash::Custom(call.lane), false);
             chunk.push((command, args));
             queued += call.keys.len();
-            if queued >= SLICE_KEYS || n + 1 == calls.len() {
+            if queued >= PIPELINE_KEYS || n + 1 == calls.len() {
                 queued = 0;
                 sizes.push(chunk.len());
                 let index = sizes.len() - 1;
                 let pipeline = Pipeline::from(self.client.clone());
                 let commands = std::mem::take(&mut chunk);
                 tasks.spawn(async move { (index, send_pipeline(pipeline, commands).await) });
-                tokio::task::yield_now().await;
+                copied = 0;
+                slicer.pause().await;
             }
         }
         // Relaxed: a statistic, read without ordering against anything else.
@@ -954,20 +983,24 @@ impl Sink for RedisSink {
                 error: None,
             })
             .collect();
+        // Keys answered or freed since the last yield. On one Redis a call carries every batch of
+        // its lane in the write (thousands of keys when a write carries a round of a million), so
+        // the slices end inside calls.
         let mut parsed_keys = 0;
+        let mut slicer = Slicer::new();
         // Consumed as they are read, so that the calls are freed in slices too.
         for (call, reply) in calls.into_iter().zip(replies) {
-            if parsed_keys >= SLICE_KEYS {
-                parsed_keys = 0;
-                tokio::task::yield_now().await;
-            }
-            parsed_keys += call.parts.len();
             let parsed = reply
                 .map_err(|error| self.sink_error(&error))
                 .and_then(|value| parse_reply(value, call.parts.len()));
             match parsed {
                 Ok((applied_now, outcomes)) => {
                     for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                        if parsed_keys >= SLICE_KEYS {
+                            parsed_keys = 0;
+                            slicer.pause().await;
+                        }
+                        parsed_keys += 1;
                         if settled[b].outcomes.is_empty() {
                             settled[b].outcomes = vec![None; batches[b].increments.len()];
                         }
@@ -981,13 +1014,27 @@ impl Sink for RedisSink {
                     }
                 }
             }
+            // Its key and argument values, a slice at a time (two arguments per key).
+            let Call {
+                mut keys, mut args, ..
+            } = call;
+            while !keys.is_empty() {
+                if parsed_keys >= SLICE_KEYS {
+                    parsed_keys = 0;
+                    slicer.pause().await;
+                }
+                let freed = keys.len().min(SLICE_KEYS);
+                keys.truncate(keys.len() - freed);
+                args.truncate(2 * keys.len());
+                parsed_keys += freed;
+            }
         }
         let mut results: Vec<Result<BatchOutcome, SinkError>> = Vec::with_capacity(batches.len());
         let mut finished_keys = 0;
         for (batch, settling) in batches.iter().zip(settled) {
             if finished_keys >= SLICE_KEYS {
                 finished_keys = 0;
-                tokio::task::yield_now().await;
+                slicer.pause().await;
             }
             finished_keys += batch.increments.len();
             results.push(settling.finish(batch.increments.len()));
