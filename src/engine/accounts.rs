@@ -27,13 +27,14 @@
 //! Accounts are found by name in a [`Registry`] of a few mutex-guarded maps, touched when a
 //! session opens and by the flusher, never per chunk.
 
+use super::blocks::{BlockQueue, BlockVec};
 use super::keys::{BucketSpan, KeyScheme};
 use super::pending::{Sharded, MAP_SHARDS};
 use crate::ledger::Account;
 use crate::seqlock::SeqLock;
 use crate::sink::Key;
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -428,16 +429,16 @@ pub(crate) struct AccountBook {
     bucket: BucketSpan,
     /// `bucket`'s end as published: nanoseconds since 1970.
     bucket_end: Option<u64>,
-    entries: Vec<Option<Tracked>>,
+    entries: BlockVec<Option<Tracked>>,
     /// Indices of `entries` that hold `None`.
-    free: Vec<usize>,
+    free: BlockQueue<usize>,
     by_account: Sharded<Account, usize>,
     by_key: Sharded<Key, usize>,
     /// Accounts changed by acknowledgements, not yet published: each live entry at most once,
     /// plus the indices of entries forgotten since (skipped by their flag).
-    unpublished: Vec<usize>,
+    unpublished: BlockQueue<usize>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
-    wanted: VecDeque<Account>,
+    wanted: BlockQueue<Account>,
 }
 
 impl AccountBook {
@@ -448,12 +449,12 @@ impl AccountBook {
             bucket,
             keys,
             budgets,
-            entries: Vec::new(),
-            free: Vec::new(),
+            entries: BlockVec::new(),
+            free: BlockQueue::new(),
             by_account: Sharded::new(),
             by_key: Sharded::new(),
-            wanted: VecDeque::new(),
-            unpublished: Vec::new(),
+            wanted: BlockQueue::new(),
+            unpublished: BlockQueue::new(),
         }
     }
 
@@ -464,7 +465,7 @@ impl AccountBook {
 
     fn entry(&mut self, account: &str) -> Option<&mut Tracked> {
         let index = *self.by_account.shard(account).get(account)?;
-        self.entries[index].as_mut()
+        self.entries.get_mut(index).as_mut()
     }
 
     /// Starts tracking an account whose first session just opened; its global total is read.
@@ -491,15 +492,12 @@ impl AccountBook {
         };
         want_read(&mut self.wanted, &account, &mut tracked);
         publish(&tracked, self.bucket_end);
-        let index = match self.free.pop() {
+        let index = match self.free.pop_front() {
             Some(index) => {
-                self.entries[index] = Some(tracked);
+                *self.entries.get_mut(index) = Some(tracked);
                 index
             }
-            None => {
-                self.entries.push(Some(tracked));
-                self.entries.len() - 1
-            }
+            None => self.entries.push(Some(tracked)),
         };
         self.by_key.shard_mut(&key).insert(key, index);
         self.by_account.shard_mut(&account).insert(account, index);
@@ -513,7 +511,7 @@ impl AccountBook {
             return None;
         }
         let index = *self.by_account.shard(account).get(account)?;
-        let tracked = self.entries[index].as_mut()?;
+        let tracked = self.entries.get_mut(index).as_mut()?;
         tracked.pending += u128::from(amount);
         publish(tracked, self.bucket_end);
         Some(&tracked.key)
@@ -531,7 +529,7 @@ impl AccountBook {
         let Some(&index) = self.by_key.shard(key).get(key) else {
             return;
         };
-        let Some(tracked) = self.entries[index].as_mut() else {
+        let Some(tracked) = self.entries.get_mut(index).as_mut() else {
             return;
         };
         tracked.pending = tracked.pending.saturating_sub(u128::from(amount));
@@ -543,16 +541,23 @@ impl AccountBook {
         // right after (`publish_acknowledged`).
         if !tracked.unpublished {
             tracked.unpublished = true;
-            self.unpublished.push(index);
+            self.unpublished.push_back(index);
         }
     }
 
     /// Publishes up to `most` accounts changed by acknowledgements; returns whether some remain.
     pub(crate) fn publish_acknowledged(&mut self, most: usize) -> bool {
-        let from = self.unpublished.len().saturating_sub(most);
-        for index in self.unpublished.drain(from..) {
+        for _ in 0..most {
+            let Some(index) = self.unpublished.pop_front() else {
+                break;
+            };
             // An account forgotten since (its index maybe reused) has nothing left to publish.
-            if let Some(tracked) = self.entries[index].as_mut().filter(|t| t.unpublished) {
+            if let Some(tracked) = self
+                .entries
+                .get_mut(index)
+                .as_mut()
+                .filter(|t| t.unpublished)
+            {
                 tracked.unpublished = false;
                 publish(tracked, self.bucket_end);
             }
@@ -569,8 +574,10 @@ impl AccountBook {
         }
         let mut request = ReadRequest::default();
         let taken = self.wanted.len().min(MAX_READS_PER_REQUEST);
-        let wanted: Vec<Account> = self.wanted.drain(..taken).collect();
-        for account in wanted {
+        for _ in 0..taken {
+            let Some(account) = self.wanted.pop_front() else {
+                break;
+            };
             if let Some(tracked) = self.entry(&account) {
                 tracked.read_wanted = false;
                 request.keys.push(tracked.key.to_string());
@@ -593,7 +600,7 @@ impl AccountBook {
             let Some(&index) = self.by_account.shard(account).get(account) else {
                 continue;
             };
-            let Some(tracked) = self.entries[index].as_mut() else {
+            let Some(tracked) = self.entries.get_mut(index).as_mut() else {
                 continue;
             };
             if *tracked.key != **key {
@@ -632,7 +639,7 @@ impl AccountBook {
     /// new bucket and starts them from zero.
     pub(crate) fn rekey(&mut self, shard: usize) {
         for (account, &index) in &self.by_account.shards[shard] {
-            let Some(tracked) = self.entries[index].as_mut() else {
+            let Some(tracked) = self.entries.get_mut(index).as_mut() else {
                 continue;
             };
             let key: Key = self.keys.key(account, &self.bucket).into();
@@ -657,14 +664,14 @@ impl AccountBook {
             .map(|(account, &index)| (account.clone(), index))
             .collect();
         for (account, index) in accounts {
-            let Some(tracked) = self.entries[index].as_mut() else {
+            let Some(tracked) = self.entries.get_mut(index).as_mut() else {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
                 self.by_key.shard_mut(&tracked.key).remove(&tracked.key);
                 self.by_account.shards[shard].remove(&account);
-                self.entries[index] = None;
-                self.free.push(index);
+                *self.entries.get_mut(index) = None;
+                self.free.push_back(index);
                 continue;
             }
             if tracked.pending == 0 {
@@ -697,7 +704,7 @@ impl std::fmt::Debug for AccountBook {
     }
 }
 
-fn want_read(wanted: &mut VecDeque<Account>, account: &Account, tracked: &mut Tracked) {
+fn want_read(wanted: &mut BlockQueue<Account>, account: &Account, tracked: &mut Tracked) {
     if !tracked.read_wanted {
         tracked.read_wanted = true;
         wanted.push_back(account.clone());
@@ -880,7 +887,7 @@ mod tests {
                 .clone();
             assert!(key.ends_with(":20261130"), "{key}");
             let index = book.by_key.shard(&key).get(&key).copied();
-            let entry = index.and_then(|index| book.entries[index].as_ref());
+            let entry = index.and_then(|index| book.entries.get_mut(index).as_ref());
             assert_eq!(
                 entry.map(|tracked| tracked.state.account()),
                 Some(state.account())

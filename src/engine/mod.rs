@@ -30,6 +30,7 @@
 
 mod accounts;
 mod backoff;
+mod blocks;
 mod clock;
 mod flusher;
 mod keys;
