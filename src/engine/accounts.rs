@@ -439,6 +439,8 @@ pub(crate) struct AccountBook {
     unpublished: BlockQueue<usize>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
     wanted: BlockQueue<Account>,
+    /// Entries below this index have the limits of the last `set_budgets`.
+    budgets_applied: usize,
 }
 
 impl AccountBook {
@@ -455,6 +457,7 @@ impl AccountBook {
             by_key: Sharded::new(),
             wanted: BlockQueue::new(),
             unpublished: BlockQueue::new(),
+            budgets_applied: 0,
         }
     }
 
@@ -685,13 +688,25 @@ impl AccountBook {
         }
     }
 
-    /// New limits, applied to every tracked account now.
+    /// New limits: accounts tracked from now on get them at once, those tracked already from
+    /// [`AccountBook::apply_budgets`], a slice at a time.
     pub(crate) fn set_budgets(&mut self, budgets: Budgets) {
         self.budgets = budgets;
-        for tracked in self.entries.iter_mut().flatten() {
-            tracked.limit = self.budgets.limit_of(tracked.state.account());
-            publish(tracked, self.bucket_end);
+        self.budgets_applied = 0;
+    }
+
+    /// Applies the limits of the last [`AccountBook::set_budgets`] to up to `most` more tracked
+    /// accounts (a lookup each, which may be the gateway's own); returns whether some remain.
+    pub(crate) fn apply_budgets(&mut self, most: usize) -> bool {
+        let end = self.entries.len().min(self.budgets_applied + most);
+        for index in self.budgets_applied..end {
+            if let Some(tracked) = self.entries.get_mut(index).as_mut() {
+                tracked.limit = self.budgets.limit_of(tracked.state.account());
+                publish(tracked, self.bucket_end);
+            }
         }
+        self.budgets_applied = end;
+        end < self.entries.len()
     }
 }
 
@@ -893,6 +908,33 @@ mod tests {
                 Some(state.account())
             );
         }
+    }
+
+    #[test]
+    fn new_budgets_reach_every_tracked_account_a_slice_at_a_time() {
+        let (registry, mut announced) = Registry::new();
+        let mut book =
+            AccountBook::new(KeyScheme::daily_utc("b"), Budgets::per_bucket(10), at(NOON));
+        let states: Vec<_> = (0..1_000)
+            .map(|i| registry.open(&format!("u{i}")))
+            .collect();
+        while let Ok(state) = announced.try_recv() {
+            book.track(state);
+        }
+        book.set_budgets(Budgets::per_bucket(20));
+        let mut slices = 1;
+        while book.apply_budgets(256) {
+            slices += 1;
+        }
+        assert_eq!(slices, 4, "1,000 accounts in slices of 256");
+        assert!(states
+            .iter()
+            .all(|state| state.status().unwrap().limit == 20));
+        // An account tracked after the change gets the new limit at once.
+        let late = registry.open("late");
+        book.track(announced.try_recv().unwrap());
+        assert_eq!(late.status().unwrap().limit, 20);
+        assert!(!book.apply_budgets(256), "nothing left to apply");
     }
 
     #[test]

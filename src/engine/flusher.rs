@@ -54,6 +54,9 @@ const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 /// Accounts whose new view is published between two yields (a map lookup and a sequence-lock
 /// publication each).
 const PUBLISH_SLICE_ACCOUNTS: usize = 256;
+/// Tracked accounts given new limits per step after `Engine::set_budgets` (a lookup and a
+/// publication each, like a publication slice).
+const BUDGET_SLICE_ACCOUNTS: usize = PUBLISH_SLICE_ACCOUNTS;
 /// New accounts the flusher starts tracking in one poll, at most (~7 µs each while a million
 /// sessions open: a key built, two map inserts, a view published).
 const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
@@ -335,6 +338,10 @@ impl<S: Sink> Flusher<S> {
                     }
                     Some(Command::SetBudgets(budgets, reply)) => {
                         self.book.set_budgets(budgets);
+                        let mut slicer = Slicer::new();
+                        while self.book.apply_budgets(BUDGET_SLICE_ACCOUNTS) {
+                            slicer.pause().await;
+                        }
                         let _ = reply.send(());
                     }
                     Some(Command::Shutdown(reply)) => {
