@@ -30,16 +30,17 @@ const MAX_INCREMENT: u128 = i64::MAX as u128;
 pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
 /// Bits of a hash that pick a [`Sharded`] map's shard.
-const SHARD_BITS: u32 = 12;
-/// Shards of a [`Sharded`] map: 4,096, so that at a million keys a shard holds ~250, which the
-/// flusher's per-shard passes (`AccountBook::review`, `AccountBook::rekey`, ~1.3 µs per
-/// account at that size) get through in one poll of ~0.3 ms, and a shard's growth rehashes as
-/// few. An empty shard costs its 48 bytes and nothing else.
+const SHARD_BITS: u32 = 8;
+/// Shards of a [`Sharded`] map: 256. With 4,096 (a shard of ~250 accounts at a million, so that
+/// the flusher's per-shard review and re-keying took ~0.3 ms each) the engine's own CPU per
+/// account was a third higher at 100,000 accounts (`docs/benchmarks.md`); with 256 a shard holds
+/// ~4,000 accounts at a million, ~5 ms per review step, below the allocator's longest polls there.
+/// An empty shard costs its 48 bytes and nothing else.
 pub(crate) const MAP_SHARDS: usize = 1 << SHARD_BITS;
 
 /// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
-/// milliseconds. Here one growth rehashes one shard, a 4,096th of the entries. Used for the
+/// milliseconds. Here one growth rehashes one shard, a 256th of the entries. Used for the
 /// flusher's per-key and per-account maps, looked up about once per key per flush, so with
 /// foldhash (see [`KeyMap`]).
 pub(crate) struct Sharded<K, V> {
@@ -244,9 +245,9 @@ impl Pending {
             }
             self.rounds += 1;
             // Amounts swept from now on wait for the next round, in new shards that grow as
-            // they fill: a shard holds a 4,096th of the keys, so its growths are small rehashes
-            // spread over the sweeps (sizing 4,096 shards up front here was one poll of ~17 ms
-            // at a million keys, mostly page faults).
+            // they fill: a shard holds a 256th of the keys, so its growths are rehashes of a
+            // 256th spread over the sweeps (sizing the shards up front here, 4,096 of them then,
+            // was one poll of ~17 ms at a million keys, mostly page faults).
             let round = std::mem::replace(&mut self.waiting, Sharded::new());
             self.round = round.shards.into_vec().into_iter();
             self.cutting = None;
