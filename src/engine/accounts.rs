@@ -29,7 +29,7 @@
 
 use super::blocks::{BlockQueue, BlockVec};
 use super::keys::{BucketSpan, KeyScheme};
-use super::pending::{Sharded, MAP_SHARDS};
+use super::pending::{Counted, Owner, Sharded, MAP_SHARDS};
 use crate::ledger::Account;
 use crate::seqlock::SeqLock;
 use crate::sink::Key;
@@ -362,6 +362,11 @@ impl Registry {
     /// session). Under the shard's lock nobody can take a new reference from the registry, so
     /// the count cannot grow between the check and the removal.
     fn retire(&self, state: &Arc<AccountState>) -> bool {
+        // A session holds a reference: no lock, no hash while one does (the usual case). The
+        // count may fall right after this load; the next review retires the account then.
+        if Arc::strong_count(state) > 2 {
+            return false;
+        }
         let mut shard = self.shard(&state.account);
         match shard.entry(state.account.clone()) {
             Entry::Occupied(entry)
@@ -506,36 +511,63 @@ impl AccountBook {
         self.by_account.shard_mut(&account).insert(account, index);
     }
 
-    /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`.
-    /// Returns the key that amount goes to when the account is tracked in that bucket (built
-    /// once per bucket), so the flusher builds no key of its own for it.
-    pub(crate) fn swept(&mut self, account: &str, span: &BucketSpan, amount: u64) -> Option<&Key> {
+    /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`, and counted it
+    /// as pending when the account is tracked in that bucket. Then returns the key that amount
+    /// goes to (built once per bucket, so the flusher builds none for it) and the account's
+    /// number, to give back to [`AccountBook::acknowledged`] with the amount.
+    pub(crate) fn swept(
+        &mut self,
+        account: &str,
+        span: &BucketSpan,
+        amount: u64,
+    ) -> Option<(&Key, Owner)> {
         if *span != self.bucket {
             return None;
         }
         let index = *self.by_account.shard(account).get(account)?;
+        // Four billion tracked accounts would take terabytes: never `None` in practice, and
+        // then merely uncounted.
+        let owner = Owner::try_from(index).ok()?;
         let tracked = self.entries.get_mut(index).as_mut()?;
         tracked.pending += u128::from(amount);
         publish(tracked, self.bucket_end);
-        Some(&tracked.key)
+        Some((&tracked.key, owner))
     }
 
-    /// The sink acknowledged `amount` for `key`; `total` is the key's new value when the sink
-    /// said it (not for a batch it had already applied, nor for a refused increment).
+    /// The sink acknowledged an increment of `key`; `counted` is the part of it
+    /// [`AccountBook::swept`] counted, and for which account, and `total` the key's new value
+    /// when the sink said it (not for a batch it had already applied, nor for a refused
+    /// increment).
     pub(crate) fn acknowledged(
         &mut self,
+        counted: Option<Counted>,
         key: &Key,
-        amount: u64,
         total: Option<i64>,
         now: SystemTime,
     ) {
-        let Some(&index) = self.by_key.shard(key).get(key) else {
+        let (index, counted) = match counted {
+            // The owner's entry is its account's while the amount is pending there, unless a
+            // new bucket reset the account since (it may be forgotten and its entry reused
+            // then); its key then is another, which the check below sees.
+            Some(counted) => (counted.owner as usize, u128::from(counted.amount)),
+            // Swept while the account was not tracked (or in another bucket): not in its
+            // pending part, but the total is news if it is tracked now.
+            None => match self.by_key.shard(key).get(key) {
+                Some(&index) => (index, 0),
+                None => return,
+            },
+        };
+        // The key `swept` gave is shared: the same allocation, unless uncounted amounts of the
+        // key, built apart, came first.
+        let Some(tracked) = self
+            .entries
+            .get_mut(index)
+            .as_mut()
+            .filter(|tracked| Arc::ptr_eq(&tracked.key, key) || tracked.key == *key)
+        else {
             return;
         };
-        let Some(tracked) = self.entries.get_mut(index).as_mut() else {
-            return;
-        };
-        tracked.pending = tracked.pending.saturating_sub(u128::from(amount));
+        tracked.pending = tracked.pending.saturating_sub(counted);
         if let Some(total) = total {
             observe(tracked, total, now);
         }
@@ -662,28 +694,29 @@ impl AccountBook {
     /// with nothing pending, re-reads those that have nothing to write (so other processes'
     /// usage shows), and refreshes limits (a lookup's answer may have changed).
     pub(crate) fn review(&mut self, shard: usize, registry: &Registry) {
-        let accounts: Vec<(Account, usize)> = self.by_account.shards[shard]
-            .iter()
-            .map(|(account, &index)| (account.clone(), index))
-            .collect();
-        for (account, index) in accounts {
+        let mut retired = Vec::new();
+        for (account, &index) in &self.by_account.shards[shard] {
             let Some(tracked) = self.entries.get_mut(index).as_mut() else {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                self.by_key.shard_mut(&tracked.key).remove(&tracked.key);
-                self.by_account.shards[shard].remove(&account);
-                *self.entries.get_mut(index) = None;
-                self.free.push_back(index);
+                retired.push(index);
                 continue;
             }
             if tracked.pending == 0 {
-                want_read(&mut self.wanted, &account, tracked);
+                want_read(&mut self.wanted, account, tracked);
             }
-            let limit = self.budgets.limit_of(&account);
+            let limit = self.budgets.limit_of(account);
             if limit != tracked.limit {
                 tracked.limit = limit;
                 publish(tracked, self.bucket_end);
+            }
+        }
+        for index in retired {
+            if let Some(tracked) = self.entries.get_mut(index).take() {
+                self.by_key.shard_mut(&tracked.key).remove(&tracked.key);
+                self.by_account.shards[shard].remove(tracked.state.account());
+                self.free.push_back(index);
             }
         }
     }
@@ -791,7 +824,9 @@ mod tests {
         assert_eq!(state.usage().used, 60);
         assert_eq!(state.usage().global_as_of, Some(at(NOON + 1)));
 
-        book.swept("u", &span, 39);
+        let (key, owner) = book.swept("u", &span, 39).expect("tracked");
+        let key = key.clone();
+        assert_eq!(&*key, "b:u:20261129");
         assert!(!state.is_exhausted(), "99 of 100");
         book.swept("u", &span, 1);
         assert!(state.is_exhausted(), "100 of 100: used >= limit");
@@ -803,7 +838,8 @@ mod tests {
         assert_eq!(status.resets_at, Some(at(1_795_996_800)));
 
         // The write is acknowledged: the reply's total replaces the pending part.
-        book.acknowledged(&"b:u:20261129".into(), 40, Some(101), at(NOON + 2));
+        let counted = Counted { owner, amount: 40 };
+        book.acknowledged(Some(counted), &key, Some(101), at(NOON + 2));
         assert!(!book.publish_acknowledged(16), "one account to publish");
         let usage = state.usage();
         assert_eq!(
@@ -811,6 +847,24 @@ mod tests {
             (101, Some(101), 0)
         );
         assert_eq!(state.status().unwrap().remaining, 0, "never negative");
+    }
+
+    #[test]
+    fn an_amount_swept_before_tracking_moves_the_global_part_only() {
+        let (_registry, mut book, state) = setup(Budgets::unlimited());
+        let span = book.keys.span(at(NOON));
+        let reads = book.take_reads().unwrap();
+        book.read_done::<()>(reads, Ok(vec![Some(60)]), at(NOON));
+        book.swept("u", &span, 10);
+        // 5 swept before the account was tracked (not in its pending part) is acknowledged
+        // under the same key, built apart: the total counts it, the pending part stays.
+        book.acknowledged(None, &"b:u:20261129".into(), Some(65), at(NOON + 1));
+        book.publish_acknowledged(16);
+        let usage = state.usage();
+        assert_eq!(
+            (usage.global, usage.local_pending, usage.used),
+            (Some(65), 10, 75)
+        );
     }
 
     #[test]
@@ -828,6 +882,8 @@ mod tests {
         let (_registry, mut book, state) = setup(Budgets::per_bucket(10));
         let reads = book.take_reads().unwrap();
         book.read_done::<()>(reads, Ok(vec![Some(50)]), at(NOON));
+        let (key, owner) = book.swept("u", &book.keys.span(at(NOON)), 5).unwrap();
+        let yesterdays = key.clone();
         assert!(state.is_exhausted());
         assert!(book.roll_bucket(at(NOON + 43_200)), "midnight");
         assert!(!book.roll_bucket(at(NOON + 43_201)), "the same bucket");
@@ -839,7 +895,9 @@ mod tests {
         assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
         assert_eq!(book.take_reads().unwrap().keys, ["b:u:20261130"]);
         // An acknowledgement for yesterday's key no longer moves today's usage.
-        book.acknowledged(&"b:u:20261129".into(), 5, Some(55), at(NOON + 43_201));
+        let counted = Counted { owner, amount: 5 };
+        book.acknowledged(Some(counted), &yesterdays, Some(55), at(NOON + 43_201));
+        book.acknowledged(None, &yesterdays, Some(55), at(NOON + 43_201));
         book.publish_acknowledged(16);
         assert_eq!(state.usage().used, 0);
     }
@@ -899,6 +957,7 @@ mod tests {
             let key = book
                 .swept(state.account(), &span, 1)
                 .expect("tracked")
+                .0
                 .clone();
             assert!(key.ends_with(":20261130"), "{key}");
             let index = book.by_key.shard(&key).get(&key).copied();

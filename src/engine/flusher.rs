@@ -507,11 +507,11 @@ impl<S: Sink> Flusher<S> {
             if self.enabled {
                 // A tracked account's key is built once per bucket and shared; others' (an
                 // account forgotten since, a sweep closing the previous bucket) now.
-                let key = match self.book.swept(&usage.account, &span, usage.amount) {
-                    Some(key) => key.clone(),
-                    None => keys.key(&usage.account, &span).into(),
+                let (key, owner) = match self.book.swept(&usage.account, &span, usage.amount) {
+                    Some((key, owner)) => (key.clone(), Some(owner)),
+                    None => (keys.key(&usage.account, &span).into(), None),
                 };
-                self.pending.add(key, usage.amount, ttl);
+                self.pending.add(key, usage.amount, ttl, owner);
             }
         }
         Stats::add(&self.stats.amount_swept, swept);
@@ -601,12 +601,13 @@ impl<S: Sink> Flusher<S> {
         let mut settlement = Settlement::default();
         self.pending.receive(results);
         let mut slicer = Slicer::new();
-        while !self
-            .pending
-            .settle_some(SETTLE_SLICE_KEYS, &mut settlement, |increment, total| {
-                book.acknowledged(&increment.key, increment.amount, total, now);
-            })
-        {
+        while !self.pending.settle_some(
+            SETTLE_SLICE_KEYS,
+            &mut settlement,
+            |increment, counted, total| {
+                book.acknowledged(counted, &increment.key, total, now);
+            },
+        ) {
             slicer.pause().await;
         }
 

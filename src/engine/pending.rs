@@ -6,6 +6,11 @@
 //! given, not sent yet); and `in_flight` (the batches of the write in progress, re-sent
 //! unchanged with the same ids until the sink answers).
 //!
+//! An amount may name the account it was counted for (an [`Owner`]: the read side's number for
+//! it). Each increment's acknowledgement hands back the owner and how much of the increment was
+//! counted ([`Counted`]), so that the read side finds the account without a lookup and subtracts
+//! exactly what it counted, also when uncounted amounts of the same key joined it.
+//!
 //! New amounts never join a built batch: that is what lets the sink deduplicate retries by id.
 //! A write carries new batches only when every batch of the previous write is settled (a failed
 //! write is re-sent as it was, alone), and a new round begins only when the previous one is
@@ -46,6 +51,8 @@ pub(crate) const MAP_SHARDS: usize = 1 << SHARD_BITS;
 pub(crate) struct Sharded<K, V> {
     route: foldhash::fast::RandomState,
     pub(crate) shards: Box<[HashMap<K, V, foldhash::fast::RandomState>]>,
+    /// Per shard, the entries to make room for at its first insert (see [`Sharded::sized_like`]).
+    expected: Option<Box<[usize]>>,
 }
 
 impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
@@ -53,6 +60,18 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         Self {
             route: foldhash::fast::RandomState::default(),
             shards: (0..MAP_SHARDS).map(|_| HashMap::default()).collect(),
+            expected: None,
+        }
+    }
+
+    /// An empty map whose shards, at their first insert, make room for as many entries as
+    /// `other`'s hold now, so that a map refilled with about the same keys every round does not
+    /// grow (rehash) its way there again. Room is made at the first insert, not here: up front it
+    /// would be every shard's allocation and page faults in one poll.
+    pub(crate) fn sized_like<W>(other: &Sharded<K, W>) -> Self {
+        Self {
+            expected: Some(other.shards.iter().map(HashMap::len).collect()),
+            ..Self::new()
         }
     }
 
@@ -74,7 +93,13 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         key: &Q,
     ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
         let index = self.index(key);
-        &mut self.shards[index]
+        let shard = &mut self.shards[index];
+        if let Some(expected) = &self.expected {
+            if shard.capacity() == 0 {
+                shard.reserve(expected[index]);
+            }
+        }
+        shard
     }
 }
 
@@ -84,22 +109,61 @@ impl<K, V> std::fmt::Debug for Sharded<K, V> {
     }
 }
 
+/// The caller's number for the account an amount was counted for (the read side's index of
+/// it), handed back with the amount's acknowledgement.
+pub(crate) type Owner = u32;
+
+/// How much of an increment was counted for `owner` (the rest, if any, for nobody).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counted {
+    pub(crate) owner: Owner,
+    pub(crate) amount: u64,
+}
+
 #[derive(Debug)]
 struct Waiting {
     amount: u128,
+    /// The part of `amount` counted for `owner`.
+    counted: u128,
+    owner: Option<Owner>,
     ttl: Duration,
+}
+
+impl Waiting {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            amount: 0,
+            counted: 0,
+            owner: None,
+            ttl,
+        }
+    }
+
+    /// Adds `amount`, of which `counted.1` counted for `counted.0`.
+    fn add(&mut self, amount: u128, counted: Option<(Owner, u128)>) {
+        self.amount += amount;
+        if let Some((owner, counted)) = counted {
+            // A key is one account's in one bucket, and the read side keeps an account's
+            // number while amounts counted for it are unacknowledged.
+            debug_assert!(self.owner.is_none_or(|seen| seen == owner));
+            self.owner = Some(owner);
+            self.counted += counted;
+        }
+    }
 }
 
 /// The answers to a write, applied a slice at a time (see `Pending::settle_some`).
 #[derive(Debug)]
 struct Answers {
     batches: std::vec::IntoIter<Batch>,
+    counts: std::vec::IntoIter<Vec<Option<Counted>>>,
     in_doubt: std::vec::IntoIter<bool>,
     results: std::vec::IntoIter<Result<BatchOutcome, SinkError>>,
     /// The acknowledged batch whose increments are being applied, when a slice ended inside it.
     applying: Option<Applying>,
     /// The batches not acknowledged, in flight again once every answer is applied.
     kept: Vec<Batch>,
+    kept_counts: Vec<Vec<Option<Counted>>>,
     kept_in_doubt: Vec<bool>,
 }
 
@@ -108,6 +172,7 @@ struct Answers {
 #[derive(Debug)]
 struct Applying {
     increments: std::vec::IntoIter<Increment>,
+    counts: std::vec::IntoIter<Option<Counted>>,
     /// The sink's outcome per increment, in order; `None` for a batch it had already applied.
     outcomes: Option<std::vec::IntoIter<KeyOutcome>>,
 }
@@ -124,12 +189,15 @@ pub(crate) struct Pending {
     cutting: Option<hash_map::IntoIter<Key, Waiting>>,
     /// Keys in `cutting`.
     uncut: usize,
-    /// The batch being filled by `cut`.
+    /// The batch being filled by `cut`, and what of each increment was counted.
     filling: Vec<Increment>,
-    /// Built, with ids, not sent yet; sent in order.
-    staged: VecDeque<Batch>,
+    filling_counts: Vec<Option<Counted>>,
+    /// Built, with ids, not sent yet; sent in order. With what of each increment was counted.
+    staged: VecDeque<(Batch, Vec<Option<Counted>>)>,
     /// Shared with the write future that sends it, so a send or a re-send copies no key.
     in_flight: Arc<Vec<Batch>>,
+    /// Per in-flight batch (same order), what of each increment was counted.
+    in_flight_counts: Vec<Vec<Option<Counted>>>,
     /// Per in-flight batch (same order): an attempt may have reached the sink and its outcome
     /// is unknown. Once in doubt, a batch stays so until the sink acknowledges it.
     in_doubt: Vec<bool>,
@@ -184,8 +252,10 @@ impl Pending {
             cutting: None,
             uncut: 0,
             filling: Vec::new(),
+            filling_counts: Vec::new(),
             staged: VecDeque::new(),
             in_flight: Arc::default(),
+            in_flight_counts: Vec::new(),
             in_doubt: Vec::new(),
             answers: None,
             batched: 0,
@@ -200,21 +270,29 @@ impl Pending {
         }
     }
 
-    /// Adds a swept amount; the latest TTL for a key wins. The key is shared, not copied.
-    pub(crate) fn add(&mut self, key: Key, amount: u64, ttl: Duration) {
+    /// Adds a swept amount, counted for `owner` if some; the latest TTL for a key wins. The key
+    /// is shared, not copied.
+    pub(crate) fn add(&mut self, key: Key, amount: u64, ttl: Duration, owner: Option<Owner>) {
         if amount == 0 {
             return;
         }
+        let amount = u128::from(amount);
+        self.merge(key, amount, ttl, owner.map(|owner| (owner, amount)));
+        self.amount += amount;
+    }
+
+    /// Merges `amount`, of which `counted.1` counted for `counted.0`, into `key`'s waiting
+    /// amount (not into `self.amount`: the caller counts it).
+    fn merge(&mut self, key: Key, amount: u128, ttl: Duration, counted: Option<(Owner, u128)>) {
         let waiting = match self.waiting.shard_mut(&key).entry(key) {
             hash_map::Entry::Occupied(entry) => entry.into_mut(),
             hash_map::Entry::Vacant(entry) => {
                 self.waiting_keys += 1;
-                entry.insert(Waiting { amount: 0, ttl })
+                entry.insert(Waiting::new(ttl))
             }
         };
-        waiting.amount += u128::from(amount);
+        waiting.add(amount, counted);
         waiting.ttl = ttl;
-        self.amount += u128::from(amount);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -244,11 +322,12 @@ impl Pending {
                 return;
             }
             self.rounds += 1;
-            // Amounts swept from now on wait for the next round, in new shards that grow as
-            // they fill: a shard holds a 256th of the keys, so its growths are rehashes of a
-            // 256th spread over the sweeps (sizing the shards up front here, 4,096 of them then,
-            // was one poll of ~17 ms at a million keys, mostly page faults).
-            let round = std::mem::replace(&mut self.waiting, Sharded::new());
+            // Amounts swept from now on wait for the next round, in new shards sized at their
+            // first insert for as many keys as this round's (growing them by rehashes, round
+            // after round, was a twentieth of the engine's CPU at 100,000 keys; sizing them all
+            // here, 4,096 then, was one poll of ~17 ms at a million keys, mostly page faults).
+            let next = Sharded::sized_like(&self.waiting);
+            let round = std::mem::replace(&mut self.waiting, next);
             self.round = round.shards.into_vec().into_iter();
             self.cutting = None;
             self.uncut = std::mem::take(&mut self.waiting_keys);
@@ -262,34 +341,14 @@ impl Pending {
                 self.cutting = Some(next.into_iter());
                 continue;
             };
-            let Some((key, mut waiting)) = shard.next() else {
+            let Some((key, waiting)) = shard.next() else {
                 // Used up: its table is freed here, one shard's worth.
                 self.cutting = None;
                 continue;
             };
             cut += 1;
             self.uncut -= 1;
-            let amount = waiting.amount.min(MAX_INCREMENT);
-            waiting.amount -= amount;
-            if waiting.amount > 0 {
-                // What is over `i64::MAX` waits for a later round.
-                let ttl = waiting.ttl;
-                self.add_above_max(key.clone(), waiting.amount, ttl);
-            }
-            if self.filling.capacity() == 0 {
-                self.filling.reserve_exact(self.batch_size);
-            }
-            self.filling.push(Increment {
-                key,
-                // At most `i64::MAX`: the cast keeps the value.
-                amount: amount as u64,
-                ttl: waiting.ttl,
-            });
-            self.batched += 1;
-            self.filling_amount += amount;
-            if self.filling.len() == self.batch_size {
-                self.stage();
-            }
+            self.push_increment(key, waiting);
         }
         if self.uncut == 0 {
             self.cutting = None;
@@ -300,17 +359,42 @@ impl Pending {
         }
     }
 
-    /// Puts back into `waiting` the part of a key's amount above `i64::MAX` (already counted in
-    /// `amount`).
-    fn add_above_max(&mut self, key: Key, amount: u128, ttl: Duration) {
-        let later = match self.waiting.shard_mut(&key).entry(key) {
-            hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            hash_map::Entry::Vacant(entry) => {
-                self.waiting_keys += 1;
-                entry.insert(Waiting { amount: 0, ttl })
-            }
-        };
-        later.amount += amount;
+    /// Adds `key`'s increment to the batch being filled, staging the batch when full. What is
+    /// over `i64::MAX` waits in `waiting` for a later round (the counted part goes first).
+    fn push_increment(&mut self, key: Key, waiting: Waiting) {
+        let Waiting {
+            amount,
+            counted,
+            owner,
+            ttl,
+        } = waiting;
+        let now = amount.min(MAX_INCREMENT);
+        let counted_now = counted.min(now);
+        if amount > now {
+            let later = owner.map(|owner| (owner, counted - counted_now));
+            self.merge(key.clone(), amount - now, ttl, later);
+        }
+        if self.filling.capacity() == 0 {
+            self.filling.reserve_exact(self.batch_size);
+            self.filling_counts.reserve_exact(self.batch_size);
+        }
+        self.filling.push(Increment {
+            key,
+            // At most `i64::MAX`: the cast keeps the value.
+            amount: now as u64,
+            ttl,
+        });
+        self.filling_counts
+            .push(owner.filter(|_| counted_now > 0).map(|owner| Counted {
+                owner,
+                // At most `now`: the cast keeps the value.
+                amount: counted_now as u64,
+            }));
+        self.batched += 1;
+        self.filling_amount += now;
+        if self.filling.len() == self.batch_size {
+            self.stage();
+        }
     }
 
     /// Gives the batch being filled its id and queues it for sending.
@@ -322,17 +406,20 @@ impl Pending {
         self.next_sequence += 1;
         self.staged_totals.0 += self.filling.len();
         self.staged_totals.1 += std::mem::take(&mut self.filling_amount);
-        self.staged.push_back(Batch {
+        let batch = Batch {
             id,
             increments: std::mem::take(&mut self.filling),
-        });
+        };
+        self.staged
+            .push_back((batch, std::mem::take(&mut self.filling_counts)));
     }
 
     /// The batches to send now: the unacknowledged ones of the last write (unchanged), or else
     /// every staged batch.
     pub(crate) fn batches_to_send(&mut self) -> Arc<Vec<Batch>> {
         if self.in_flight.is_empty() && !self.staged.is_empty() {
-            let batches: Vec<Batch> = self.staged.drain(..).collect();
+            let (batches, counts): (Vec<Batch>, Vec<_>) = self.staged.drain(..).unzip();
+            self.in_flight_counts = counts;
             self.in_doubt = vec![false; batches.len()];
             self.in_flight = Arc::new(batches);
             self.in_flight_totals = std::mem::take(&mut self.staged_totals);
@@ -380,8 +467,10 @@ impl Pending {
         self.answers = Some(Answers {
             applying: None,
             kept: Vec::new(),
+            kept_counts: Vec::new(),
             kept_in_doubt: Vec::new(),
             batches: batches.into_iter(),
+            counts: std::mem::take(&mut self.in_flight_counts).into_iter(),
             in_doubt: std::mem::take(&mut self.in_doubt).into_iter(),
             results: results.into_iter(),
         });
@@ -391,14 +480,15 @@ impl Pending {
     /// acknowledged counts as one; a slice may end inside a batch), adding what they achieved to
     /// `settlement`; returns whether all are applied. Acknowledged batches leave, the others are
     /// in flight again, to be re-sent unchanged. `acknowledged` hears of every increment that
-    /// left: with the key's new total when the sink gave one (not for a batch it had already
-    /// applied, nor for a refused increment). Slices keep a write of a whole round from being
+    /// left, with what of it was counted for an owner (as given to `add`) and the key's new
+    /// total when the sink gave one
+    /// (not for a batch it had already applied, nor for a refused increment). Slices keep a write of a whole round from being
     /// settled in one poll.
     pub(crate) fn settle_some(
         &mut self,
         most: usize,
         settlement: &mut Settlement,
-        mut acknowledged_increment: impl FnMut(&Increment, Option<i64>),
+        mut acknowledged_increment: impl FnMut(&Increment, Option<Counted>, Option<i64>),
     ) -> bool {
         let Some(answers) = self.answers.as_mut() else {
             return true;
@@ -410,6 +500,7 @@ impl Pending {
                     break;
                 };
                 let was_in_doubt = answers.in_doubt.next().unwrap_or(true);
+                let counts = answers.counts.next().unwrap_or_default();
                 let result = answers.results.next().unwrap_or_else(|| {
                     Err(SinkError::Failed(
                         "the sink returned fewer results than batches".into(),
@@ -427,6 +518,7 @@ impl Pending {
                             .kept_in_doubt
                             .push(was_in_doubt || error.may_have_applied());
                         answers.kept.push(batch);
+                        answers.kept_counts.push(counts);
                         settlement.failure.get_or_insert(error);
                         continue;
                     }
@@ -434,6 +526,7 @@ impl Pending {
                 settlement.batches_written += 1;
                 answers.applying = Some(Applying {
                     increments: batch.increments.into_iter(),
+                    counts: counts.into_iter(),
                     outcomes,
                 });
                 continue;
@@ -442,6 +535,7 @@ impl Pending {
                 answers.applying = None;
                 continue;
             };
+            let counted = applying.counts.next().flatten();
             applied += 1;
             self.amount -= u128::from(increment.amount);
             self.batched -= 1;
@@ -453,7 +547,7 @@ impl Pending {
                 }),
                 // Applied by an earlier attempt: written, with no new total.
                 None => {
-                    acknowledged_increment(&increment, None);
+                    acknowledged_increment(&increment, counted, None);
                     settlement.keys_written += 1;
                     settlement.amount_written += u128::from(increment.amount);
                     continue;
@@ -461,12 +555,12 @@ impl Pending {
             };
             match outcome {
                 KeyOutcome::Added { total } => {
-                    acknowledged_increment(&increment, Some(total));
+                    acknowledged_increment(&increment, counted, Some(total));
                     settlement.keys_written += 1;
                     settlement.amount_written += u128::from(increment.amount);
                 }
                 KeyOutcome::Rejected { reason } => {
-                    acknowledged_increment(&increment, None);
+                    acknowledged_increment(&increment, counted, None);
                     settlement.rejections.push(Rejection {
                         key: increment.key.to_string(),
                         amount: increment.amount,
@@ -488,6 +582,7 @@ impl Pending {
         if let Some(answers) = self.answers.take() {
             // `in_flight_totals` lost each increment acknowledged: it is the kept batches' now.
             self.in_flight = Arc::new(answers.kept);
+            self.in_flight_counts = answers.kept_counts;
             self.in_doubt = answers.kept_in_doubt;
         }
         true
@@ -526,7 +621,7 @@ impl Pending {
             .zip(&self.in_doubt)
             .filter(|(_, in_doubt)| !**in_doubt)
             .map(|(batch, _)| &batch.increments);
-        let built = self.staged.iter().map(|batch| &batch.increments);
+        let built = self.staged.iter().map(|(batch, _)| &batch.increments);
         for increment in certain
             .chain(built)
             .chain(std::iter::once(&self.filling))
@@ -576,7 +671,7 @@ mod tests {
     fn settle(pending: &mut Pending, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
         let mut settlement = Settlement::default();
         pending.receive(results);
-        while !pending.settle_some(2, &mut settlement, |_, _| {}) {}
+        while !pending.settle_some(2, &mut settlement, |_, _, _| {}) {}
         settlement
     }
 
@@ -594,9 +689,9 @@ mod tests {
     fn amounts_merge_per_key_and_split_into_bounded_batches() {
         let mut pending = Pending::new(7, 2);
         for key in ["a", "b", "c", "a"] {
-            pending.add(key.into(), 5, TTL);
+            pending.add(key.into(), 5, TTL, None);
         }
-        pending.add("zero".into(), 0, TTL);
+        pending.add("zero".into(), 0, TTL, None);
         let batches = send(&mut pending);
         assert_eq!(batches.len(), 2);
         assert_eq!(batches.iter().map(|b| b.increments.len()).sum::<usize>(), 3);
@@ -625,7 +720,7 @@ mod tests {
     fn only_batches_that_may_have_applied_are_in_doubt() {
         let mut pending = Pending::new(1, 1);
         for key in ["never", "refused", "lost"] {
-            pending.add(key.into(), 5, TTL);
+            pending.add(key.into(), 5, TTL, None);
         }
         let batches = send(&mut pending);
         let outcome = |batch: &Batch| match &*batch.increments[0].key {
@@ -634,7 +729,7 @@ mod tests {
             _ => Err(SinkError::Timeout(TTL)),
         };
         settle(&mut pending, batches.iter().map(outcome).collect());
-        pending.add("waiting".into(), 2, TTL);
+        pending.add("waiting".into(), 2, TTL, None);
         assert_eq!(
             pending.unwritten(),
             vec![
@@ -661,11 +756,11 @@ mod tests {
     #[test]
     fn failed_batches_are_resent_unchanged_and_new_amounts_wait() {
         let mut pending = Pending::new(1, 10);
-        pending.add("a".into(), 5, TTL);
+        pending.add("a".into(), 5, TTL, None);
         let first = send(&mut pending);
         let settlement = settle(&mut pending, vec![Err(SinkError::Timeout(TTL))]);
         assert!(settlement.failure.is_some());
-        pending.add("a".into(), 3, TTL);
+        pending.add("a".into(), 3, TTL, None);
         assert_eq!(send(&mut pending), first, "a retry re-sends the same batch");
         assert_eq!(pending.amount(), 8);
         let settlement = settle(&mut pending, vec![applied(&first[0])]);
@@ -676,17 +771,52 @@ mod tests {
     }
 
     #[test]
+    fn what_was_counted_comes_back_with_each_increment() {
+        let mut pending = Pending::new(1, 1);
+        pending.add("a".into(), 5, TTL, Some(7));
+        pending.add("a".into(), 2, TTL, None);
+        pending.add("a".into(), 1, TTL, Some(7));
+        pending.add("b".into(), 4, TTL, Some(9));
+        pending.add("c".into(), 3, TTL, None);
+        let sent = send(&mut pending);
+        assert_eq!(sent.len(), 3, "one increment per key");
+        // The first write fails and is re-sent: what was counted stays with its increment.
+        settle(
+            &mut pending,
+            sent.iter().map(|_| Err(SinkError::Timeout(TTL))).collect(),
+        );
+        assert_eq!(send(&mut pending), sent);
+        let mut heard = Vec::new();
+        pending.receive(sent.iter().map(applied).collect());
+        let mut settlement = Settlement::default();
+        while !pending.settle_some(1, &mut settlement, |increment, counted, _| {
+            heard.push((increment.key.to_string(), increment.amount, counted));
+        }) {}
+        heard.sort_by(|a, b| a.0.cmp(&b.0));
+        let counted = |owner, amount| Some(Counted { owner, amount });
+        assert_eq!(
+            heard,
+            [
+                ("a".into(), 8, counted(7, 6)),
+                ("b".into(), 4, counted(9, 4)),
+                ("c".into(), 3, None)
+            ]
+        );
+        assert!(pending.is_empty());
+    }
+
+    #[test]
     fn a_round_carries_what_was_pending_and_later_amounts_wait_for_the_next() {
         let mut pending = Pending::new(1, 10);
         assert!(
             pending.round_done(pending.round_carrying_pending()),
             "nothing pending"
         );
-        pending.add("a".into(), 1, TTL);
+        pending.add("a".into(), 1, TTL, None);
         let round = pending.round_carrying_pending();
         assert!(!pending.round_done(round));
         let first = send(&mut pending);
-        pending.add("b".into(), 2, TTL);
+        pending.add("b".into(), 2, TTL, None);
         assert_eq!(pending.round_carrying_pending(), round + 1);
         settle(&mut pending, vec![Err(SinkError::Timeout(TTL))]);
         assert!(!pending.round_done(round), "a failed round is not done");
@@ -705,8 +835,8 @@ mod tests {
     #[test]
     fn duplicates_count_as_written_and_rejections_are_reported() {
         let mut pending = Pending::new(1, 10);
-        pending.add("a".into(), 5, TTL);
-        pending.add("b".into(), 6, TTL);
+        pending.add("a".into(), 5, TTL, None);
+        pending.add("b".into(), 6, TTL, None);
         let batch = send(&mut pending)[0].clone();
         let outcomes = batch
             .increments
@@ -730,7 +860,7 @@ mod tests {
         );
         assert!(pending.is_empty());
 
-        pending.add("a".into(), 1, TTL);
+        pending.add("a".into(), 1, TTL, None);
         send(&mut pending);
         let settlement = settle(&mut pending, vec![Ok(BatchOutcome::AlreadyApplied)]);
         assert_eq!(
@@ -742,9 +872,9 @@ mod tests {
     #[test]
     fn amounts_above_i64_max_are_split_over_rounds() {
         let mut pending = Pending::new(1, 10);
-        pending.add("a".into(), u64::MAX, TTL);
-        pending.add("a".into(), u64::MAX, TTL);
-        let mut written = 0u128;
+        pending.add("a".into(), u64::MAX, TTL, None);
+        pending.add("a".into(), u64::MAX, TTL, Some(3));
+        let (mut written, mut counted) = (0u128, 0u128);
         for _ in 0..5 {
             let batches = send(&mut pending);
             if batches.is_empty() {
@@ -753,9 +883,17 @@ mod tests {
             assert!(batches[0].increments[0].amount <= i64::MAX as u64);
             let unwritten: u128 = pending.unwritten().iter().map(|(_, amount)| amount).sum();
             assert_eq!(pending.amount(), unwritten, "the running total matches");
-            written += settle(&mut pending, batches.iter().map(applied).collect()).amount_written;
+            let mut settlement = Settlement::default();
+            pending.receive(batches.iter().map(applied).collect());
+            while !pending.settle_some(1, &mut settlement, |_, part, _| {
+                counted += part.map_or(0, |part| u128::from(part.amount));
+                // The counted part goes first: a round after it is used up counts nothing.
+                assert!(part.is_some() || counted == u128::from(u64::MAX));
+            }) {}
+            written += settlement.amount_written;
         }
         assert_eq!(written, 2 * u128::from(u64::MAX));
+        assert_eq!(counted, u128::from(u64::MAX), "what was counted, in parts");
         assert!(pending.is_empty());
     }
 
@@ -763,7 +901,7 @@ mod tests {
     fn a_round_is_cut_in_slices_and_its_batches_go_out_as_they_fill() {
         let mut pending = Pending::new(1, 2);
         for key in ["a", "b", "c", "d", "e"] {
-            pending.add(key.into(), 1, TTL);
+            pending.add(key.into(), 1, TTL, None);
         }
         let round = pending.round_carrying_pending();
         assert!(pending.has_uncut());
@@ -775,7 +913,7 @@ mod tests {
         assert_eq!(pending.entries(), 5, "2 sent, 1 filling, 2 uncut");
         let all: u128 = pending.unwritten().iter().map(|(_, amount)| amount).sum();
         assert_eq!(all, 5, "every stage is unwritten before it is acknowledged");
-        pending.add("a".into(), 10, TTL);
+        pending.add("a".into(), 10, TTL, None);
         pending.cut(3);
         assert!(
             !pending.has_uncut(),
@@ -805,7 +943,7 @@ mod tests {
     fn a_failed_write_is_resent_alone_while_later_batches_wait() {
         let mut pending = Pending::new(1, 1);
         for key in ["a", "b", "c"] {
-            pending.add(key.into(), 1, TTL);
+            pending.add(key.into(), 1, TTL, None);
         }
         pending.cut(1);
         let first = pending.batches_to_send().to_vec();
@@ -833,7 +971,7 @@ mod tests {
     fn a_slice_of_answers_may_end_inside_a_batch() {
         let mut pending = Pending::new(1, 4);
         for key in ["a", "b", "c", "d", "e"] {
-            pending.add(key.into(), 2, TTL);
+            pending.add(key.into(), 2, TTL, None);
         }
         let batches = send(&mut pending);
         assert_eq!(batches.len(), 2, "4 keys, then 1");
@@ -841,14 +979,14 @@ mod tests {
         let mut settlement = Settlement::default();
         let mut heard = 0;
         // Beginning a batch counts as one, each increment as one: the first slice hears two.
-        assert!(!pending.settle_some(3, &mut settlement, |_, _| heard += 1));
+        assert!(!pending.settle_some(3, &mut settlement, |_, _, _| heard += 1));
         assert_eq!(heard, 2);
         assert_eq!(
             pending.amount(),
             6,
             "what was heard of is no longer pending"
         );
-        while !pending.settle_some(3, &mut settlement, |_, _| heard += 1) {}
+        while !pending.settle_some(3, &mut settlement, |_, _, _| heard += 1) {}
         assert_eq!(heard, 5);
         assert_eq!(settlement.batches_written, 2);
         assert_eq!(settlement.keys_written, 5);
@@ -868,7 +1006,7 @@ mod tests {
         };
         let mut pending = Pending::new(1, 2);
         for (amount, key) in (1..).zip(["a", "b", "c", "d", "e"]) {
-            pending.add(key.into(), amount, TTL);
+            pending.add(key.into(), amount, TTL, None);
         }
         pending.cut(4);
         let first = pending.batches_to_send().to_vec();
@@ -892,12 +1030,12 @@ mod tests {
     #[test]
     fn entries_count_a_key_once_per_stage() {
         let mut pending = Pending::new(1, 10);
-        pending.add("a".into(), 1, TTL);
-        pending.add("a".into(), 1, TTL);
-        pending.add("b".into(), 1, TTL);
+        pending.add("a".into(), 1, TTL, None);
+        pending.add("a".into(), 1, TTL, None);
+        pending.add("b".into(), 1, TTL, None);
         assert_eq!(pending.entries(), 2);
         send(&mut pending);
-        pending.add("a".into(), 1, TTL);
+        pending.add("a".into(), 1, TTL, None);
         assert_eq!(pending.entries(), 3, "a is in flight and waiting again");
         let batches = pending.batches_to_send().to_vec();
         settle(&mut pending, batches.iter().map(applied).collect());
