@@ -410,8 +410,6 @@ struct Tracked {
     limit: Option<u64>,
     synced: bool,
     read_wanted: bool,
-    /// Changed by an acknowledgement and not yet published (its index is in `unpublished`).
-    unpublished: bool,
 }
 
 /// A read of global totals: which accounts, and their keys in the same order.
@@ -424,10 +422,11 @@ pub(crate) struct ReadRequest {
 /// The flusher's side of the read side: synchronous, so it is tested without tokio.
 ///
 /// Tracked accounts live in a slab (`entries`), found by name through `by_account` (a sweep
-/// names the account) and by key through `by_key` (an acknowledgement names the key): one map
-/// lookup each, and none to publish what acknowledgements changed, whose indices are kept. An
-/// index stays its account's until the account is forgotten; a kept index that outlived its
-/// account is recognised by its entry's flags (`unpublished`).
+/// names the account: one map lookup). An acknowledgement names the index the sweep gave
+/// (`Counted`), so it needs no lookup; `by_key` finds the account of an amount swept before the
+/// account was tracked. An index stays its account's until the account is forgotten, which it
+/// is not while amounts counted for it are unacknowledged, unless a new bucket reset it: an
+/// acknowledgement then sees that the entry's key is another.
 pub(crate) struct AccountBook {
     keys: KeyScheme,
     budgets: Budgets,
@@ -439,9 +438,6 @@ pub(crate) struct AccountBook {
     free: BlockQueue<usize>,
     by_account: Sharded<Account, usize>,
     by_key: Sharded<Key, usize>,
-    /// Accounts changed by acknowledgements, not yet published: each live entry at most once,
-    /// plus the indices of entries forgotten since (skipped by their flag).
-    unpublished: BlockQueue<usize>,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
     wanted: BlockQueue<Account>,
     /// Entries below this index have the limits of the last `set_budgets`.
@@ -461,7 +457,6 @@ impl AccountBook {
             by_account: Sharded::new(),
             by_key: Sharded::new(),
             wanted: BlockQueue::new(),
-            unpublished: BlockQueue::new(),
             budgets_applied: 0,
         }
     }
@@ -496,7 +491,6 @@ impl AccountBook {
             limit,
             synced: false,
             read_wanted: false,
-            unpublished: false,
         };
         want_read(&mut self.wanted, &account, &mut tracked);
         publish(&tracked, self.bucket_end);
@@ -571,33 +565,10 @@ impl AccountBook {
         if let Some(total) = total {
             observe(tracked, total, now);
         }
-        // A write round acknowledges every key it carried: publishing each at once would make
-        // settling a round of a million keys one long poll. The flusher publishes them in slices
-        // right after (`publish_acknowledged`).
-        if !tracked.unpublished {
-            tracked.unpublished = true;
-            self.unpublished.push_back(index);
-        }
-    }
-
-    /// Publishes up to `most` accounts changed by acknowledgements; returns whether some remain.
-    pub(crate) fn publish_acknowledged(&mut self, most: usize) -> bool {
-        for _ in 0..most {
-            let Some(index) = self.unpublished.pop_front() else {
-                break;
-            };
-            // An account forgotten since (its index maybe reused) has nothing left to publish.
-            if let Some(tracked) = self
-                .entries
-                .get_mut(index)
-                .as_mut()
-                .filter(|t| t.unpublished)
-            {
-                tracked.unpublished = false;
-                publish(tracked, self.bucket_end);
-            }
-        }
-        !self.unpublished.is_empty()
+        // Published now, while the entry is in cache: the flusher settles a round in slices
+        // (`SETTLE_SLICE_KEYS`), so a round of a million keys is not one long poll. (Publishing
+        // in a pass of its own after settling cost a second cache miss per account.)
+        publish(tracked, self.bucket_end);
     }
 
     /// The accounts whose global total should be read now, if any, at most
@@ -840,7 +811,6 @@ mod tests {
         // The write is acknowledged: the reply's total replaces the pending part.
         let counted = Counted { owner, amount: 40 };
         book.acknowledged(Some(counted), &key, Some(101), at(NOON + 2));
-        assert!(!book.publish_acknowledged(16), "one account to publish");
         let usage = state.usage();
         assert_eq!(
             (usage.used, usage.global, usage.local_pending),
@@ -859,7 +829,6 @@ mod tests {
         // 5 swept before the account was tracked (not in its pending part) is acknowledged
         // under the same key, built apart: the total counts it, the pending part stays.
         book.acknowledged(None, &"b:u:20261129".into(), Some(65), at(NOON + 1));
-        book.publish_acknowledged(16);
         let usage = state.usage();
         assert_eq!(
             (usage.global, usage.local_pending, usage.used),
@@ -898,7 +867,6 @@ mod tests {
         let counted = Counted { owner, amount: 5 };
         book.acknowledged(Some(counted), &yesterdays, Some(55), at(NOON + 43_201));
         book.acknowledged(None, &yesterdays, Some(55), at(NOON + 43_201));
-        book.publish_acknowledged(16);
         assert_eq!(state.usage().used, 0);
     }
 

@@ -51,12 +51,9 @@ const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 // its caches and every item costs a few cache misses: the costs per item quoted are from a
 // poll-phase trace of that bench. The loops yield between steps once `SLICE_BUDGET` has passed
 // (`Slicer`), so where items are cheaper several steps share a poll.
-/// Accounts whose new view is published between two yields (a map lookup and a sequence-lock
-/// publication each).
-const PUBLISH_SLICE_ACCOUNTS: usize = 256;
 /// Tracked accounts given new limits per step after `Engine::set_budgets` (a lookup and a
-/// publication each, like a publication slice).
-const BUDGET_SLICE_ACCOUNTS: usize = PUBLISH_SLICE_ACCOUNTS;
+/// sequence-lock publication each).
+const BUDGET_SLICE_ACCOUNTS: usize = 256;
 /// New accounts the flusher starts tracking in one poll, at most (~7 µs each while a million
 /// sessions open: a key built, two map inserts, a view published).
 const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
@@ -66,8 +63,9 @@ const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
 const SWEEP_SLICE_SLOTS: usize = 128;
 /// Keys of a round cut into batches per poll (~0.2 µs each at a million keys).
 const CUT_SLICE_KEYS: usize = 2_048;
-/// Increments of a write's answers applied per step (~1.3 µs each at a million accounts, measured
-/// before the read side's slab: its lookups per increment miss the caches).
+/// Increments of a write's answers applied per step, each with its account's publication on the
+/// read side (~1.3 µs each at a million accounts, measured before the read side's slab, when
+/// its lookups per increment missed the caches).
 const SETTLE_SLICE_KEYS: usize = 256;
 
 pub(crate) enum Command {
@@ -387,7 +385,6 @@ impl<S: Sink> Flusher<S> {
                 }
                 output = next_write(&mut self.write) => {
                     self.settle(output).await;
-                    self.publish_acknowledged().await;
                 }
                 (request, values) = next_read(&mut self.read) => {
                     self.read = None;
@@ -651,11 +648,6 @@ impl<S: Sink> Flusher<S> {
         Stats::set(&self.stats.keys_rejected, settled.rejected.keys.into());
         Stats::set(&self.stats.amount_rejected, settled.rejected.amount);
 
-        if !self.waiters.is_empty() {
-            // A `flush_now` caller reads the read side next: publish everything (in slices)
-            // before answering it.
-            self.publish_acknowledged().await;
-        }
         match settlement.failure {
             Some(error) => {
                 Stats::add(&self.stats.write_failures, 1);
@@ -732,15 +724,6 @@ impl<S: Sink> Flusher<S> {
         self.waiters = still_waiting;
     }
 
-    /// Publishes what the last settlement changed on the read side, in slices with a yield
-    /// between them.
-    async fn publish_acknowledged(&mut self) {
-        let mut slicer = Slicer::new();
-        while self.book.publish_acknowledged(PUBLISH_SLICE_ACCOUNTS) {
-            slicer.pause().await;
-        }
-    }
-
     /// Starts reading the global totals the read side wants, unless a read is in flight.
     fn start_read_if_due(&mut self) {
         if self.read.is_some() {
@@ -789,7 +772,6 @@ impl<S: Sink> Flusher<S> {
             tokio::select! {
                 output = next_write(&mut self.write) => {
                     self.settle(output).await;
-                    self.publish_acknowledged().await;
                 }
                 _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
                     self.backoff.retry_now();
