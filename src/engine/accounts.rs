@@ -29,13 +29,14 @@
 
 use super::blocks::{BlockQueue, BlockVec};
 use super::keys::{BucketSpan, KeyScheme};
-use super::pending::{Counted, Owner, Sharded, MAP_SHARDS};
+use super::pending::{Counted, Owner, Sharded};
 use crate::ledger::Account;
 use crate::seqlock::SeqLock;
 use crate::sink::Key;
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -492,7 +493,7 @@ impl AccountBook {
             synced: false,
             read_wanted: false,
         };
-        want_read(&mut self.wanted, &account, &mut tracked);
+        want_read(&mut self.wanted, &mut tracked);
         publish(&tracked, self.bucket_end);
         let index = match self.free.pop_front() {
             Some(index) => {
@@ -621,15 +622,16 @@ impl AccountBook {
         }
     }
 
-    /// The shards of the account maps: [`AccountBook::rekey`] and [`AccountBook::review`] take
-    /// one at a time, so that the flusher can yield between them.
-    pub(crate) fn shards(&self) -> usize {
-        MAP_SHARDS
+    /// One past the highest index an account may hold: [`AccountBook::rekey`] and
+    /// [`AccountBook::review`] take the indices below it a range at a time, so that the flusher
+    /// can yield between ranges. In index order, the entries are read one after another.
+    pub(crate) fn extent(&self) -> usize {
+        self.entries.len()
     }
 
     /// Before a full sweep at `now`: moves to a new bucket if one began (usage starts from zero,
     /// every account's total is read again); returns whether one did. The accounts still carry
-    /// the old bucket's key until [`AccountBook::rekey`] has seen every shard, which the caller
+    /// the old bucket's key until [`AccountBook::rekey`] has seen every index, which the caller
     /// does before anything else touches the book.
     pub(crate) fn roll_bucket(&mut self, now: SystemTime) -> bool {
         let bucket = self.keys.span(now);
@@ -641,13 +643,14 @@ impl AccountBook {
         true
     }
 
-    /// After a [`AccountBook::roll_bucket`]: gives the accounts of one shard their key in the
+    /// After a [`AccountBook::roll_bucket`]: gives the accounts at `indices` their key in the
     /// new bucket and starts them from zero.
-    pub(crate) fn rekey(&mut self, shard: usize) {
-        for (account, &index) in &self.by_account.shards[shard] {
+    pub(crate) fn rekey(&mut self, indices: Range<usize>) {
+        for index in indices.start..indices.end.min(self.entries.len()) {
             let Some(tracked) = self.entries.get_mut(index).as_mut() else {
                 continue;
             };
+            let account = &tracked.state.account;
             let key: Key = self.keys.key(account, &self.bucket).into();
             let old = std::mem::replace(&mut tracked.key, key.clone());
             self.by_key.shard_mut(&old).remove(&old);
@@ -656,38 +659,36 @@ impl AccountBook {
             tracked.global_as_of = None;
             tracked.pending = 0;
             tracked.synced = false;
-            want_read(&mut self.wanted, account, tracked);
+            want_read(&mut self.wanted, tracked);
             publish(tracked, self.bucket_end);
         }
     }
 
-    /// After a full sweep, for the accounts of one shard: forgets those without a session and
+    /// After a full sweep, for the accounts at `indices`: forgets those without a session and
     /// with nothing pending, re-reads those that have nothing to write (so other processes'
     /// usage shows), and refreshes limits (a lookup's answer may have changed).
-    pub(crate) fn review(&mut self, shard: usize, registry: &Registry) {
-        let mut retired = Vec::new();
-        for (account, &index) in &self.by_account.shards[shard] {
-            let Some(tracked) = self.entries.get_mut(index).as_mut() else {
+    pub(crate) fn review(&mut self, indices: Range<usize>, registry: &Registry) {
+        for index in indices.start..indices.end.min(self.entries.len()) {
+            let entry = self.entries.get_mut(index);
+            let Some(tracked) = entry.as_mut() else {
                 continue;
             };
             if tracked.pending == 0 && registry.retire(&tracked.state) {
-                retired.push(index);
+                if let Some(tracked) = entry.take() {
+                    let (key, account) = (&tracked.key, tracked.state.account());
+                    self.by_key.shard_mut(key).remove(key);
+                    self.by_account.shard_mut(account).remove(account);
+                    self.free.push_back(index);
+                }
                 continue;
             }
             if tracked.pending == 0 {
-                want_read(&mut self.wanted, account, tracked);
+                want_read(&mut self.wanted, tracked);
             }
-            let limit = self.budgets.limit_of(account);
+            let limit = self.budgets.limit_of(tracked.state.account());
             if limit != tracked.limit {
                 tracked.limit = limit;
                 publish(tracked, self.bucket_end);
-            }
-        }
-        for index in retired {
-            if let Some(tracked) = self.entries.get_mut(index).take() {
-                self.by_key.shard_mut(&tracked.key).remove(&tracked.key);
-                self.by_account.shards[shard].remove(tracked.state.account());
-                self.free.push_back(index);
             }
         }
     }
@@ -723,10 +724,10 @@ impl std::fmt::Debug for AccountBook {
     }
 }
 
-fn want_read(wanted: &mut BlockQueue<Account>, account: &Account, tracked: &mut Tracked) {
+fn want_read(wanted: &mut BlockQueue<Account>, tracked: &mut Tracked) {
     if !tracked.read_wanted {
         tracked.read_wanted = true;
-        wanted.push_back(account.clone());
+        wanted.push_back(tracked.state.account.clone());
     }
 }
 
@@ -856,9 +857,7 @@ mod tests {
         assert!(state.is_exhausted());
         assert!(book.roll_bucket(at(NOON + 43_200)), "midnight");
         assert!(!book.roll_bucket(at(NOON + 43_201)), "the same bucket");
-        for shard in 0..book.shards() {
-            book.rekey(shard);
-        }
+        book.rekey(0..book.extent());
         assert!(!state.is_exhausted());
         assert_eq!(state.usage().global, None);
         assert_eq!(state.usage().bucket_end, Some(at(1_795_996_800 + 86_400)));
@@ -873,11 +872,7 @@ mod tests {
     #[test]
     fn accounts_without_sessions_are_forgotten() {
         let (registry, mut book, state) = setup(Budgets::unlimited());
-        let review = |book: &mut AccountBook| {
-            for shard in 0..book.shards() {
-                book.review(shard, &registry);
-            }
-        };
+        let review = |book: &mut AccountBook| book.review(0..book.extent(), &registry);
         review(&mut book);
         assert_eq!(book.len(), 1, "a session holds it");
         drop(state);
@@ -892,7 +887,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_bucket_rekeys_every_shard_and_forgets_the_old_keys() {
+    fn a_new_bucket_rekeys_every_account_a_range_at_a_time_and_forgets_the_old_keys() {
         let (registry, mut announced) = Registry::new();
         let mut book = AccountBook::new(KeyScheme::daily_utc("b"), Budgets::unlimited(), at(NOON));
         let states: Vec<_> = (0..1_000)
@@ -912,8 +907,8 @@ mod tests {
             "accounts spread over the shards"
         );
         assert!(book.roll_bucket(at(NOON + 43_200)));
-        for shard in 0..book.shards() {
-            book.rekey(shard);
+        for start in (0..book.extent()).step_by(7) {
+            book.rekey(start..start + 7);
         }
         assert_eq!(
             book.by_key.shards.iter().map(HashMap::len).sum::<usize>(),

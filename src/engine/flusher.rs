@@ -54,6 +54,12 @@ const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 /// Tracked accounts given new limits per step after `Engine::set_budgets` (a lookup and a
 /// sequence-lock publication each).
 const BUDGET_SLICE_ACCOUNTS: usize = 256;
+/// Tracked accounts reviewed per step after a full sweep (a limit lookup each, and for some a
+/// read wanted or the account forgotten).
+const REVIEW_SLICE_ACCOUNTS: usize = 256;
+/// Tracked accounts given their key in a new bucket per step (a key built and two map updates
+/// each).
+const REKEY_SLICE_ACCOUNTS: usize = 256;
 /// New accounts the flusher starts tracking in one poll, at most (~7 µs each while a million
 /// sessions open: a key built, two map inserts, a view published).
 const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
@@ -435,10 +441,10 @@ impl<S: Sink> Flusher<S> {
     /// Sweeps every slot, in slices of [`SWEEP_SLICE_SLOTS`] with a yield to the runtime
     /// between them, so that a sweep of a million slots never holds a runtime worker for long:
     /// the gateway's audio tasks run between the slices. Then, if `review`, the read side's
-    /// review of every account, a map shard per poll. The shutdown's sweep has none: the read
-    /// side is freed right after, and reviewing would retire every account whose session ended
-    /// (a million small frees in the flusher's polls, which the allocator may later consolidate
-    /// in one poll of a third of a second, `docs/benchmarks.md`).
+    /// review of every account, in slices of [`REVIEW_SLICE_ACCOUNTS`]. The shutdown's sweep has
+    /// none: the read side is freed right after, and reviewing would retire every account whose
+    /// session ended (a million small frees in the flusher's polls, which the allocator may later
+    /// consolidate in one poll of a third of a second, `docs/benchmarks.md`).
     #[tracing::instrument(name = "sweep", skip_all, fields(slots = self.sweeper.capacity()))]
     async fn sweep(&mut self, review: bool) {
         let started = Instant::now();
@@ -446,9 +452,9 @@ impl<S: Sink> Flusher<S> {
         let mut slicer = Slicer::new();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
         if self.book.roll_bucket(now) {
-            for shard in 0..self.book.shards() {
+            for start in (0..self.book.extent()).step_by(REKEY_SLICE_ACCOUNTS) {
                 slicer.pause().await;
-                self.book.rekey(shard);
+                self.book.rekey(start..start + REKEY_SLICE_ACCOUNTS);
             }
         }
         self.collect_ended_at(now).await;
@@ -460,10 +466,11 @@ impl<S: Sink> Flusher<S> {
         }
         Stats::add(&self.stats.sweeps, 1);
         self.interval_start = now;
-        let shards = if review { self.book.shards() } else { 0 };
-        for shard in 0..shards {
+        let extent = if review { self.book.extent() } else { 0 };
+        for start in (0..extent).step_by(REVIEW_SLICE_ACCOUNTS) {
             slicer.pause().await;
-            self.book.review(shard, &self.registry);
+            self.book
+                .review(start..start + REVIEW_SLICE_ACCOUNTS, &self.registry);
         }
         self.publish_tracked();
         metrics::sweep_took(started.elapsed());

@@ -36,11 +36,10 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
 /// Bits of a hash that pick a [`Sharded`] map's shard.
 const SHARD_BITS: u32 = 8;
-/// Shards of a [`Sharded`] map: 256. With 4,096 (a shard of ~250 accounts at a million, so that
-/// the flusher's per-shard review and re-keying took ~0.3 ms each) the engine's own CPU per
-/// account was a third higher at 100,000 accounts (`docs/benchmarks.md`); with 256 a shard holds
-/// ~4,000 accounts at a million, ~5 ms per review step, below the allocator's longest polls there.
-/// An empty shard costs its 48 bytes and nothing else.
+/// Shards of a [`Sharded`] map: 256, a 256th of the entries rehashed per growth. With 4,096 the
+/// engine's own CPU per account was a third higher at 100,000 accounts (`docs/benchmarks.md`).
+/// (The review and re-keying then went a shard at a time; they go by ranges of the read side's
+/// slab now.) An empty shard costs its 48 bytes and nothing else.
 pub(crate) const MAP_SHARDS: usize = 1 << SHARD_BITS;
 
 /// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
