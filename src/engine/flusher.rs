@@ -506,6 +506,7 @@ impl<S: Sink> Flusher<S> {
         let span = keys.span(self.interval_start);
         let ttl = keys.ttl_at(&span, now);
         let mut swept = 0u128;
+        self.pending.expect_keys(self.book.len());
         for usage in self.usage.drain(from..) {
             swept += u128::from(usage.amount);
             if self.enabled {
