@@ -34,31 +34,34 @@ const MAX_INCREMENT: u128 = i64::MAX as u128;
 /// application opened sessions for, and foldhash's seed is still random per process.
 pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
-/// Bits of a hash that pick a [`Sharded`] map's shard.
-const SHARD_BITS: u32 = 8;
-/// Shards of a [`Sharded`] map: 256, a 256th of the entries rehashed per growth. With 4,096 the
-/// engine's own CPU per account was a third higher at 100,000 accounts (`docs/benchmarks.md`).
-/// (The review and re-keying then went a shard at a time; they go by ranges of the read side's
-/// slab now.) An empty shard costs its 48 bytes and nothing else.
-pub(crate) const MAP_SHARDS: usize = 1 << SHARD_BITS;
+/// Bits of a hash that pick the shard of `Pending`'s map of waiting amounts: 256 shards. A round
+/// takes the map whole and leaves a new one, whose shards make room for the round before's keys
+/// at their first insert (see [`Sharded::sized_like`]): fewer, larger shards make fewer of those
+/// allocations. With 4,096, before that sizing, the engine's own CPU per account was a third
+/// higher at 100,000 accounts (`docs/benchmarks.md`).
+pub(crate) const PENDING_SHARD_BITS: u32 = 8;
 
-/// A map split over [`MAP_SHARDS`] maps by a hash of the key. A `HashMap` grows by rehashing
+/// A map split over `1 << bits` maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
-/// milliseconds. Here one growth rehashes one shard, a 256th of the entries. Used for the
-/// flusher's per-key and per-account maps, looked up about once per key per flush, so with
-/// foldhash (see [`KeyMap`]).
+/// milliseconds. Here one growth rehashes one shard. Used for the flusher's per-key and
+/// per-account maps, looked up about once per key per flush, so with foldhash (see [`KeyMap`]).
 pub(crate) struct Sharded<K, V> {
     route: foldhash::fast::RandomState,
+    /// How many of the route hash's top bits pick the shard.
+    bits: u32,
     pub(crate) shards: Box<[HashMap<K, V, foldhash::fast::RandomState>]>,
     /// Per shard, the entries to make room for at its first insert (see [`Sharded::sized_like`]).
     expected: Option<Box<[usize]>>,
 }
 
 impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
-    pub(crate) fn new() -> Self {
+    /// An empty map of `1 << bits` shards (an empty shard costs its 48 bytes and nothing else).
+    pub(crate) fn new(bits: u32) -> Self {
+        debug_assert!((1..usize::BITS).contains(&bits));
         Self {
             route: foldhash::fast::RandomState::default(),
-            shards: (0..MAP_SHARDS).map(|_| HashMap::default()).collect(),
+            bits,
+            shards: (0..1_usize << bits).map(|_| HashMap::default()).collect(),
             expected: None,
         }
     }
@@ -70,7 +73,7 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
     pub(crate) fn sized_like<W>(other: &Sharded<K, W>) -> Self {
         Self {
             expected: Some(other.shards.iter().map(HashMap::len).collect()),
-            ..Self::new()
+            ..Self::new(other.bits)
         }
     }
 
@@ -79,15 +82,15 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
     /// by a few standard deviations, ~2% of a share at a million keys).
     pub(crate) fn expect(&mut self, entries: usize) {
         if self.expected.is_none() && entries > 0 {
-            let share = entries.div_ceil(MAP_SHARDS);
-            self.expected = Some(vec![share + share / 8; MAP_SHARDS].into_boxed_slice());
+            let share = entries.div_ceil(self.shards.len());
+            self.expected = Some(vec![share + share / 8; self.shards.len()].into_boxed_slice());
         }
     }
 
     fn index<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> usize {
-        // The top `SHARD_BITS` of a hash of its own (the shards' maps use other seeds): below
-        // `MAP_SHARDS`, so the cast keeps the value.
-        (self.route.hash_one(key) >> (u64::BITS - SHARD_BITS)) as usize
+        // The top `bits` of a hash of its own (the shards' maps use other seeds): below the
+        // number of shards, so the cast keeps the value.
+        (self.route.hash_one(key) >> (u64::BITS - self.bits)) as usize
     }
 
     pub(crate) fn shard<Q: std::hash::Hash + ?Sized>(
@@ -255,7 +258,7 @@ pub(crate) struct Settlement {
 impl Pending {
     pub(crate) fn new(writer: u64, batch_size: usize) -> Self {
         Self {
-            waiting: Sharded::new(),
+            waiting: Sharded::new(PENDING_SHARD_BITS),
             waiting_keys: 0,
             round: Vec::new().into_iter(),
             cutting: None,
@@ -706,10 +709,10 @@ mod tests {
     #[test]
     fn a_map_told_what_to_expect_makes_room_at_each_first_insert() {
         let keys: Vec<Key> = (0..20_000).map(|i| format!("k{i}").into()).collect();
-        let mut map: Sharded<Key, u32> = Sharded::new();
+        let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
         map.expect(keys.len());
         map.expect(1);
-        let mut room = vec![None; MAP_SHARDS];
+        let mut room = vec![None; map.shards.len()];
         for key in &keys {
             let index = map.index(key);
             map.shard_mut(key).insert(key.clone(), 0);
