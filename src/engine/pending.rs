@@ -78,12 +78,13 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
     }
 
     /// Unless the map already knows what to expect: its shards make room, at their first insert,
-    /// for a share of `entries` with an eighth more (the shares of keys routed at random differ
-    /// by a few standard deviations, ~2% of a share at a million keys).
+    /// for a share of `entries` and four standard deviations more (keys routed at random: a
+    /// share of `n` varies by about `√n`), plus an eighth for keys the estimate missed.
     pub(crate) fn expect(&mut self, entries: usize) {
         if self.expected.is_none() && entries > 0 {
             let share = entries.div_ceil(self.shards.len());
-            self.expected = Some(vec![share + share / 8; self.shards.len()].into_boxed_slice());
+            let room = share + 4 * share.isqrt() + share / 8;
+            self.expected = Some(vec![room; self.shards.len()].into_boxed_slice());
         }
     }
 
