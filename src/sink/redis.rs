@@ -44,9 +44,10 @@
 //! task of its own as it fills (so that no single poll copies or frees a whole round's
 //! commands); fred routes each call to the node that owns its slot, follows `MOVED`/`ASK` while
 //! slots move, and the nodes work concurrently. A key's value and its amount and TTL are made
-//! once, when it is planned, and move into the call's arguments. Planning and reading replies
-//! check every 256 keys (inside a batch or a call too) and after each pipeline whether to yield
-//! to the runtime: once 0.3 ms have passed since the last yield.
+//! once, when it is planned, and move into the call's arguments. A pipeline's replies are read
+//! as soon as it has them all, while Redis runs the later pipelines. Planning and reading
+//! replies check every 256 keys (inside a batch or a call too) and after each pipeline whether
+//! to yield to the runtime: once 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
 //!
@@ -658,13 +659,14 @@ impl RedisSink {
     /// way each (writer, lane) is one call per write, which the dedup record relies on (module
     /// docs). Yields every [`SLICE_KEYS`] keys (inside a batch too: one may hold 100,000) and
     /// after each pipeline. A batch id seen earlier in the same write is left out (see
-    /// `Sink::write`). Returns the calls in the order sent, with one reply each.
+    /// `Sink::write`). Returns the calls in the order queued, and the pipelines that carry them
+    /// (the last one not sent yet), whose replies come in as Redis answers.
     async fn plan_and_send(
         &self,
         batches: &[Batch],
         first_of: &[usize],
         write: u64,
-    ) -> (Vec<CallPlan>, Vec<Result<Value, FredError>>) {
+    ) -> (Vec<CallPlan>, Pipelines) {
         let clustered = self.client.is_clustered();
         let closes = if clustered {
             vec![false; batches.len()]
@@ -731,19 +733,19 @@ impl RedisSink {
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(sent.len() as u64, Ordering::Relaxed);
-        (sent, pipelines.replies().await)
+        (sent, pipelines)
     }
 
     /// Sends the calls `which` (indices into `calls`, planned by `plan_and_send` for write
-    /// number `write`) again, their arguments rebuilt from `batches`; one reply per call, in
-    /// order. Yields as `plan_and_send` does.
+    /// number `write`) again, their arguments rebuilt from `batches`, in that order. Yields as
+    /// `plan_and_send` does.
     async fn resend(
         &self,
         batches: &[Batch],
         calls: &[CallPlan],
         which: &[usize],
         write: u64,
-    ) -> Vec<Result<Value, FredError>> {
+    ) -> Pipelines {
         let mut slicer = Slicer::new();
         let mut pipelines = Pipelines::new(&self.client);
         let mut sent = Vec::with_capacity(which.len());
@@ -771,7 +773,7 @@ impl RedisSink {
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
             .fetch_add(sent.len() as u64, Ordering::Relaxed);
-        pipelines.replies().await
+        pipelines
     }
 
     /// Turns `call` into its `EVALSHA` and queues it in `pipelines`; its plan goes to `sent`.
@@ -1029,14 +1031,18 @@ fn last_of_their_lane(batches: &[Batch], first_of: &[usize]) -> Vec<bool> {
 /// pipeline by a task of its own: fred copies a pipeline's commands when it sends them and
 /// frees them afterwards, work that for a whole round in one pipeline would be one poll of
 /// tens of milliseconds for the caller. The calls are independent (one per (writer, lane) in a
-/// write), so their order across pipelines does not matter.
+/// write), so their order across pipelines does not matter, and each pipeline's replies are
+/// read as soon as they are in ([`Pipelines::next`]), while Redis runs the later ones.
 struct Pipelines {
     client: WithOptions<Client>,
+    /// Each answers the position of its first call among those queued, and its replies.
     tasks: tokio::task::JoinSet<(usize, Vec<Result<Value, FredError>>)>,
-    /// Commands per pipeline sent, in order.
-    sizes: Vec<usize>,
+    /// Per pipeline sent, for a task that panics: its id, first call and number of calls.
+    launched: Vec<(tokio::task::Id, usize, usize)>,
     filling: Vec<(CustomCommand, Vec<Value>)>,
     filling_keys: usize,
+    /// Calls queued so far, sent or filling.
+    queued: usize,
 }
 
 impl Pipelines {
@@ -1044,9 +1050,10 @@ impl Pipelines {
         Self {
             client: client.clone(),
             tasks: tokio::task::JoinSet::new(),
-            sizes: Vec::new(),
+            launched: Vec::new(),
             filling: Vec::new(),
             filling_keys: 0,
+            queued: 0,
         }
     }
 
@@ -1054,6 +1061,7 @@ impl Pipelines {
     /// Returns whether it sent one.
     fn push(&mut self, command: CustomCommand, args: Vec<Value>, keys: usize) -> bool {
         self.filling.push((command, args));
+        self.queued += 1;
         self.filling_keys += keys;
         if self.filling_keys < PIPELINE_KEYS {
             return false;
@@ -1065,35 +1073,37 @@ impl Pipelines {
     fn send_filling(&mut self) {
         self.filling_keys = 0;
         let commands = std::mem::take(&mut self.filling);
-        self.sizes.push(commands.len());
-        let index = self.sizes.len() - 1;
+        let (first, size) = (self.queued - commands.len(), commands.len());
         let pipeline = Pipeline::from(self.client.clone());
-        self.tasks
-            .spawn(async move { (index, send_pipeline(pipeline, commands).await) });
+        let task = self
+            .tasks
+            .spawn(async move { (first, send_pipeline(pipeline, commands).await) });
+        self.launched.push((task.id(), first, size));
     }
 
-    /// Sends what is left and waits for every reply: one per command queued, in order.
-    async fn replies(mut self) -> Vec<Result<Value, FredError>> {
+    /// Sends what is left, then answers the replies of the next pipeline to finish: the
+    /// position of its first call among those queued, and one reply per call, in order.
+    /// `None` once every pipeline has answered.
+    async fn next(&mut self) -> Option<(usize, Vec<Result<Value, FredError>>)> {
         if !self.filling.is_empty() {
             self.send_filling();
         }
-        let mut answered: Vec<Option<Vec<Result<Value, FredError>>>> = vec![None; self.sizes.len()];
-        while let Some(joined) = self.tasks.join_next().await {
-            // A task that panicked leaves its slot empty: its calls may have been sent, so
-            // they are answered as a lost connection (outcome unknown) below.
-            if let Ok((index, replies)) = joined {
-                answered[index] = Some(replies);
+        loop {
+            match self.tasks.join_next_with_id().await? {
+                Ok((_, answer)) => return Some(answer),
+                Err(ended) => {
+                    // A task that panicked: its calls may have been sent, so they are answered
+                    // as a lost connection (outcome unknown).
+                    let Some(&(_, first, size)) =
+                        self.launched.iter().find(|(task, ..)| *task == ended.id())
+                    else {
+                        continue;
+                    };
+                    let error = FredError::new(ErrorKind::IO, "the task sending a pipeline ended");
+                    return Some((first, vec![Err(error); size]));
+                }
             }
         }
-        let mut replies = Vec::with_capacity(self.sizes.iter().sum());
-        for (size, answer) in self.sizes.into_iter().zip(answered) {
-            let answer = answer.unwrap_or_else(|| {
-                let error = FredError::new(ErrorKind::IO, "the task sending a pipeline ended");
-                vec![Err(error); size]
-            });
-            replies.extend(answer);
-        }
-        replies
     }
 }
 
@@ -1114,27 +1124,7 @@ impl Sink for RedisSink {
         };
         // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
         let write = self.writes.fetch_add(1, Ordering::Relaxed);
-        let (calls, mut replies) = self.plan_and_send(batches, &first_of, write).await;
-
-        let missing: Vec<usize> = (0..replies.len())
-            .filter(|&c| matches!(&replies[c], Err(e) if e.details().starts_with("NOSCRIPT")))
-            .collect();
-        if !missing.is_empty() {
-            // Nothing ran for these calls: load the script (on every primary), send them again.
-            match self.load_script_on_primaries().await {
-                Ok(()) => {
-                    let again = self.resend(batches, &calls, &missing, write).await;
-                    for (c, reply) in missing.into_iter().zip(again) {
-                        replies[c] = reply;
-                    }
-                }
-                Err(error) => {
-                    for c in missing {
-                        replies[c] = Err(error.clone());
-                    }
-                }
-            }
-        }
+        let (calls, mut pipelines) = self.plan_and_send(batches, &first_of, write).await;
 
         // Each batch's outcome slots are made when its first reply arrives, in the sliced loop.
         let mut settled: Vec<Settling> = batches
@@ -1145,37 +1135,42 @@ impl Sink for RedisSink {
                 error: None,
             })
             .collect();
-        // Keys answered since the last yield. On one Redis a call carries every batch of its
-        // lane in the write (thousands of keys when a write carries a round of a million), so
-        // the slices end inside calls.
-        let mut parsed_keys = 0;
-        let mut slicer = Slicer::new();
-        for (call, reply) in calls.iter().zip(replies) {
-            let parsed = reply
-                .map_err(|error| self.sink_error(&error))
-                .and_then(|value| parse_reply(value, call.parts.len()));
-            match parsed {
-                Ok((applied_now, outcomes)) => {
-                    for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
-                        if parsed_keys >= SLICE_KEYS {
-                            parsed_keys = 0;
-                            slicer.pause().await;
+        let mut reading = Reading {
+            batches,
+            settled: &mut settled,
+            slicer: Slicer::new(),
+            keys_read: 0,
+        };
+        // Calls that found the script missing: nothing of them ran.
+        let mut missing: Vec<usize> = Vec::new();
+        while let Some((first, replies)) = pipelines.next().await {
+            for (c, reply) in (first..).zip(replies) {
+                match reply {
+                    Err(error) if error.details().starts_with("NOSCRIPT") => missing.push(c),
+                    reply => reading.read(self, &calls[c], reply).await,
+                }
+            }
+        }
+        if !missing.is_empty() {
+            // Load the script (on every primary) and send these calls again.
+            match self.load_script_on_primaries().await {
+                Ok(()) => {
+                    let mut again = self.resend(batches, &calls, &missing, write).await;
+                    while let Some((first, replies)) = again.next().await {
+                        for (m, reply) in (first..).zip(replies) {
+                            reading.read(self, &calls[missing[m]], reply).await;
                         }
-                        parsed_keys += 1;
-                        if settled[b].outcomes.is_empty() {
-                            settled[b].outcomes = vec![None; batches[b].increments.len()];
-                        }
-                        settled[b].outcomes[i] = Some(outcome);
-                        settled[b].applied_now |= applied_now;
                     }
                 }
                 Err(error) => {
-                    for &(b, _) in &call.parts {
-                        settled[b].error.get_or_insert_with(|| error.clone());
+                    for c in missing {
+                        reading.read(self, &calls[c], Err(error.clone())).await;
                     }
                 }
             }
         }
+        let mut slicer = reading.slicer;
+
         let mut results: Vec<Result<BatchOutcome, SinkError>> = Vec::with_capacity(batches.len());
         let mut finished_keys = 0;
         for (batch, settling) in batches.iter().zip(settled) {
@@ -1233,6 +1228,48 @@ struct Diagnosis {
     cause: String,
     /// Redis refuses the sink's settings (see [`MISCONFIGURATION_REPLIES`]).
     misconfigured: bool,
+}
+
+/// A write's replies being read into its batches' outcomes, a call at a time.
+struct Reading<'a> {
+    batches: &'a [Batch],
+    settled: &'a mut [Settling],
+    slicer: Slicer,
+    /// Keys answered since the last check of the slice budget. On one Redis a call carries every
+    /// batch of its lane in the write (thousands of keys when a write carries a round of a
+    /// million), so the slices end inside calls.
+    keys_read: usize,
+}
+
+impl Reading<'_> {
+    /// Reads `call`'s reply into the outcomes of its batches.
+    async fn read(&mut self, sink: &RedisSink, call: &CallPlan, reply: Result<Value, FredError>) {
+        let parsed = reply
+            .map_err(|error| sink.sink_error(&error))
+            .and_then(|value| parse_reply(value, call.parts.len()));
+        match parsed {
+            Ok((applied_now, outcomes)) => {
+                for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                    if self.keys_read >= SLICE_KEYS {
+                        self.keys_read = 0;
+                        self.slicer.pause().await;
+                    }
+                    self.keys_read += 1;
+                    let settling = &mut self.settled[b];
+                    if settling.outcomes.is_empty() {
+                        settling.outcomes = vec![None; self.batches[b].increments.len()];
+                    }
+                    settling.outcomes[i] = Some(outcome);
+                    settling.applied_now |= applied_now;
+                }
+            }
+            Err(error) => {
+                for &(b, _) in &call.parts {
+                    self.settled[b].error.get_or_insert_with(|| error.clone());
+                }
+            }
+        }
+    }
 }
 
 /// What the calls of a write said about one batch.
