@@ -1121,3 +1121,62 @@ async fn a_write_sent_in_several_pipelines_answers_every_key_in_order() {
     let mut redis = RespClient::connect(addr).unwrap();
     assert_eq!(redis.get_i64(&names[4_899]), Some(6_700));
 }
+
+/// On one Redis a lane's call is sent as soon as the write's last batch of that lane is
+/// planned, so calls go out in another order than their lanes first appear: every key still
+/// gets its own reply, and each lane is one call whose record holds its highest sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_as_their_lanes_close_answer_every_key_in_order() {
+    let server = RedisServer::start();
+    let keys = Keyspace::new(server.addr(), "streamed");
+    let sink = sink_on(&server.url(), &keys, Duration::from_secs(10)).await;
+    sink.load_script().await.unwrap();
+    let writer = unique_u64();
+    // Lanes 1, 2, 1, 3, 1, 2 (sequence modulo 256): lane 3 closes at the fourth batch, lane 1
+    // at the fifth, lane 2 at the last. 600 keys each: several pipelines.
+    let sequences = [1u64, 2, 257, 3, 513, 258];
+    let names: Vec<String> = (0..sequences.len() * 600)
+        .map(|i| keys.key(&format!("k:{i}")))
+        .collect();
+    let batches: Vec<Batch> = names
+        .chunks(600)
+        .zip(sequences)
+        .map(|(chunk, sequence)| {
+            let increments: Vec<(&str, u64, Duration)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, key)| (key.as_str(), sequence * 1_000 + i as u64 + 1, MINUTE))
+                .collect();
+            batch(writer, sequence, &increments)
+        })
+        .collect();
+    let results = sink.write(&batches).await;
+    assert_eq!(results.len(), batches.len());
+    for (batch, result) in batches.iter().zip(results) {
+        let expected: Vec<KeyOutcome> = batch
+            .increments
+            .iter()
+            .map(|increment| added(increment.amount as i64))
+            .collect();
+        assert_eq!(result, Ok(BatchOutcome::Applied(expected)), "{}", batch.id);
+    }
+    assert_eq!(server.commandstats().calls("evalsha"), 3);
+    for (sequence, key, highest) in [
+        (1, &names[0], "513"),
+        (2, &names[600], "258"),
+        (3, &names[1_800], "3"),
+    ] {
+        let id = BatchId { writer, sequence };
+        assert_eq!(
+            server.get(&sink.dedup_record_key(id, key)).as_deref(),
+            Some(highest)
+        );
+    }
+    // Sent again whole: every lane was applied before.
+    assert!(sink
+        .write(&batches)
+        .await
+        .iter()
+        .all(|result| *result == Ok(BatchOutcome::AlreadyApplied)));
+    assert_eq!(server.get(&names[0]), Some("1001".into()));
+}

@@ -36,12 +36,18 @@
 //! keys are all declared in `KEYS` and, on a Cluster, all lie in that slot, so Redis never
 //! answers `CROSSSLOT`, whatever the keys look like: the reference deployment's plain keys
 //! (`fair_use:dg_budget:uid-42:20261129`, spread over all 16,384 slots) as well as hash-tagged
-//! ones. All calls of a write go out at once, in fred pipelines of about 1,024 keys each (so
-//! that no single poll copies or frees a whole round's commands); fred routes each call to the
-//! node that owns its slot, follows `MOVED`/`ASK` while slots move, and the nodes work
-//! concurrently. Planning, copying the calls' arguments and reading replies check every 256 keys
-//! (inside a batch or a call too) and after each pipeline whether to yield to the runtime: once
-//! 0.3 ms have passed since the last yield.
+//! ones. A call goes out as soon as no later batch of the write can add to it: on one Redis
+//! when the write's last batch of its lane is planned (with one batch per lane, the usual case
+//! up to 256 batches per write, each batch's call goes out right after it is planned, and Redis
+//! runs it while the sink plans the next); on a Cluster, where any later key may share a slot,
+//! once every key is planned. Calls travel in fred pipelines of about 1,024 keys, each sent by a
+//! task of its own as it fills (so that no single poll copies or frees a whole round's
+//! commands); fred routes each call to the node that owns its slot, follows `MOVED`/`ASK` while
+//! slots move, and the nodes work concurrently. A key's value and its amount and TTL are made
+//! once, when it is planned, and move into the call's arguments. A pipeline's replies are read
+//! as soon as it has them all, while Redis runs the later pipelines. Planning and reading
+//! replies check every 256 keys (inside a batch or a call too) and after each pipeline whether
+//! to yield to the runtime: once 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
 //!
@@ -154,7 +160,7 @@
 //! [`KeyOutcome::Added::total`] is the key's value right after the increment, including every
 //! other writer's additions: a free, fresh view of an account's usage across gateways.
 
-use super::{Batch, BatchId, BatchOutcome, KeyOutcome, Sink, SinkError, Slicer};
+use super::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, Sink, SinkError, Slicer};
 use fred::clients::{Client, Pipeline, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
@@ -219,12 +225,12 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned, copied, answered or freed between two checks of the time since the last yield
-/// to the runtime ([`Slicer`]), so that a write of a million keys never holds the caller's
-/// worker for long: ~1.2 µs per key planned when the round is a million keys (a key's slot, its
-/// call's lookup, two values made; the keys no longer fit in the caches), so a step is ~0.3 ms.
+/// Keys planned or answered between two checks of the time since the last yield to the runtime
+/// ([`Slicer`]), so that a write of a million keys never holds the caller's worker for long:
+/// ~1.2 µs per key planned when the round is a million keys (a key's slot, its call's lookup,
+/// three values made; the keys no longer fit in the caches), so a step is ~0.3 ms.
 const SLICE_KEYS: usize = 256;
-/// Keys per pipeline: each is sent by a task of its own (see `RedisSink::send`).
+/// Keys per pipeline: each is sent by a task of its own (see [`Pipelines`]).
 const PIPELINE_KEYS: usize = 1_024;
 
 /// Why a [`RedisSink`] could not be made.
@@ -644,21 +650,49 @@ impl RedisSink {
         lane(self.client.is_clustered(), id.sequence, slot)
     }
 
-    /// Regroups `batches` into one call per (writer, lane), yielding every [`SLICE_KEYS`]
-    /// keys (inside a batch too: one may hold 100,000). A batch id seen earlier in the same
-    /// write is left out (see `Sink::write`).
-    async fn plan(&self, batches: &[Batch], first_of: &[usize]) -> Vec<Call> {
+    /// Regroups `batches` into one call per (writer, lane) and sends each call as soon as no
+    /// later batch of the write can add to it, in pipelines of about [`PIPELINE_KEYS`] keys
+    /// ([`Pipelines`]). On one Redis a batch's lane is its sequence's, so the last batch of each
+    /// (writer, lane) is known before any key is read: that batch's call goes out when it is
+    /// planned, and Redis runs it while the rest is planned. On a Cluster a lane is a key's hash
+    /// slot, which any later key may share: the calls go out once every key is planned. Either
+    /// way each (writer, lane) is one call per write, which the dedup record relies on (module
+    /// docs). Yields every [`SLICE_KEYS`] keys (inside a batch too: one may hold 100,000) and
+    /// after each pipeline. A batch id seen earlier in the same write is left out (see
+    /// `Sink::write`). Returns the calls in the order queued, and the pipelines that carry them
+    /// (the last one not sent yet), whose replies come in as Redis answers.
+    async fn plan_and_send(
+        &self,
+        batches: &[Batch],
+        first_of: &[usize],
+        write: u64,
+    ) -> (Vec<CallPlan>, Pipelines) {
         let clustered = self.client.is_clustered();
-        // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
-        let write = self.writes.fetch_add(1, Ordering::Relaxed);
+        let closes = if clustered {
+            vec![false; batches.len()]
+        } else {
+            last_of_their_lane(batches, first_of)
+        };
         let mut slicer = Slicer::new();
-        let mut calls: Vec<Call> = Vec::new();
+        let mut pipelines = Pipelines::new(&self.client);
+        let mut sent: Vec<CallPlan> = Vec::new();
+        // Calls still open; a sent one is left behind empty.
+        let mut open: Vec<OpenCall> = Vec::new();
         let mut by_lane: HashMap<(u64, u16), usize> = HashMap::new();
         let mut planned = 0;
         for (b, batch) in batches.iter().enumerate() {
             if first_of[b] != b {
                 continue;
             }
+            let writer = batch.id.writer;
+            // One Redis: the whole batch is in its sequence's lane, one lookup for all its keys.
+            let batch_call = match (clustered, batch.increments.is_empty()) {
+                (false, false) => {
+                    let lane = lane(false, batch.id.sequence, 0);
+                    Some(OpenCall::find(&mut open, &mut by_lane, writer, lane))
+                }
+                _ => None,
+            };
             for (i, increment) in batch.increments.iter().enumerate() {
                 if planned >= SLICE_KEYS {
                     planned = 0;
@@ -666,110 +700,106 @@ impl RedisSink {
                 }
                 planned += 1;
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
-                let lane = lane(clustered, batch.id.sequence, slot);
-                let writer = batch.id.writer;
-                let c = *by_lane.entry((writer, lane)).or_insert_with(|| {
-                    calls.push(Call::new(&self.marker_prefix, writer, lane));
-                    calls.len() - 1
-                });
-                let call = &mut calls[c];
-                call.sequence = call.sequence.max(batch.id.sequence);
-                call.parts.push((b, i));
-                call.keys.push(Value::from(&*increment.key));
-                // Above i64::MAX (outside the contract) the amount goes as text, and Redis
-                // rejects that key ("value is not an integer or out of range"): no panic, no
-                // wrap-around.
-                call.args.push(match i64::try_from(increment.amount) {
-                    Ok(amount) => Value::Integer(amount),
-                    Err(_) => Value::from(increment.amount.to_string()),
-                });
-                // `whole_seconds` is at most 2^50; negative asks the script to set it anyway.
-                let ttl = whole_seconds(increment.ttl) as i64;
-                let refresh = spread(u64::from(slot) << 32 ^ write) % TTL_REFRESH_EVERY == 0;
-                call.args
-                    .push(Value::Integer(if refresh { -ttl } else { ttl }));
+                let c = match batch_call {
+                    Some(c) => c,
+                    None => OpenCall::find(&mut open, &mut by_lane, writer, slot),
+                };
+                let call = &mut open[c];
+                call.plan.sequence = call.plan.sequence.max(batch.id.sequence);
+                call.plan.parts.push((b, i));
+                push_increment(&mut call.keys, &mut call.pairs, increment, slot, write);
+            }
+            if closes[b] {
+                // One Redis: the batch's lane, whatever the slots.
+                let lane = lane(false, batch.id.sequence, 0);
+                if let Some(c) = by_lane.remove(&(writer, lane)) {
+                    let call = std::mem::take(&mut open[c]);
+                    if self.queue(call, &mut pipelines, &mut sent) {
+                        planned = 0;
+                        slicer.pause().await;
+                    }
+                }
             }
         }
-        calls
-    }
-
-    /// Sends `calls` (the indices into `all`); one reply per call, in order. The calls go out
-    /// in pipelines of about [`PIPELINE_KEYS`] keys, each sent by a task of its own, all at once:
-    /// fred copies a pipeline's commands when it sends them and frees them afterwards, work
-    /// that for a whole round in one pipeline would be one poll of tens of milliseconds for the
-    /// caller. The calls are independent (one per (writer, lane) in a write), so their order
-    /// across pipelines does not matter.
-    async fn send(&self, all: &[Call], calls: &[usize]) -> Vec<Result<Value, FredError>> {
-        let mut slicer = Slicer::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut sizes = Vec::new();
-        let mut chunk = Vec::new();
-        let mut queued = 0;
-        // Keys whose arguments were copied since the last yield: a call may hold thousands.
-        let mut copied = 0;
-        for (n, &c) in calls.iter().enumerate() {
-            let call = &all[c];
-            // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
-            let mut args = Vec::with_capacity(call.keys.len() + call.args.len() + 5);
-            args.push(Value::from(self.script.sha1().clone()));
-            args.push(Value::Integer(call.keys.len() as i64 + 1));
-            args.push(Value::from(call.record.as_str()));
-            for keys in call.keys.chunks(SLICE_KEYS) {
-                if copied >= SLICE_KEYS {
-                    copied = 0;
-                    slicer.pause().await;
-                }
-                args.extend(keys.iter().cloned());
-                copied += keys.len();
+        // A Cluster's calls (on one Redis every call went out with its last batch).
+        for call in open {
+            if call.plan.parts.is_empty() {
+                continue;
             }
-            args.push(Value::from(call.sequence.to_string()));
-            args.push(Value::Integer(self.dedup_window_secs));
-            // Two arguments per key.
-            for pairs in call.args.chunks(2 * SLICE_KEYS) {
-                if copied >= SLICE_KEYS {
-                    copied = 0;
-                    slicer.pause().await;
-                }
-                args.extend(pairs.iter().cloned());
-                copied += pairs.len() / 2;
-            }
-            // Routed to the owner of the lane's slot, where the record and every key lie
-            // (fred's `evalsha` has no pipeline form, so it goes as a custom command).
-            let command =
-                CustomCommand::new_static("EVALSHA", ClusterHash::Custom(call.lane), false);
-            chunk.push((command, args));
-            queued += call.keys.len();
-            if queued >= PIPELINE_KEYS || n + 1 == calls.len() {
-                queued = 0;
-                sizes.push(chunk.len());
-                let index = sizes.len() - 1;
-                let pipeline = Pipeline::from(self.client.clone());
-                let commands = std::mem::take(&mut chunk);
-                tasks.spawn(async move { (index, send_pipeline(pipeline, commands).await) });
-                copied = 0;
+            if self.queue(call, &mut pipelines, &mut sent) {
                 slicer.pause().await;
             }
         }
         // Relaxed: a statistic, read without ordering against anything else.
         self.commands_sent
-            .fetch_add(calls.len() as u64, Ordering::Relaxed);
-        let mut answered: Vec<Option<Vec<Result<Value, FredError>>>> = vec![None; sizes.len()];
-        while let Some(joined) = tasks.join_next().await {
-            // A task that panicked leaves its slot empty: its calls may have been sent, so
-            // they are answered as a lost connection (outcome unknown) below.
-            if let Ok((index, replies)) = joined {
-                answered[index] = Some(replies);
+            .fetch_add(sent.len() as u64, Ordering::Relaxed);
+        (sent, pipelines)
+    }
+
+    /// Sends the calls `which` (indices into `calls`, planned by `plan_and_send` for write
+    /// number `write`) again, their arguments rebuilt from `batches`, in that order. Yields as
+    /// `plan_and_send` does.
+    async fn resend(
+        &self,
+        batches: &[Batch],
+        calls: &[CallPlan],
+        which: &[usize],
+        write: u64,
+    ) -> Pipelines {
+        let mut slicer = Slicer::new();
+        let mut pipelines = Pipelines::new(&self.client);
+        let mut sent = Vec::with_capacity(which.len());
+        let mut rebuilt = 0;
+        for &c in which {
+            let plan = &calls[c];
+            let mut call = OpenCall::new(plan.writer, plan.lane);
+            call.plan.sequence = plan.sequence;
+            call.plan.parts.clone_from(&plan.parts);
+            for &(b, i) in &plan.parts {
+                if rebuilt >= SLICE_KEYS {
+                    rebuilt = 0;
+                    slicer.pause().await;
+                }
+                rebuilt += 1;
+                let increment = &batches[b].increments[i];
+                let slot = fred::util::redis_keyslot(increment.key.as_bytes());
+                push_increment(&mut call.keys, &mut call.pairs, increment, slot, write);
+            }
+            if self.queue(call, &mut pipelines, &mut sent) {
+                rebuilt = 0;
+                slicer.pause().await;
             }
         }
-        let mut replies = Vec::with_capacity(calls.len());
-        for (size, answer) in sizes.into_iter().zip(answered) {
-            let answer = answer.unwrap_or_else(|| {
-                let error = FredError::new(ErrorKind::IO, "the task sending a pipeline ended");
-                vec![Err(error); size]
-            });
-            replies.extend(answer);
-        }
-        replies
+        // Relaxed: a statistic, read without ordering against anything else.
+        self.commands_sent
+            .fetch_add(sent.len() as u64, Ordering::Relaxed);
+        pipelines
+    }
+
+    /// Turns `call` into its `EVALSHA` and queues it in `pipelines`; its plan goes to `sent`.
+    /// Returns whether a pipeline was sent (the caller then checks whether to yield). The key
+    /// and argument values move into the command: fred frees them once it has written them.
+    fn queue(&self, call: OpenCall, pipelines: &mut Pipelines, sent: &mut Vec<CallPlan>) -> bool {
+        let OpenCall {
+            plan,
+            keys: mut args,
+            mut pairs,
+        } = call;
+        let keys = args.len() - CALL_HEADER;
+        // EVALSHA sha numkeys record key... sequence record-ttl (amount ttl)...
+        args[0] = Value::from(self.script.sha1().clone());
+        // The record is a key too.
+        args[1] = Value::Integer(keys as i64 + 1);
+        args[2] = Value::from(record_key(&self.marker_prefix, plan.writer, plan.lane));
+        args.reserve_exact(2 + pairs.len());
+        args.push(Value::from(plan.sequence.to_string()));
+        args.push(Value::Integer(self.dedup_window_secs));
+        args.append(&mut pairs);
+        // Routed to the owner of the lane's slot, where the record and every key lie (fred's
+        // `evalsha` has no pipeline form, so it goes as a custom command).
+        let command = CustomCommand::new_static("EVALSHA", ClusterHash::Custom(plan.lane), false);
+        sent.push(plan);
+        pipelines.push(command, args, keys)
     }
 
     /// Why nothing could be sent: where the client connects and why it cannot, as
@@ -907,30 +937,172 @@ fn lock<T>(cell: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One script call: the increments of one writer in one lane, over the batches of a write.
-struct Call {
+/// Values at the head of a call's arguments before its keys: script, key count, record.
+const CALL_HEADER: usize = 3;
+
+/// A call as planned: which increments it carries, to match its reply and to rebuild it.
+#[derive(Default)]
+struct CallPlan {
+    writer: u64,
     /// The lane: on a Cluster the hash slot of the record and of every key.
     lane: u16,
-    /// The dedup record of (writer, lane).
-    record: String,
     /// The highest batch sequence among `parts`.
     sequence: u64,
-    /// (batch index, increment index) of each key, in `keys` order.
+    /// (batch index, increment index) of each key, in the order sent.
     parts: Vec<(usize, usize)>,
-    keys: Vec<Value>,
-    /// Amount and TTL per key.
-    args: Vec<Value>,
 }
 
-impl Call {
-    fn new(prefix: &str, writer: u64, lane: u16) -> Self {
+/// A call being planned: the increments of one writer in one lane, over the batches of a write.
+#[derive(Default)]
+struct OpenCall {
+    plan: CallPlan,
+    /// [`CALL_HEADER`] places, filled when the call is sent, then one value per key: these
+    /// become the call's arguments without being copied again.
+    keys: Vec<Value>,
+    /// Amount and TTL per key.
+    pairs: Vec<Value>,
+}
+
+impl OpenCall {
+    /// The index in `open` of the call of (`writer`, `lane`), opened if there is none.
+    fn find(
+        open: &mut Vec<OpenCall>,
+        by_lane: &mut HashMap<(u64, u16), usize>,
+        writer: u64,
+        lane: u16,
+    ) -> usize {
+        *by_lane.entry((writer, lane)).or_insert_with(|| {
+            open.push(OpenCall::new(writer, lane));
+            open.len() - 1
+        })
+    }
+
+    fn new(writer: u64, lane: u16) -> Self {
         Self {
-            lane,
-            record: record_key(prefix, writer, lane),
-            sequence: 0,
-            parts: Vec::new(),
-            keys: Vec::new(),
-            args: Vec::new(),
+            plan: CallPlan {
+                writer,
+                lane,
+                ..CallPlan::default()
+            },
+            keys: vec![Value::Null; CALL_HEADER],
+            pairs: Vec::new(),
+        }
+    }
+}
+
+/// Adds `increment` (its key in hash slot `slot`) to a call's keys and arguments, for the
+/// sink's write number `write`.
+fn push_increment(
+    keys: &mut Vec<Value>,
+    pairs: &mut Vec<Value>,
+    increment: &Increment,
+    slot: u16,
+    write: u64,
+) {
+    keys.push(Value::from(&*increment.key));
+    // Above i64::MAX (outside the contract) the amount goes as text, and Redis rejects that key
+    // ("value is not an integer or out of range"): no panic, no wrap-around.
+    pairs.push(match i64::try_from(increment.amount) {
+        Ok(amount) => Value::Integer(amount),
+        Err(_) => Value::from(increment.amount.to_string()),
+    });
+    // `whole_seconds` is at most 2^50; negative asks the script to set it anyway.
+    let ttl = whole_seconds(increment.ttl) as i64;
+    let refresh = spread(u64::from(slot) << 32 ^ write) % TTL_REFRESH_EVERY == 0;
+    pairs.push(Value::Integer(if refresh { -ttl } else { ttl }));
+}
+
+/// On one Redis, for each batch: whether it is the last of its (writer, lane) in the write,
+/// among the batches sent (the first of each id, with increments). Its call is then complete.
+fn last_of_their_lane(batches: &[Batch], first_of: &[usize]) -> Vec<bool> {
+    let mut seen: HashMap<(u64, u16), ()> = HashMap::new();
+    let mut last = vec![false; batches.len()];
+    for (b, batch) in batches.iter().enumerate().rev() {
+        if first_of[b] != b || batch.increments.is_empty() {
+            continue;
+        }
+        let lane = lane(false, batch.id.sequence, 0);
+        last[b] = seen.insert((batch.id.writer, lane), ()).is_none();
+    }
+    last
+}
+
+/// The calls of a write, sent in pipelines of about [`PIPELINE_KEYS`] keys as they fill, each
+/// pipeline by a task of its own: fred copies a pipeline's commands when it sends them and
+/// frees them afterwards, work that for a whole round in one pipeline would be one poll of
+/// tens of milliseconds for the caller. The calls are independent (one per (writer, lane) in a
+/// write), so their order across pipelines does not matter, and each pipeline's replies are
+/// read as soon as they are in ([`Pipelines::next`]), while Redis runs the later ones.
+struct Pipelines {
+    client: WithOptions<Client>,
+    /// Each answers the position of its first call among those queued, and its replies.
+    tasks: tokio::task::JoinSet<(usize, Vec<Result<Value, FredError>>)>,
+    /// Per pipeline sent, for a task that panics: its id, first call and number of calls.
+    launched: Vec<(tokio::task::Id, usize, usize)>,
+    filling: Vec<(CustomCommand, Vec<Value>)>,
+    filling_keys: usize,
+    /// Calls queued so far, sent or filling.
+    queued: usize,
+}
+
+impl Pipelines {
+    fn new(client: &WithOptions<Client>) -> Self {
+        Self {
+            client: client.clone(),
+            tasks: tokio::task::JoinSet::new(),
+            launched: Vec::new(),
+            filling: Vec::new(),
+            filling_keys: 0,
+            queued: 0,
+        }
+    }
+
+    /// Queues a command of `keys` keys; sends the pipeline once it holds [`PIPELINE_KEYS`].
+    /// Returns whether it sent one.
+    fn push(&mut self, command: CustomCommand, args: Vec<Value>, keys: usize) -> bool {
+        self.filling.push((command, args));
+        self.queued += 1;
+        self.filling_keys += keys;
+        if self.filling_keys < PIPELINE_KEYS {
+            return false;
+        }
+        self.send_filling();
+        true
+    }
+
+    fn send_filling(&mut self) {
+        self.filling_keys = 0;
+        let commands = std::mem::take(&mut self.filling);
+        let (first, size) = (self.queued - commands.len(), commands.len());
+        let pipeline = Pipeline::from(self.client.clone());
+        let task = self
+            .tasks
+            .spawn(async move { (first, send_pipeline(pipeline, commands).await) });
+        self.launched.push((task.id(), first, size));
+    }
+
+    /// Sends what is left, then answers the replies of the next pipeline to finish: the
+    /// position of its first call among those queued, and one reply per call, in order.
+    /// `None` once every pipeline has answered.
+    async fn next(&mut self) -> Option<(usize, Vec<Result<Value, FredError>>)> {
+        if !self.filling.is_empty() {
+            self.send_filling();
+        }
+        loop {
+            match self.tasks.join_next_with_id().await? {
+                Ok((_, answer)) => return Some(answer),
+                Err(ended) => {
+                    // A task that panicked: its calls may have been sent, so they are answered
+                    // as a lost connection (outcome unknown).
+                    let Some(&(_, first, size)) =
+                        self.launched.iter().find(|(task, ..)| *task == ended.id())
+                    else {
+                        continue;
+                    };
+                    let error = FredError::new(ErrorKind::IO, "the task sending a pipeline ended");
+                    return Some((first, vec![Err(error); size]));
+                }
+            }
         }
     }
 }
@@ -950,29 +1122,9 @@ impl Sink for RedisSink {
                 .map(|b| *seen.entry(batches[b].id).or_insert(b))
                 .collect()
         };
-        let calls = self.plan(batches, &first_of).await;
-        let everything: Vec<usize> = (0..calls.len()).collect();
-        let mut replies = self.send(&calls, &everything).await;
-
-        let missing: Vec<usize> = (0..replies.len())
-            .filter(|&c| matches!(&replies[c], Err(e) if e.details().starts_with("NOSCRIPT")))
-            .collect();
-        if !missing.is_empty() {
-            // Nothing ran for these calls: load the script (on every primary), send them again.
-            match self.load_script_on_primaries().await {
-                Ok(()) => {
-                    let again = self.send(&calls, &missing).await;
-                    for (c, reply) in missing.into_iter().zip(again) {
-                        replies[c] = reply;
-                    }
-                }
-                Err(error) => {
-                    for c in missing {
-                        replies[c] = Err(error.clone());
-                    }
-                }
-            }
-        }
+        // Relaxed: only spreads the TTL refreshes over writes; no ordering needed.
+        let write = self.writes.fetch_add(1, Ordering::Relaxed);
+        let (calls, mut pipelines) = self.plan_and_send(batches, &first_of, write).await;
 
         // Each batch's outcome slots are made when its first reply arrives, in the sliced loop.
         let mut settled: Vec<Settling> = batches
@@ -983,52 +1135,42 @@ impl Sink for RedisSink {
                 error: None,
             })
             .collect();
-        // Keys answered or freed since the last yield. On one Redis a call carries every batch of
-        // its lane in the write (thousands of keys when a write carries a round of a million), so
-        // the slices end inside calls.
-        let mut parsed_keys = 0;
-        let mut slicer = Slicer::new();
-        // Consumed as they are read, so that the calls are freed in slices too.
-        for (call, reply) in calls.into_iter().zip(replies) {
-            let parsed = reply
-                .map_err(|error| self.sink_error(&error))
-                .and_then(|value| parse_reply(value, call.parts.len()));
-            match parsed {
-                Ok((applied_now, outcomes)) => {
-                    for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
-                        if parsed_keys >= SLICE_KEYS {
-                            parsed_keys = 0;
-                            slicer.pause().await;
+        let mut reading = Reading {
+            batches,
+            settled: &mut settled,
+            slicer: Slicer::new(),
+            keys_read: 0,
+        };
+        // Calls that found the script missing: nothing of them ran.
+        let mut missing: Vec<usize> = Vec::new();
+        while let Some((first, replies)) = pipelines.next().await {
+            for (c, reply) in (first..).zip(replies) {
+                match reply {
+                    Err(error) if error.details().starts_with("NOSCRIPT") => missing.push(c),
+                    reply => reading.read(self, &calls[c], reply).await,
+                }
+            }
+        }
+        if !missing.is_empty() {
+            // Load the script (on every primary) and send these calls again.
+            match self.load_script_on_primaries().await {
+                Ok(()) => {
+                    let mut again = self.resend(batches, &calls, &missing, write).await;
+                    while let Some((first, replies)) = again.next().await {
+                        for (m, reply) in (first..).zip(replies) {
+                            reading.read(self, &calls[missing[m]], reply).await;
                         }
-                        parsed_keys += 1;
-                        if settled[b].outcomes.is_empty() {
-                            settled[b].outcomes = vec![None; batches[b].increments.len()];
-                        }
-                        settled[b].outcomes[i] = Some(outcome);
-                        settled[b].applied_now |= applied_now;
                     }
                 }
                 Err(error) => {
-                    for &(b, _) in &call.parts {
-                        settled[b].error.get_or_insert_with(|| error.clone());
+                    for c in missing {
+                        reading.read(self, &calls[c], Err(error.clone())).await;
                     }
                 }
             }
-            // Its key and argument values, a slice at a time (two arguments per key).
-            let Call {
-                mut keys, mut args, ..
-            } = call;
-            while !keys.is_empty() {
-                if parsed_keys >= SLICE_KEYS {
-                    parsed_keys = 0;
-                    slicer.pause().await;
-                }
-                let freed = keys.len().min(SLICE_KEYS);
-                keys.truncate(keys.len() - freed);
-                args.truncate(2 * keys.len());
-                parsed_keys += freed;
-            }
         }
+        let mut slicer = reading.slicer;
+
         let mut results: Vec<Result<BatchOutcome, SinkError>> = Vec::with_capacity(batches.len());
         let mut finished_keys = 0;
         for (batch, settling) in batches.iter().zip(settled) {
@@ -1086,6 +1228,48 @@ struct Diagnosis {
     cause: String,
     /// Redis refuses the sink's settings (see [`MISCONFIGURATION_REPLIES`]).
     misconfigured: bool,
+}
+
+/// A write's replies being read into its batches' outcomes, a call at a time.
+struct Reading<'a> {
+    batches: &'a [Batch],
+    settled: &'a mut [Settling],
+    slicer: Slicer,
+    /// Keys answered since the last check of the slice budget. On one Redis a call carries every
+    /// batch of its lane in the write (thousands of keys when a write carries a round of a
+    /// million), so the slices end inside calls.
+    keys_read: usize,
+}
+
+impl Reading<'_> {
+    /// Reads `call`'s reply into the outcomes of its batches.
+    async fn read(&mut self, sink: &RedisSink, call: &CallPlan, reply: Result<Value, FredError>) {
+        let parsed = reply
+            .map_err(|error| sink.sink_error(&error))
+            .and_then(|value| parse_reply(value, call.parts.len()));
+        match parsed {
+            Ok((applied_now, outcomes)) => {
+                for (&(b, i), outcome) in call.parts.iter().zip(outcomes) {
+                    if self.keys_read >= SLICE_KEYS {
+                        self.keys_read = 0;
+                        self.slicer.pause().await;
+                    }
+                    self.keys_read += 1;
+                    let settling = &mut self.settled[b];
+                    if settling.outcomes.is_empty() {
+                        settling.outcomes = vec![None; self.batches[b].increments.len()];
+                    }
+                    settling.outcomes[i] = Some(outcome);
+                    settling.applied_now |= applied_now;
+                }
+            }
+            Err(error) => {
+                for &(b, _) in &call.parts {
+                    self.settled[b].error.get_or_insert_with(|| error.clone());
+                }
+            }
+        }
+    }
 }
 
 /// What the calls of a write said about one batch.
@@ -1252,6 +1436,34 @@ mod tests {
         assert_eq!(lane(false, 7, 12_345), 7);
         assert_eq!(lane(false, 256 + 7, 12_345), 7);
         assert_eq!(lane(false, u64::MAX, 0), 255);
+    }
+
+    #[test]
+    fn a_batch_closes_its_call_when_no_later_batch_shares_its_lane() {
+        let batch = |writer: u64, sequence: u64, keys: usize| Batch {
+            id: BatchId { writer, sequence },
+            increments: (0..keys)
+                .map(|i| Increment {
+                    key: format!("k{i}").into(),
+                    amount: 1,
+                    ttl: Duration::from_secs(60),
+                })
+                .collect(),
+        };
+        let batches = [
+            batch(7, 1, 2),
+            batch(7, 257, 2), // lane 1 again
+            batch(8, 1, 2),   // lane 1 of another writer
+            batch(7, 3, 0),   // no keys: no call
+            batch(7, 2, 1),
+            batch(7, 513, 1), // lane 1 again
+            batch(7, 2, 1),   // the same id again: left out
+        ];
+        let first_of = [0, 1, 2, 3, 4, 5, 4];
+        assert_eq!(
+            last_of_their_lane(&batches, &first_of),
+            vec![false, false, true, false, true, true, false]
+        );
     }
 
     #[test]
