@@ -764,7 +764,8 @@ impl Proxy {
 
     /// The next `times` requests containing `needle` (e.g. `"EVALSHA"`, `"EXEC"`, `"INCRBY"`;
     /// clients send command names in upper case) run in Redis but lose their reply: both
-    /// connections are cut once Redis has answered.
+    /// connections are cut once Redis has been quiet for 50 ms after it (at most 1 s after it).
+    /// The requests sent meanwhile run too and lose their replies as well.
     pub fn lose_replies_to(&self, needle: &str, times: u32) {
         *self.shared.fault.lock().unwrap() = Fault::Times {
             needle: needle.as_bytes().to_vec(),
@@ -854,38 +855,44 @@ async fn relay(
     let mut from_server = vec![0u8; 64 * 1024];
     // The last bytes of the previous client read, so a needle split over two reads is found.
     let mut carry: Vec<u8> = Vec::new();
-    let mut doomed = false;
+    // Once a request is doomed: when to cut (the server quiet for `QUIET`, at most `LAST` after
+    // the request). Until then the client's bytes still go through, so that the doomed request
+    // reaches Redis whole (it may span reads) and runs, and every reply is swallowed: the doomed
+    // request's and those of the requests after it, which run too. Cutting at the first reply
+    // after the request, as this did before, could cut a request sent behind earlier ones
+    // before Redis had all of it: it then never ran, and the test that wanted a lost reply of an
+    // applied request saw none.
+    const QUIET: Duration = Duration::from_millis(50);
+    const LAST: Duration = Duration::from_secs(1);
+    let mut doomed: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
 
     loop {
+        let cut_at = doomed.map(|(since, quiet_until)| quiet_until.min(since + LAST));
         tokio::select! {
             _ = cut.changed() => return,
-            read = client_read.read(&mut from_client), if !doomed => {
+            _ = tokio::time::sleep_until(cut_at.unwrap_or_else(tokio::time::Instant::now)), if cut_at.is_some() => return,
+            read = client_read.read(&mut from_client) => {
                 let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
                 let chunk = &from_client[..n];
-                carry.extend_from_slice(chunk);
-                if shared.should_fault(&carry) {
-                    doomed = true;
+                if doomed.is_none() {
+                    carry.extend_from_slice(chunk);
+                    if shared.should_fault(&carry) {
+                        let now = tokio::time::Instant::now();
+                        doomed = Some((now, now + QUIET));
+                    }
+                    let keep = shared.needle_len().saturating_sub(1);
+                    let drop_until = carry.len().saturating_sub(keep);
+                    carry.drain(..drop_until);
                 }
-                let keep = shared.needle_len().saturating_sub(1);
-                let drop_until = carry.len().saturating_sub(keep);
-                carry.drain(..drop_until);
                 if server_write.write_all(chunk).await.is_err() {
                     return;
                 }
             }
             read = server_read.read(&mut from_server) => {
                 let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
-                if doomed {
-                    // Redis has answered: the doomed request ran (or is running: replies come
-                    // in order). Swallow what else arrives right now, then cut both sides.
-                    while let Ok(Ok(n)) =
-                        tokio::time::timeout(Duration::from_millis(50), server_read.read(&mut from_server)).await
-                    {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                    return;
+                if let Some((_, quiet_until)) = &mut doomed {
+                    *quiet_until = tokio::time::Instant::now() + QUIET;
+                    continue;
                 }
                 if client_write.write_all(&from_server[..n]).await.is_err() {
                     return;
