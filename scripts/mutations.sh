@@ -13,6 +13,7 @@
 # Kinds of check:
 #   loom   a model of loom-tests/ (release, debug assertions on, as scripts/test.sh runs them)
 #   test   a test of tests/ (debug build, all features, as scripts/test.sh runs them)
+#   unit   a unit test of the library (debug build, all features; the test binary column is -)
 #   guard  scripts/hot-path-guard.sh (the registered-worker `add` within its budget)
 #   miri   a test of tests/ under Miri (Stacked Borrows); skipped, with a message, where the
 #          nightly toolchain with Miri is not installed (scripts/test.sh installs it if it can)
@@ -51,6 +52,8 @@ wake-never	src/engine/accounts.rs	s/        if woken \{/        if false {/	test
 wake-not-on-sync	src/engine/accounts.rs	s/\n\s*\|\| \(synced && !self\.synced\.load\(Ordering::Relaxed\)\)//	test	budgets	a_session_opens_while_redis_is_down_and_fails_open	the failed read settles
 lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if false then/m	test	redis_sink	an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call	was written
 misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\(now\)/self.backoff.failed(now)/	test	engine	a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats	retried like an outage
+ack-ignores-bucket	src/engine/accounts.rs	s/\n\s*\.filter\(\|tracked\| Arc::ptr_eq\(&tracked\.key, key\) \|\| tracked\.key == \*key\)//	unit	-	engine::accounts::tests::a_new_bucket_starts_from_zero_and_is_read_again	assertion
+counted-whole-increment	src/engine/pending.rs	s/amount: counted_now as u64,/amount: now as u64,/	unit	-	engine::pending::tests::what_was_counted_comes_back_with_each_increment	assertion
 enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion
 EOF
 )"
@@ -103,6 +106,10 @@ run_check() {
   test)
     (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" \
       cargo test -q --all-features --test "$test" -- --exact "$check") >"$log" 2>&1
+    ;;
+  unit)
+    (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" \
+      cargo test -q --all-features --lib -- --exact "$check") >"$log" 2>&1
     ;;
   guard)
     (cd "$scratch" && CARGO_TARGET_DIR="$repo/target" bash scripts/hot-path-guard.sh) >"$log" 2>&1
