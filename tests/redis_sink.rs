@@ -60,6 +60,44 @@ fn added(total: i64) -> KeyOutcome {
     KeyOutcome::Added { total }
 }
 
+/// One batch per sequence, of `per_batch` of `names` each, in order; a key's amount is
+/// `sequence * 1,000 + its place in the batch (from 1)`, so every amount names its key.
+fn numbered_batches(
+    writer: u64,
+    names: &[String],
+    per_batch: usize,
+    sequences: &[u64],
+) -> Vec<Batch> {
+    names
+        .chunks(per_batch)
+        .zip(sequences)
+        .map(|(chunk, &sequence)| {
+            let increments: Vec<(&str, u64, Duration)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, key)| (key.as_str(), sequence * 1_000 + i as u64 + 1, MINUTE))
+                .collect();
+            batch(writer, sequence, &increments)
+        })
+        .collect()
+}
+
+/// Every batch applied, each key answered with its own amount: the keys were new.
+fn assert_new_keys_total_their_amounts(
+    batches: &[Batch],
+    results: Vec<Result<BatchOutcome, SinkError>>,
+) {
+    assert_eq!(results.len(), batches.len());
+    for (batch, result) in batches.iter().zip(results) {
+        let expected: Vec<KeyOutcome> = batch
+            .increments
+            .iter()
+            .map(|increment| added(increment.amount as i64))
+            .collect();
+        assert_eq!(result, Ok(BatchOutcome::Applied(expected)), "{}", batch.id);
+    }
+}
+
 const MINUTE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1089,35 +1127,8 @@ async fn a_write_sent_in_several_pipelines_answers_every_key_in_order() {
     // 7 batches of 700 keys: the sink sends them in pipelines of about 1,024 keys, so replies
     // come back from several pipelines and must still reach the right key of the right batch.
     let names: Vec<String> = (0..4_900).map(|i| keys.key(&format!("k:{i}"))).collect();
-    let batches: Vec<Batch> = names
-        .chunks(700)
-        .zip(0u64..)
-        .map(|(chunk, sequence)| {
-            let increments: Vec<(&str, u64, Duration)> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, key)| (key.as_str(), sequence * 1_000 + i as u64 + 1, MINUTE))
-                .collect();
-            batch(writer, sequence, &increments)
-        })
-        .collect();
-    let results = sink.write(&batches).await;
-    assert_eq!(results.len(), batches.len());
-    for (batch, result) in batches.iter().zip(results) {
-        let Ok(BatchOutcome::Applied(outcomes)) = result else {
-            panic!("batch {} not applied: {result:?}", batch.id);
-        };
-        let expected: Vec<KeyOutcome> = batch
-            .increments
-            .iter()
-            .map(|increment| added(increment.amount as i64))
-            .collect();
-        assert_eq!(
-            outcomes, expected,
-            "batch {}: new keys total their amount",
-            batch.id
-        );
-    }
+    let batches = numbered_batches(writer, &names, 700, &[0, 1, 2, 3, 4, 5, 6]);
+    assert_new_keys_total_their_amounts(&batches, sink.write(&batches).await);
     let mut redis = RespClient::connect(addr).unwrap();
     assert_eq!(redis.get_i64(&names[4_899]), Some(6_700));
 }
@@ -1138,28 +1149,8 @@ async fn calls_sent_as_their_lanes_close_answer_every_key_in_order() {
     let names: Vec<String> = (0..sequences.len() * 600)
         .map(|i| keys.key(&format!("k:{i}")))
         .collect();
-    let batches: Vec<Batch> = names
-        .chunks(600)
-        .zip(sequences)
-        .map(|(chunk, sequence)| {
-            let increments: Vec<(&str, u64, Duration)> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, key)| (key.as_str(), sequence * 1_000 + i as u64 + 1, MINUTE))
-                .collect();
-            batch(writer, sequence, &increments)
-        })
-        .collect();
-    let results = sink.write(&batches).await;
-    assert_eq!(results.len(), batches.len());
-    for (batch, result) in batches.iter().zip(results) {
-        let expected: Vec<KeyOutcome> = batch
-            .increments
-            .iter()
-            .map(|increment| added(increment.amount as i64))
-            .collect();
-        assert_eq!(result, Ok(BatchOutcome::Applied(expected)), "{}", batch.id);
-    }
+    let batches = numbered_batches(writer, &names, 600, &sequences);
+    assert_new_keys_total_their_amounts(&batches, sink.write(&batches).await);
     assert_eq!(server.commandstats().calls("evalsha"), 3);
     for (sequence, key, highest) in [
         (1, &names[0], "513"),
