@@ -161,6 +161,7 @@
 //! other writer's additions: a free, fresh view of an account's usage across gateways.
 
 use super::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, Sink, SinkError, Slicer};
+use fred::bytes::{Bytes, BytesMut};
 use fred::clients::{Client, Pipeline, WithOptions};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, KeysInterface, LuaInterface};
@@ -679,6 +680,7 @@ impl RedisSink {
         // Calls still open; a sent one is left behind empty.
         let mut open: Vec<OpenCall> = Vec::new();
         let mut by_lane: HashMap<(u64, u16), usize> = HashMap::new();
+        let mut key_text = KeyText::default();
         let mut planned = 0;
         for (b, batch) in batches.iter().enumerate() {
             if first_of[b] != b {
@@ -707,7 +709,7 @@ impl RedisSink {
                 let call = &mut open[c];
                 call.plan.sequence = call.plan.sequence.max(batch.id.sequence);
                 call.plan.parts.push((b, i));
-                push_increment(&mut call.keys, &mut call.pairs, increment, slot, write);
+                push_increment(call, &mut key_text, increment, slot, write);
             }
             if closes[b] {
                 // One Redis: the batch's lane, whatever the slots.
@@ -749,6 +751,7 @@ impl RedisSink {
         let mut slicer = Slicer::new();
         let mut pipelines = Pipelines::new(&self.client);
         let mut sent = Vec::with_capacity(which.len());
+        let mut key_text = KeyText::default();
         let mut rebuilt = 0;
         for &c in which {
             let plan = &calls[c];
@@ -763,7 +766,7 @@ impl RedisSink {
                 rebuilt += 1;
                 let increment = &batches[b].increments[i];
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
-                push_increment(&mut call.keys, &mut call.pairs, increment, slot, write);
+                push_increment(&mut call, &mut key_text, increment, slot, write);
             }
             if self.queue(call, &mut pipelines, &mut sent) {
                 rebuilt = 0;
@@ -993,13 +996,14 @@ impl OpenCall {
 /// Adds `increment` (its key in hash slot `slot`) to a call's keys and arguments, for the
 /// sink's write number `write`.
 fn push_increment(
-    keys: &mut Vec<Value>,
-    pairs: &mut Vec<Value>,
+    call: &mut OpenCall,
+    key_text: &mut KeyText,
     increment: &Increment,
     slot: u16,
     write: u64,
 ) {
-    keys.push(Value::from(&*increment.key));
+    let OpenCall { keys, pairs, .. } = call;
+    keys.push(Value::Bytes(key_text.share(&increment.key)));
     // Above i64::MAX (outside the contract) the amount goes as text, and Redis rejects that key
     // ("value is not an integer or out of range"): no panic, no wrap-around.
     pairs.push(match i64::try_from(increment.amount) {
@@ -1010,6 +1014,27 @@ fn push_increment(
     let ttl = whole_seconds(increment.ttl) as i64;
     let refresh = spread(u64::from(slot) << 32 ^ write) % TTL_REFRESH_EVERY == 0;
     pairs.push(Value::Integer(if refresh { -ttl } else { ttl }));
+}
+
+/// Bytes of key text allocated at once: one allocation holds the text of about a thousand keys.
+const KEY_TEXT_CHUNK: usize = 32 * 1024;
+
+/// The text of a write's keys, in chunks: each key's value is a slice of a chunk, which costs a
+/// reference count, not an allocation. With an allocation per key (a million per write of a
+/// million keys, freed by fred once written) glibc's fast bins filled up, and the next large free
+/// on that thread merged them all at once: flusher polls of 4–9 ms (`docs/benchmarks.md`).
+#[derive(Default)]
+struct KeyText(BytesMut);
+
+impl KeyText {
+    /// `key`'s text as a slice of the current chunk (a new one when it has no room left).
+    fn share(&mut self, key: &str) -> Bytes {
+        if self.0.capacity() - self.0.len() < key.len() {
+            self.0 = BytesMut::with_capacity(KEY_TEXT_CHUNK.max(key.len()));
+        }
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.split().freeze()
+    }
 }
 
 /// On one Redis, for each batch: whether it is the last of its (writer, lane) in the write,
@@ -1406,6 +1431,24 @@ fn whole_seconds(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_texts_are_slices_of_shared_chunks() {
+        let mut text = KeyText::default();
+        let first = text.share("fair_use:dg_budget:uid-1:20261130");
+        let second = text.share("fair_use:dg_budget:uid-2:20261130");
+        assert_eq!(&first[..], b"fair_use:dg_budget:uid-1:20261130");
+        assert_eq!(&second[..], b"fair_use:dg_budget:uid-2:20261130");
+        // One allocation: the second key's text follows the first's.
+        assert_eq!(second.as_ptr(), first[first.len()..].as_ptr());
+        // A key longer than a chunk gets a chunk of its own; the next key a new one after it.
+        let long = "k".repeat(KEY_TEXT_CHUNK + 1);
+        let third = text.share(&long);
+        assert_eq!(&third[..], long.as_bytes());
+        let fourth = text.share("after");
+        assert_eq!(&fourth[..], b"after");
+        assert_ne!(fourth.as_ptr(), third[third.len()..].as_ptr());
+    }
 
     #[test]
     fn every_lane_has_a_tag_in_its_own_slot() {
