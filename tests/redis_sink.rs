@@ -806,10 +806,10 @@ async fn batches_of_one_lane_share_one_call_and_one_record() {
     sink.load_script().await.unwrap();
     let writer = unique_u64();
     let (a, b) = (keys.key("a"), keys.key("b"));
-    // Sequences 1 and 257 share lane 1 on one Redis: one EVALSHA applies both, atomically, so
+    // Sequences 1 and 2,049 share lane 1 on one Redis: one EVALSHA applies both, atomically, so
     // no later call of the lane can advance its record over an earlier one that failed.
     let one = batch(writer, 1, &[(&a, 5, MINUTE)]);
-    let other = batch(writer, 257, &[(&b, 7, MINUTE)]);
+    let other = batch(writer, 2_049, &[(&b, 7, MINUTE)]);
     assert_eq!(
         sink.dedup_record_key(one.id, &a),
         sink.dedup_record_key(other.id, &b)
@@ -825,7 +825,7 @@ async fn batches_of_one_lane_share_one_call_and_one_record() {
     assert_eq!(server.commandstats().calls("evalsha"), 1);
     assert_eq!(
         server.get(&sink.dedup_record_key(one.id, &a)).as_deref(),
-        Some("257")
+        Some("2049")
     );
     // Re-sent, alone or together: applied before, the totals read back.
     assert_eq!(
@@ -855,14 +855,14 @@ async fn dedup_records_are_bounded_per_writer_and_outside_the_counters() {
         .await
         .unwrap();
     let writer = unique_u64();
-    // 700 writes of 3 batches: 2,100 sequences, far more than the 256 lanes.
+    // 700 writes of 3 batches: 2,100 sequences, more than the 2,048 lanes.
     for w in 0..700u64 {
         let batches = round(&keys, writer, w * 3, 3, 1);
         assert!(sink.write(&batches).await.iter().all(Result::is_ok));
     }
     let mut redis = server.client();
     let records = redis.scan(&format!("bound-dedup:*:{writer:016x}"));
-    assert_eq!(records.len(), 256);
+    assert_eq!(records.len(), 2_048);
     assert!(records.iter().all(|r| redis.ttl(r) > 86_000));
     // The counters' prefix holds counters only.
     let mut counters = redis.scan(&format!("{}*", keys.prefix()));
@@ -1143,9 +1143,9 @@ async fn calls_sent_as_their_lanes_close_answer_every_key_in_order() {
     let sink = sink_on(&server.url(), &keys, Duration::from_secs(10)).await;
     sink.load_script().await.unwrap();
     let writer = unique_u64();
-    // Lanes 1, 2, 1, 3, 1, 2 (sequence modulo 256): lane 3 closes at the fourth batch, lane 1
+    // Lanes 1, 2, 1, 3, 1, 2 (sequence modulo 2,048): lane 3 closes at the fourth batch, lane 1
     // at the fifth, lane 2 at the last. 600 keys each: several pipelines.
-    let sequences = [1u64, 2, 257, 3, 513, 258];
+    let sequences = [1u64, 2, 2_049, 3, 4_097, 2_050];
     let names: Vec<String> = (0..sequences.len() * 600)
         .map(|i| keys.key(&format!("k:{i}")))
         .collect();
@@ -1153,8 +1153,8 @@ async fn calls_sent_as_their_lanes_close_answer_every_key_in_order() {
     assert_new_keys_total_their_amounts(&batches, sink.write(&batches).await);
     assert_eq!(server.commandstats().calls("evalsha"), 3);
     for (sequence, key, highest) in [
-        (1, &names[0], "513"),
-        (2, &names[600], "258"),
+        (1, &names[0], "4097"),
+        (2, &names[600], "2050"),
         (3, &names[1_800], "3"),
     ] {
         let id = BatchId { writer, sequence };

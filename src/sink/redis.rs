@@ -31,14 +31,14 @@
 //!
 //! A [`Sink::write`] call regroups the increments of all its batches by **lane**: on a Cluster
 //! the lane is the key's hash slot (`fred::util::redis_keyslot`), on one Redis it is the
-//! batch's sequence modulo 256 (a key's slot does not matter there, and a batch of 500 keys is
+//! batch's sequence modulo 2,048 (a key's slot does not matter there, and a batch of 500 keys is
 //! a good size for one script). Each (writer, lane) of the write becomes one `EVALSHA` whose
 //! keys are all declared in `KEYS` and, on a Cluster, all lie in that slot, so Redis never
 //! answers `CROSSSLOT`, whatever the keys look like: the reference deployment's plain keys
 //! (`fair_use:dg_budget:uid-42:20261129`, spread over all 16,384 slots) as well as hash-tagged
 //! ones. A call goes out as soon as no later batch of the write can add to it: on one Redis
 //! when the write's last batch of its lane is planned (with one batch per lane, the usual case
-//! up to 256 batches per write, each batch's call goes out right after it is planned, and Redis
+//! up to 2,048 batches per write, each batch's call goes out right after it is planned, and Redis
 //! runs it while the sink plans the next); on a Cluster, where any later key may share a slot,
 //! once every key is planned. Calls travel in fred pipelines of about 1,024 keys, each sent by a
 //! task of its own as it fills (so that no single poll copies or frees a whole round's
@@ -86,7 +86,7 @@
 //! pressure), **its amounts are counted a second time**. Keep the window far longer than the
 //! longest retry, and run Redis with `maxmemory-policy noeviction` (the default).
 //!
-//! The dedup state is bounded by writers × lanes, whatever the uptime: at most 256 records per
+//! The dedup state is bounded by writers × lanes, whatever the uptime: at most 2,048 records per
 //! writer on one Redis, at most 16,384 (one per slot written) on a Cluster, and a dead writer's
 //! records expire after the window. See `docs/benchmarks.md` for the bytes measured.
 //!
@@ -199,9 +199,12 @@ const RECONNECT_MAX_DELAY_MS: u32 = 5_000;
 const MAX_TTL_SECS: u64 = 1 << 50;
 /// Hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
-/// Lanes on one Redis: batch sequences modulo this. More lanes than batches in a write keep
-/// one batch per call; fewer records per writer keep the dedup state small (256 × ~150 B).
-const SINGLE_NODE_LANES: u64 = 256;
+/// Lanes on one Redis: batch sequences modulo this. With more lanes than batches in a write
+/// (up to a million keys in batches of 500), each batch is a call of its own that leaves as
+/// soon as it is planned. With 256, a write of a million keys held every call open until its
+/// last 256 batches: ~140 MB of arguments growing at once, and plan steps of 1–4 ms at that
+/// size (`docs/benchmarks.md`). The dedup state stays small: 2,048 records × 88 B per writer.
+const SINGLE_NODE_LANES: u64 = 2_048;
 /// A key is sent with "set the TTL anyway" in about one write out of this many.
 const TTL_REFRESH_EVERY: u64 = 16;
 /// How Redis' replies begin when it refuses the sink's own settings, which no retry fixes until an
@@ -623,7 +626,7 @@ impl RedisSink {
     }
 
     /// The dedup record that guards `key` of batch `id`: `<prefix>:{<lane tag>}:<writer>`,
-    /// where the lane is `key`'s hash slot on a Cluster and `id.sequence % 256` on one Redis.
+    /// where the lane is `key`'s hash slot on a Cluster and `id.sequence % 2048` on one Redis.
     pub fn dedup_record_key(&self, id: BatchId, key: &str) -> String {
         record_key(&self.marker_prefix, id.writer, self.lane(id, key))
     }
@@ -1375,12 +1378,12 @@ fn parse_reply(reply: Value, keys: usize) -> Result<(bool, Vec<KeyOutcome>), Sin
 }
 
 /// The lane of a key in hash slot `slot` of a batch with `sequence`: the slot on a Cluster,
-/// the sequence modulo 256 on one Redis.
+/// the sequence modulo [`SINGLE_NODE_LANES`] (2,048) on one Redis.
 fn lane(clustered: bool, sequence: u64, slot: u16) -> u16 {
     if clustered {
         slot
     } else {
-        // Below 256: the cast keeps the value.
+        // Below 2,048: the cast keeps the value.
         (sequence % SINGLE_NODE_LANES) as u16
     }
 }
@@ -1477,8 +1480,8 @@ mod tests {
     fn lanes_are_slots_on_a_cluster_and_sequences_on_one_redis() {
         assert_eq!(lane(true, 7, 12_345), 12_345);
         assert_eq!(lane(false, 7, 12_345), 7);
-        assert_eq!(lane(false, 256 + 7, 12_345), 7);
-        assert_eq!(lane(false, u64::MAX, 0), 255);
+        assert_eq!(lane(false, 2_048 + 7, 12_345), 7);
+        assert_eq!(lane(false, u64::MAX, 0), 2_047);
     }
 
     #[test]
@@ -1495,12 +1498,12 @@ mod tests {
         };
         let batches = [
             batch(7, 1, 2),
-            batch(7, 257, 2), // lane 1 again
-            batch(8, 1, 2),   // lane 1 of another writer
-            batch(7, 3, 0),   // no keys: no call
+            batch(7, 2_049, 2), // lane 1 again
+            batch(8, 1, 2),     // lane 1 of another writer
+            batch(7, 3, 0),     // no keys: no call
             batch(7, 2, 1),
-            batch(7, 513, 1), // lane 1 again
-            batch(7, 2, 1),   // the same id again: left out
+            batch(7, 4_097, 1), // lane 1 again
+            batch(7, 2, 1),     // the same id again: left out
         ];
         let first_of = [0, 1, 2, 3, 4, 5, 4];
         assert_eq!(
