@@ -36,7 +36,8 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
 /// Bits of a hash that pick the shard of `Pending`'s map of waiting amounts: 256 shards. A round
 /// takes the map whole and leaves a new one, whose shards make room for the round before's keys
-/// at their first insert (see [`Sharded::sized_like`]): fewer, larger shards make fewer of those
+/// at their first insert (see [`Sharded::sized_like`]), in the tables the round before emptied
+/// where there are some ([`Sharded::shard_to_fill`]): fewer, larger shards make fewer of those
 /// allocations. With 4,096, before that sizing, the engine's own CPU per account was a third
 /// higher at 100,000 accounts (`docs/benchmarks.md`).
 pub(crate) const PENDING_SHARD_BITS: u32 = 8;
@@ -106,10 +107,40 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         key: &Q,
     ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
         let index = self.index(key);
+        self.prepared(index)
+    }
+
+    /// [`Sharded::shard_mut`] for an insert: a shard without a table yet takes one of `spares`
+    /// (emptied tables of an earlier map) before it allocates, so that a map refilled every round
+    /// reuses the memory the round before touched. A fresh table's first touches were page
+    /// faults: sweep slices of 2–6 ms at the start of a flush of a million keys.
+    pub(crate) fn shard_to_fill(
+        &mut self,
+        key: &K,
+        spares: &mut Vec<HashMap<K, V, foldhash::fast::RandomState>>,
+    ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
+        let index = self.index(key);
+        if self.shards[index].capacity() == 0 {
+            if let Some(spare) = spares.pop() {
+                debug_assert!(spare.is_empty());
+                self.shards[index] = spare;
+            }
+        }
+        self.prepared(index)
+    }
+
+    /// Shard `index`, which at its first insert makes room for what is expected of it, or gives
+    /// back what a spare table has far beyond that (the keys became fewer).
+    fn prepared(&mut self, index: usize) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
         let shard = &mut self.shards[index];
         if let Some(expected) = &self.expected {
-            if shard.capacity() == 0 {
-                shard.reserve(expected[index]);
+            if shard.is_empty() {
+                let room = expected[index];
+                if shard.capacity() < room {
+                    shard.reserve(room);
+                } else if shard.capacity() > 4 * room + 64 {
+                    shard.shrink_to(room);
+                }
             }
         }
         shard
@@ -196,12 +227,15 @@ pub(crate) struct Pending {
     /// Keys in `waiting`.
     waiting_keys: usize,
     /// The open round's keys not yet in a batch: the shards of the `waiting` it took that are
-    /// not begun yet, and the one being cut. A shard is taken when the one before is used up,
-    /// so that beginning a round does no work per shard.
+    /// not begun yet, and the entries of the one being cut (taken from the end). A shard is
+    /// begun when the one before is used up, so that beginning a round does no work per shard.
     round: std::vec::IntoIter<KeyMap<Waiting>>,
-    cutting: Option<hash_map::IntoIter<Key, Waiting>>,
-    /// Keys in `cutting`.
+    cutting: Vec<(Key, Waiting)>,
+    /// Keys in `round` and `cutting`.
     uncut: usize,
+    /// Shards the round has emptied, their tables kept for `waiting` to fill again (see
+    /// [`Sharded::shard_to_fill`]).
+    spare_shards: Vec<KeyMap<Waiting>>,
     /// The batch being filled by `cut`, and what of each increment was counted.
     filling: Vec<Increment>,
     filling_counts: Vec<Option<Counted>>,
@@ -262,8 +296,9 @@ impl Pending {
             waiting: Sharded::new(PENDING_SHARD_BITS),
             waiting_keys: 0,
             round: Vec::new().into_iter(),
-            cutting: None,
+            cutting: Vec::new(),
             uncut: 0,
+            spare_shards: Vec::new(),
             filling: Vec::new(),
             filling_counts: Vec::new(),
             staged: VecDeque::new(),
@@ -306,7 +341,8 @@ impl Pending {
     /// Merges `amount`, of which `counted.1` counted for `counted.0`, into `key`'s waiting
     /// amount (not into `self.amount`: the caller counts it).
     fn merge(&mut self, key: Key, amount: u128, ttl: Duration, counted: Option<(Owner, u128)>) {
-        let waiting = match self.waiting.shard_mut(&key).entry(key) {
+        let shard = self.waiting.shard_to_fill(&key, &mut self.spare_shards);
+        let waiting = match shard.entry(key) {
             hash_map::Entry::Occupied(entry) => entry.into_mut(),
             hash_map::Entry::Vacant(entry) => {
                 self.waiting_keys += 1;
@@ -344,28 +380,30 @@ impl Pending {
                 return;
             }
             self.rounds += 1;
-            // Amounts swept from now on wait for the next round, in new shards sized at their
-            // first insert for as many keys as this round's (growing them by rehashes, round
-            // after round, was a twentieth of the engine's CPU at 100,000 keys; sizing them all
-            // here, 4,096 then, was one poll of ~17 ms at a million keys, mostly page faults).
+            // Amounts swept from now on wait for the next round, in shards that make room at
+            // their first insert for as many keys as this round's (growing them by rehashes,
+            // round after round, was a twentieth of the engine's CPU at 100,000 keys; sizing them
+            // all here, 4,096 then, was one poll of ~17 ms at a million keys, mostly page faults).
             let next = Sharded::sized_like(&self.waiting);
             let round = std::mem::replace(&mut self.waiting, next);
             self.round = round.shards.into_vec().into_iter();
-            self.cutting = None;
             self.uncut = std::mem::take(&mut self.waiting_keys);
+            // Tables the last round emptied and `waiting` did not take are more than its keys
+            // need: given back, so that spares never outlive the round after theirs.
+            self.spare_shards = Vec::new();
         }
         let mut cut = 0;
         while cut < most {
-            let Some(shard) = self.cutting.as_mut() else {
-                let Some(next) = self.round.next() else {
+            let Some((key, waiting)) = self.cutting.pop() else {
+                let Some(mut next) = self.round.next() else {
                     break;
                 };
-                self.cutting = Some(next.into_iter());
-                continue;
-            };
-            let Some((key, waiting)) = shard.next() else {
-                // Used up: its table is freed here, one shard's worth.
-                self.cutting = None;
+                // One move of the shard's entries (~4,000 at a million keys, tens of µs); its
+                // table, emptied, is kept for `waiting` to fill again.
+                if next.capacity() > 0 {
+                    self.cutting.extend(next.drain());
+                    self.spare_shards.push(next);
+                }
                 continue;
             };
             cut += 1;
@@ -373,7 +411,6 @@ impl Pending {
             self.push_increment(key, waiting);
         }
         if self.uncut == 0 {
-            self.cutting = None;
             self.round = Vec::new().into_iter();
             if !self.filling.is_empty() {
                 self.stage();
@@ -625,16 +662,17 @@ impl Pending {
     /// Every key with its unacknowledged amount that certainly did not reach the sink (never
     /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
     pub(crate) fn unwritten(&mut self) -> Vec<(String, u128)> {
-        // The uncut keys are only reachable by taking them: read them, then put them back.
-        let uncut: KeyMap<Waiting> = self
-            .cutting
-            .take()
-            .into_iter()
-            .flatten()
-            .chain(std::mem::take(&mut self.round).flatten())
-            .collect();
         let mut per_key: HashMap<&str, u128> = HashMap::new();
-        for (key, waiting) in self.waiting.shards.iter().flatten().chain(&uncut) {
+        let uncut = self.round.as_slice().iter().flatten();
+        let cutting = self.cutting.iter().map(|(key, waiting)| (key, waiting));
+        for (key, waiting) in self
+            .waiting
+            .shards
+            .iter()
+            .flatten()
+            .chain(uncut)
+            .chain(cutting)
+        {
             *per_key.entry(key).or_default() += waiting.amount;
         }
         let certain = self
@@ -656,9 +694,6 @@ impl Pending {
             .map(|(key, amount)| (key.to_owned(), amount))
             .collect();
         unwritten.sort();
-        if !uncut.is_empty() {
-            self.cutting = Some(uncut.into_iter());
-        }
         unwritten
     }
 }
@@ -722,6 +757,60 @@ mod tests {
         for (i, shard) in map.shards.iter().enumerate() {
             assert_eq!(Some(shard.capacity()), room[i], "shard {i} grew");
         }
+    }
+
+    /// Sends and acknowledges the open round's batches.
+    fn acknowledge_round(pending: &mut Pending) {
+        let batches = send(pending);
+        settle(pending, batches.iter().map(applied).collect());
+    }
+
+    /// Cuts the whole open round, begun from what is waiting.
+    fn cut_all(pending: &mut Pending) {
+        pending.cut(usize::MAX);
+        assert!(!pending.has_uncut());
+    }
+
+    #[test]
+    fn a_round_s_emptied_tables_are_filled_again_by_the_next() {
+        let keys: Vec<Key> = (0..20_000).map(|i| format!("k{i}").into()).collect();
+        let mut pending = Pending::new(1, 500);
+        for key in &keys {
+            pending.add(key.clone(), 1, TTL, None);
+        }
+        cut_all(&mut pending);
+        assert_eq!(pending.spare_shards.len(), pending.waiting.shards.len());
+        for key in &keys {
+            pending.add(key.clone(), 1, TTL, None);
+        }
+        assert!(pending.spare_shards.is_empty(), "every table taken again");
+        // Round 2's tables are emptied again; one is taken for round 3's only key. When round 3
+        // begins, the others are given back: spares never outlive the round after theirs.
+        acknowledge_round(&mut pending);
+        cut_all(&mut pending);
+        pending.add(keys[0].clone(), 1, TTL, None);
+        assert_eq!(pending.spare_shards.len(), pending.waiting.shards.len() - 1);
+        acknowledge_round(&mut pending);
+        cut_all(&mut pending);
+        assert_eq!(pending.spare_shards.len(), 1, "round 3's one table");
+    }
+
+    #[test]
+    fn a_spare_table_far_larger_than_its_shard_needs_is_shrunk() {
+        let keys: Vec<Key> = (0..50_000).map(|i| format!("k{i}").into()).collect();
+        let mut pending = Pending::new(1, 500);
+        for key in &keys {
+            pending.add(key.clone(), 1, TTL, None);
+        }
+        cut_all(&mut pending);
+        // The next round has one key: the one after expects about that many per shard.
+        pending.add(keys[0].clone(), 1, TTL, None);
+        acknowledge_round(&mut pending);
+        cut_all(&mut pending);
+        pending.add(keys[0].clone(), 1, TTL, None);
+        let shard = pending.waiting.shard(&keys[0]);
+        assert_eq!(shard.len(), 1);
+        assert!(shard.capacity() < 64, "capacity {}", shard.capacity());
     }
 
     #[test]
