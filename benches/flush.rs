@@ -702,8 +702,10 @@ fn flusher_polls() {
     let longest = || {
         let stats = engine.stats();
         format!(
-            "{} us (CPU {} us)",
-            stats.longest_flusher_poll_micros, stats.longest_flusher_poll_cpu_micros
+            "{} us (CPU {} us); polls over 1 ms of CPU so far: {}",
+            stats.longest_flusher_poll_micros,
+            stats.longest_flusher_poll_cpu_micros,
+            stats.long_flusher_polls
         )
     };
     eprintln!(

@@ -19,6 +19,7 @@
 //! | `shardmeter_tracked_accounts` | gauge | accounts the read side tracks |
 //! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher held a runtime worker (stall) |
 //! | `shardmeter_flusher_longest_poll_cpu_seconds` | gauge | the most CPU time one poll of the flusher used (its work, without the OS's preemptions) |
+//! | `shardmeter_flusher_long_polls_total` | counter | polls of the flusher that used more than 1 ms of CPU |
 //! | `shardmeter_sweep_seconds` | histogram | one full sweep, slices and yields included |
 //! | `shardmeter_write_seconds` | histogram | one write, send to answer |
 
@@ -49,6 +50,10 @@ pub(crate) fn export(stats: &StatsSnapshot) {
             ("shardmeter_sweeps_total", stats.sweeps),
             ("shardmeter_sessions_ended_total", stats.sessions_ended),
             ("shardmeter_account_reads_total", stats.account_reads),
+            (
+                "shardmeter_flusher_long_polls_total",
+                stats.long_flusher_polls,
+            ),
         ];
         for (name, value) in counters {
             metrics::counter!(name).absolute(value);
