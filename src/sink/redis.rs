@@ -46,7 +46,7 @@
 //! slots move, and the nodes work concurrently. A key's value and its amount and TTL are made
 //! once, when it is planned, and move into the call's arguments. A pipeline's replies are read
 //! as soon as it has them all, while Redis runs the later pipelines. Planning and reading
-//! replies check every 256 keys (inside a batch or a call too) and after each pipeline whether
+//! replies check every 128 keys (inside a batch or a call too) and after each pipeline whether
 //! to yield to the runtime: once 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
