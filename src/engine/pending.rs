@@ -788,7 +788,7 @@ mod tests {
 
     #[test]
     fn a_map_told_what_to_expect_makes_room_at_each_first_insert() {
-        let keys: Vec<Key> = (0..20_000).map(|i| format!("k{i}").into()).collect();
+        let keys = numbered_keys(20_000);
         let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
         map.expect(keys.len());
         map.expect(1);
@@ -800,6 +800,17 @@ mod tests {
         }
         for (i, shard) in map.shards.iter().enumerate() {
             assert_eq!(Some(shard.capacity()), room[i], "shard {i} grew");
+        }
+    }
+
+    /// Keys `k0`, `k1`, … (`n` of them).
+    fn numbered_keys(n: usize) -> Vec<Key> {
+        (0..n).map(|i| format!("k{i}").into()).collect()
+    }
+
+    fn add_one_to_each(pending: &mut Pending, keys: &[Key]) {
+        for key in keys {
+            pending.add(key.clone(), 1, TTL, None);
         }
     }
 
@@ -817,16 +828,12 @@ mod tests {
 
     #[test]
     fn a_round_s_emptied_tables_are_filled_again_by_the_next() {
-        let keys: Vec<Key> = (0..20_000).map(|i| format!("k{i}").into()).collect();
+        let keys = numbered_keys(20_000);
         let mut pending = Pending::new(1, 500);
-        for key in &keys {
-            pending.add(key.clone(), 1, TTL, None);
-        }
+        add_one_to_each(&mut pending, &keys);
         cut_all(&mut pending);
         assert_eq!(pending.spare_shards.len(), pending.waiting.shards.len());
-        for key in &keys {
-            pending.add(key.clone(), 1, TTL, None);
-        }
+        add_one_to_each(&mut pending, &keys);
         assert!(pending.spare_shards.is_empty(), "every table taken again");
         // Round 2's tables are emptied again; one is taken for round 3's only key. When round 3
         // begins, the others are given back: spares never outlive the round after theirs.
@@ -841,7 +848,7 @@ mod tests {
 
     #[test]
     fn shards_are_prepared_a_few_at_a_time_spares_first() {
-        let keys: Vec<Key> = (0..20_000).map(|i| format!("k{i}").into()).collect();
+        let keys = numbered_keys(20_000);
         let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
         let mut spares: Vec<_> = (0..3)
             .map(|_| HashMap::with_capacity_and_hasher(1_000, Default::default()))
@@ -878,11 +885,9 @@ mod tests {
 
     #[test]
     fn a_spare_table_far_larger_than_its_shard_needs_is_shrunk() {
-        let keys: Vec<Key> = (0..50_000).map(|i| format!("k{i}").into()).collect();
+        let keys = numbered_keys(50_000);
         let mut pending = Pending::new(1, 500);
-        for key in &keys {
-            pending.add(key.clone(), 1, TTL, None);
-        }
+        add_one_to_each(&mut pending, &keys);
         cut_all(&mut pending);
         // The next round has one key: the one after expects about that many per shard.
         pending.add(keys[0].clone(), 1, TTL, None);
