@@ -340,12 +340,15 @@ fn encode(out: &mut Vec<u8>, args: &[&str]) {
     }
 }
 
-/// Whether the figures pass `name` (`cpu`, `figures` or `polls`) runs: never with `--test` or
+/// Whether the figures pass `name` (`cpu`, `figures` or `polls`) runs: only under `cargo bench`
+/// (which passes `--bench`; `cargo test --all-targets` runs this binary without it, in a debug
+/// build, where criterion only checks that each group runs once), never with `--test` or
 /// `--list`; with a filter argument, `polls` runs only when the filter is `polls`, and the
 /// others run unless it is.
 fn pass_wanted(name: &str) -> bool {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|arg| arg == "--test" || arg == "--list") {
+    let benchmarking = args.iter().any(|arg| arg == "--bench");
+    if !benchmarking || args.iter().any(|arg| arg == "--test" || arg == "--list") {
         return false;
     }
     let polls_only = args.iter().any(|arg| arg == "polls");
