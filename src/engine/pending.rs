@@ -705,7 +705,7 @@ impl Pending {
 
     /// Every key with its unacknowledged amount that certainly did not reach the sink (never
     /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
-    pub(crate) fn unwritten(&mut self) -> Vec<(String, u128)> {
+    pub(crate) fn unwritten(&self) -> Vec<(String, u128)> {
         let mut per_key: HashMap<&str, u128> = HashMap::new();
         let uncut = self.round.as_slice().iter().flatten();
         let cutting = self.cutting.iter().map(|(key, waiting)| (key, waiting));
