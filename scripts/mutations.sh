@@ -54,6 +54,9 @@ lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if fal
 misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\(now\)/self.backoff.failed(now)/	test	engine	a_misconfigured_sink_is_retried_at_the_longest_backoff_and_shown_in_the_stats	retried like an outage
 ack-ignores-bucket	src/engine/accounts.rs	s/\n\s*\.filter\(\|tracked\| Arc::ptr_eq\(&tracked\.key, key\) \|\| tracked\.key == \*key\)//	unit	-	engine::accounts::tests::a_new_bucket_starts_from_zero_and_is_read_again	assertion
 counted-whole-increment	src/engine/pending.rs	s/amount: counted_now as u64,/amount: now as u64,/	unit	-	engine::pending::tests::what_was_counted_comes_back_with_each_increment	assertion
+spares-never-taken	src/engine/pending.rs	s/if let Some\(spare\) = spares\.pop\(\)/if let Some(spare) = None::<HashMap<K, V, foldhash::fast::RandomState>>/	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	every table taken again
+spares-kept-past-next-round	src/engine/pending.rs	s/\n\s*self\.spare_shards = Vec::new\(\);//	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	assertion
+key-text-allocated-per-key	src/sink/redis.rs	s/self\.0\.split\(\)\.freeze\(\)/Bytes::copy_from_slice(key.as_bytes())/	unit	-	sink::redis::tests::key_texts_are_slices_of_shared_chunks	assertion
 enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion
 EOF
 )"
