@@ -120,12 +120,7 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         spares: &mut Vec<HashMap<K, V, foldhash::fast::RandomState>>,
     ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
         let index = self.index(key);
-        if self.shards[index].capacity() == 0 {
-            if let Some(spare) = spares.pop() {
-                debug_assert!(spare.is_empty());
-                self.shards[index] = spare;
-            }
-        }
+        adopt_spare(&mut self.shards[index], spares);
         self.prepared(index)
     }
 
@@ -162,13 +157,24 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
             if prepared == most {
                 return true;
             }
-            if let Some(spare) = spares.pop() {
-                *shard = spare;
-            }
+            adopt_spare(shard, spares);
             make_room(shard, room);
             prepared += 1;
         }
         false
+    }
+}
+
+/// Gives a shard without a table one of `spares`, if there is one.
+fn adopt_spare<K, V>(
+    shard: &mut HashMap<K, V, foldhash::fast::RandomState>,
+    spares: &mut Vec<HashMap<K, V, foldhash::fast::RandomState>>,
+) {
+    if shard.capacity() == 0 {
+        if let Some(spare) = spares.pop() {
+            debug_assert!(spare.is_empty());
+            *shard = spare;
+        }
     }
 }
 
