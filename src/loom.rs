@@ -6,9 +6,9 @@
 
 #[cfg(not(shardmeter_loom))]
 mod imp {
-    #[cfg(feature = "engine")]
-    pub(crate) use std::sync::atomic::fence;
-    pub(crate) use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    pub(crate) use std::sync::atomic::{
+        fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
+    };
     pub(crate) use std::sync::Arc;
 
     /// Waits a little before a retry: a spin hint for the first `attempt`s, then a yield of the
@@ -66,7 +66,9 @@ mod imp {
 #[cfg(shardmeter_loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering,
+    };
     pub(crate) use loom::sync::{Arc, Mutex};
 
     /// A retry loop must yield to loom's scheduler, or the model never ends.

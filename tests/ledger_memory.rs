@@ -70,18 +70,21 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, i64, u64) {
     (result, LIVE.with(Cell::get), CALLS.with(Cell::get))
 }
 
-/// Per slot, for `shards` shards (worker + striped), as `docs/operations.md` states it: a cell
-/// per shard (8 B each), the sweeper's sum of readings (16), slot metadata (24: state and
-/// account), and an entry in each of the two slot queues (16 each).
-fn bytes_per_slot(shards: usize) -> i64 {
-    (8 * shards + 16 + 24 + 2 * 16) as i64
+/// Slots per chunk: a chunk has one 4 KiB page of cells per shard.
+const CHUNK_SLOTS: usize = 511;
+
+/// Per chunk of 511 slots, for `shards` shards (worker + striped), as `docs/operations.md` states
+/// it: a 4 KiB page per shard (511 cells and the owner word), and per slot the sweeper's sum of
+/// readings (16), slot metadata (32: state, holders, account, the ledger's `Arc`), and an entry
+/// in each of the two slot queues (16 each).
+fn bytes_per_chunk(shards: usize) -> i64 {
+    (4096 * shards + CHUNK_SLOTS * (16 + 32 + 2 * 16)) as i64
 }
 
-/// Per open session, as `docs/operations.md` states it: the shared handle (two reference counts,
-/// the ledger's `Arc`, the account's `Arc<str>`, the slot index: 48 B) and the account id (two
-/// reference counts and the bytes, rounded up to 8), in two allocations.
+/// Per open session, as `docs/operations.md` states it: the account id (two reference counts and
+/// the bytes, rounded up to 8), in one allocation.
 fn bytes_per_session(id_len: usize) -> i64 {
-    (48 + (16 + id_len).next_multiple_of(8)) as i64
+    (16 + id_len).next_multiple_of(8) as i64
 }
 
 fn build(capacity: usize, shards: Option<(usize, usize)>) -> (Ledger, Sweeper) {
@@ -93,26 +96,27 @@ fn build(capacity: usize, shards: Option<(usize, usize)>) -> (Ledger, Sweeper) {
     builder.build().unwrap()
 }
 
-/// The bytes of one slot: the difference between two capacities (multiples of 16, so no line
-/// padding), divided by the difference of slots. Also returns what a ledger costs besides.
-fn measured_per_slot(shards: Option<(usize, usize)>) -> (i64, i64) {
-    const SMALL: usize = 1 << 12;
-    const LARGE: usize = 1 << 16;
-    let (_small, small_bytes, _) = measure(|| build(SMALL, shards));
-    let (_large, large_bytes, _) = measure(|| build(LARGE, shards));
-    let slots = (LARGE - SMALL) as i64;
+/// The bytes of one chunk of slots: the difference between two capacities (whole chunks, so no
+/// page is part-used), divided by the difference of chunks. Also returns what a ledger costs
+/// besides.
+fn measured_per_chunk(shards: Option<(usize, usize)>) -> (i64, i64) {
+    const SMALL: usize = 8;
+    const LARGE: usize = 128;
+    let (_small, small_bytes, _) = measure(|| build(SMALL * CHUNK_SLOTS, shards));
+    let (_large, large_bytes, _) = measure(|| build(LARGE * CHUNK_SLOTS, shards));
+    let chunks = (LARGE - SMALL) as i64;
     assert_eq!(
-        (large_bytes - small_bytes) % slots,
+        (large_bytes - small_bytes) % chunks,
         0,
-        "not a whole number of bytes per slot: {small_bytes} B at {SMALL} slots, \
+        "not a whole number of bytes per chunk: {small_bytes} B at {SMALL} chunks, \
          {large_bytes} B at {LARGE}"
     );
-    let per_slot = (large_bytes - small_bytes) / slots;
-    (per_slot, small_bytes - per_slot * SMALL as i64)
+    let per_chunk = (large_bytes - small_bytes) / chunks;
+    (per_chunk, small_bytes - per_chunk * SMALL as i64)
 }
 
 #[test]
-fn bytes_per_slot_match_the_formula_at_the_default_and_for_2_16_64_cores() {
+fn bytes_per_chunk_of_slots_match_the_formula_at_the_default_and_for_2_16_64_cores() {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let default_shards = cpus.min(256) + cpus.min(2);
     // (label, explicit (worker, striped) shards or the defaults, shards in all)
@@ -123,20 +127,20 @@ fn bytes_per_slot_match_the_formula_at_the_default_and_for_2_16_64_cores() {
         ("64 cores' defaults", Some((64, 2)), 66),
     ];
     for (label, shards, total) in cases {
-        let (per_slot, fixed) = measured_per_slot(shards);
+        let (per_chunk, fixed) = measured_per_chunk(shards);
+        let per_slot = per_chunk as f64 / CHUNK_SLOTS as f64;
         println!(
-            "{label}: {total} shards, {per_slot} B per slot (+ {fixed} B per ledger); \
-             1 Mi slots: {:.0} MiB",
-            per_slot as f64
+            "{label}: {total} shards, {per_chunk} B per {CHUNK_SLOTS} slots = {per_slot:.1} B \
+             per slot (+ {fixed} B per ledger); 1 Mi slots: {per_slot:.0} MiB"
         );
-        assert_eq!(per_slot, bytes_per_slot(total), "{label}");
+        assert_eq!(per_chunk, bytes_per_chunk(total), "{label}");
         // The shared state and the boxes' headers, not a per-slot cost.
         assert!((0..4096).contains(&fixed), "{label}: {fixed} B fixed");
     }
 }
 
 #[test]
-fn an_open_session_costs_two_allocations_of_the_stated_size() {
+fn an_open_session_costs_one_allocation_of_the_stated_size() {
     const SESSIONS: usize = 10_000;
     // The deployment's ids are 28 alphanumeric characters.
     let ids: Vec<String> = (0..SESSIONS).map(|i| format!("{i:0>28}")).collect();
@@ -149,28 +153,24 @@ fn an_open_session_costs_two_allocations_of_the_stated_size() {
     });
     let per_session = bytes / SESSIONS as i64;
     println!(
-        "an open session with a 28-byte id: {per_session} B in {} allocations, plus the \
+        "an open session with a 28-byte id: {per_session} B in {} allocation(s), plus the \
          {}-byte `Session` value wherever it is kept",
         calls / SESSIONS as u64,
         std::mem::size_of::<Session>()
     );
     assert_eq!(bytes, bytes_per_session(28) * SESSIONS as i64);
-    assert_eq!(calls, 2 * SESSIONS as u64);
-    assert_eq!(
-        std::mem::size_of::<Session>(),
-        24,
-        "the size the docs state"
-    );
+    assert_eq!(calls, SESSIONS as u64);
+    assert_eq!(std::mem::size_of::<Session>(), 8, "the size the docs state");
 
-    // A clone (a channel) allocates nothing; the last drop frees both allocations.
+    // A clone (a channel) allocates nothing; ending a session frees nothing until the sweeper
+    // collects it, which frees the id that the slot held.
     let (clones, bytes, calls) = measure(|| sessions.to_vec());
-    assert_eq!((calls, bytes), (1, (SESSIONS * 24) as i64), "only the Vec");
+    assert_eq!((calls, bytes), (1, (SESSIONS * 8) as i64), "only the Vec");
     drop(clones);
-    // Ending the sessions frees the handles; collecting them frees the ids, which the slots held.
     let ((), bytes, _) = measure(|| sessions.clear());
-    assert_eq!(bytes, -48 * SESSIONS as i64);
+    assert_eq!(bytes, 0);
     let mut usage = Vec::new();
     let (ended, bytes, _) = measure(|| sweeper.collect_ended(&mut usage));
     assert_eq!(ended, SESSIONS);
-    assert_eq!(bytes, -(bytes_per_session(28) - 48) * SESSIONS as i64);
+    assert_eq!(bytes, -bytes_per_session(28) * SESSIONS as i64);
 }

@@ -34,7 +34,7 @@ mod worker;
 pub use worker::{register_worker_thread, unregister_worker_thread, MAX_WORKERS};
 
 use crate::loom::Arc;
-use shard::{Shards, SlotCells};
+use shard::{Cursor, Shards};
 use slots::Slots;
 
 /// An account id as the ledger hands it back: cheap to clone, shared by all of its records.
@@ -130,28 +130,21 @@ impl Ledger {
 
     /// Opens a session for `account`, taking a free slot.
     ///
-    /// Allocates (the handle and a copy of the id); never blocks. Fails with
+    /// Allocates (a copy of the id); never blocks. Fails with
     /// [`LedgerError::Full`] when no slot is free, [`LedgerError::EmptyAccount`] for an empty id,
     /// [`LedgerError::AccountTooLong`] for an id longer than [`MAX_ACCOUNT_BYTES`] bytes.
     pub fn open_session(&self, account: &str) -> Result<Session, LedgerError> {
         validate_account(account)?;
         let account: Account = account.into();
-        let slot = self
-            .shared
-            .slots
-            .open(account.clone())
-            .ok_or(LedgerError::Full {
-                capacity: self.capacity(),
-            })?;
-        let cells = self.shared.shards.slot_cells(slot as usize);
-        let handle = SessionHandle {
-            shared: self.shared.clone(),
-            slot,
-            account,
-        };
+        let slot =
+            self.shared
+                .slots
+                .open(account, self.shared.clone())
+                .ok_or(LedgerError::Full {
+                    capacity: self.capacity(),
+                })?;
         Ok(Session {
-            cells,
-            handle: Arc::new(handle),
+            cursor: self.shared.shards.cursor(slot as usize),
         })
     }
 
@@ -247,10 +240,11 @@ impl LedgerBuilder {
             )));
         }
         let shared = Arc::new(Shared {
-            shards: Shards::new(self.capacity, self.worker_shards, self.striped_shards),
+            shards: Shards::new(self.capacity, self.worker_shards, self.striped_shards)?,
             slots: Slots::new(self.capacity),
             on_session_end: self.on_session_end,
         });
+        shared.shards.set_owner(&*shared);
         let readings = vec![0; self.capacity].into_boxed_slice();
         Ok((
             Ledger {
@@ -264,34 +258,24 @@ impl LedgerBuilder {
 /// One metered session. Clones are channels of the same session and share its slot; when the
 /// last clone drops, the session ends and its remainder goes to the sweeper.
 ///
-/// A session is 24 bytes: where its slot's cells are (what [`Session::add`] reads, kept in the
-/// value itself so that an `add` on a session out of cache costs one miss for the session and
-/// one for the cell, nothing in between), and the `Arc` of the handle that owns the slot.
-#[derive(Clone)]
-// C layout: the cursor `add` reads comes first, so it shares a cache line with the value's start.
-#[repr(C)]
+/// A session is 8 bytes: where its slot's cells are, with the ledger's worker-shard count in the
+/// same word (what [`Session::add`] reads, so that an `add` on a session out of cache costs one
+/// miss for the session and one for the cell, nothing in between, and a gateway's array of
+/// sessions is as small as an array of pointers). Everything else (the slot's holders, its
+/// account, the ledger) is found from the cell's page on the cold paths.
 pub struct Session {
-    /// Points into `handle.shared`, which `handle` keeps alive, at the slot `handle` holds: valid
-    /// as long as `handle` is, and never used without it (`SlotCells`' docs).
-    cells: SlotCells,
-    handle: Arc<SessionHandle>,
-}
-
-/// What all channels of a session share; its drop ends the session.
-struct SessionHandle {
-    shared: Arc<Shared>,
-    slot: u32,
-    account: Account,
+    /// Points at the slot this session holds; the held slot keeps the ledger, and so the cells,
+    /// alive (`Cursor`'s docs).
+    cursor: Cursor,
 }
 
 impl Session {
     /// Adds `amount` to this session: no lock, no allocation, no syscall.
     ///
     /// On a registered worker thread this is a `Relaxed` atomic load and store of a cell only
-    /// this thread writes: no locked instruction, no read-modify-write, 13 instructions once
-    /// inlined (`scripts/hot-path-guard.sh` holds it to its budget). Elsewhere it is an atomic
-    /// read-modify-write (`fetch_update`) on a striped cell. A session's total in one shard stops
-    /// at `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
+    /// this thread writes: no locked instruction, no read-modify-write, 10 instructions once
+    /// inlined (`scripts/hot-path-guard.sh` holds it to its budget). Elsewhere it is an atomic read-modify-write (`fetch_update`) on a striped cell. A session's total in
+    /// one shard stops at `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
     ///
     /// # Not async-signal-safe
     ///
@@ -300,23 +284,46 @@ impl Session {
     /// adds to the same session has its amount overwritten, so that add is lost.
     #[inline]
     pub fn add(&self, amount: u64) {
-        // The handle is followed only on the cold saturation paths.
-        self.cells.add(amount, || &self.handle.shared.shards);
+        // The ledger is looked up only on the cold paths (another stripe, saturation).
+        self.cursor.add(amount, || &self.ledger().shards);
     }
 
     /// The account this session charges.
     pub fn account(&self) -> &str {
-        &self.handle.account
+        self.ledger().slots.held_account(self.slot())
+    }
+
+    fn ledger(&self) -> &Shared {
+        // SAFETY: this session holds its slot until it drops, which keeps the ledger alive for
+        // as long as `self` is borrowed.
+        unsafe { self.cursor.owner() }
+    }
+
+    fn slot(&self) -> u32 {
+        self.ledger().shards.slot_of(self.cursor)
     }
 }
 
-impl Drop for SessionHandle {
+impl Clone for Session {
+    fn clone(&self) -> Self {
+        self.ledger().slots.hold(self.slot());
+        Self {
+            cursor: self.cursor,
+        }
+    }
+}
+
+impl Drop for Session {
     fn drop(&mut self) {
-        // `Arc` ran this drop on the thread that released the last handle, after an `Acquire`
-        // that synchronizes with every other handle's `Release` decrement: every `add` on this
-        // session happens before this push, and the queue's push/pop carries that to the sweeper.
-        self.shared.slots.end(self.slot);
-        if let Some(hook) = &self.shared.on_session_end {
+        let slot = self.slot();
+        let Some(ledger) = self.ledger().slots.release(slot) else {
+            return;
+        };
+        // This was the last holder (`Slots::release` passed an `Acquire` fence): every `add` on
+        // this session happens before this push, and the queue's push/pop carries that to the
+        // sweeper. From here on the slot is not ours: only the `Arc` keeps the ledger alive.
+        ledger.slots.end(slot);
+        if let Some(hook) = &ledger.on_session_end {
             hook();
         }
     }
@@ -431,11 +438,7 @@ impl Sweeper {
     /// sum; with `reset`, zeroes the cells and the sum instead (the slot has no session).
     fn take_delta(&mut self, slot: usize, reset: bool) -> u128 {
         let shards = &self.shared.shards;
-        let shard_count = shards.count();
-        let mut sum = 0u128;
-        for shard in 0..shard_count {
-            sum += u128::from(shards.read(shard, slot));
-        }
+        let sum = shards.read_sum(slot);
         let seen = &mut self.readings[slot];
         // Every cell's reading is at least its previous one (type docs), so their sum is too.
         debug_assert!(
@@ -445,9 +448,7 @@ impl Sweeper {
         );
         let delta = sum.saturating_sub(*seen);
         if reset {
-            for shard in 0..shard_count {
-                shards.reset(shard, slot);
-            }
+            shards.reset(slot);
             *seen = 0;
         } else {
             *seen = sum;
@@ -498,7 +499,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("account", &self.account())
-            .field("slot", &self.handle.slot)
+            .field("slot", &self.slot())
             .finish()
     }
 }

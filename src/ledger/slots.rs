@@ -16,22 +16,42 @@
 //! - `free` (sweeper only) takes the account and stores `FREE` (`Relaxed`: only the sweeper reads
 //!   `state` after an opener has published it, and it reads its own store in program order); the
 //!   free queue's push/pop then hands the slot, account cleared, to the next opener.
+//! - A slot is **held** by its sessions: `holders` counts them, as an `Arc`'s strong count
+//!   counts its clones, and `keep_alive` keeps the ledger alive for them. `open` sets both (it
+//!   owns the slot, and the queues ordered the previous session's last `release` before it).
+//!   `hold` adds a holder with `Relaxed`: its caller is a holder, so the count cannot reach 0
+//!   meanwhile, and nothing is published. `release` subtracts with `Release`, and the holder that
+//!   takes the count to 0 then passes an `Acquire` fence: every other holder's adds (stores to
+//!   cells made before their decrements) happen before what the last one does next, which is to
+//!   take `keep_alive` and push the slot to the ended queue, whose push/pop carries that order to
+//!   the sweeper's final read of the cells (loom model `clones_drop_on_different_threads`).
 
-use super::Account;
-use crate::loom::{AtomicU8, BoundedQueue, Ordering, UnsafeCell};
+use super::{Account, Shared};
+use crate::loom::{fence, Arc, AtomicU32, AtomicU8, BoundedQueue, Ordering, UnsafeCell};
 
 const FREE: u8 = 0;
 const OPEN: u8 = 1;
 
+/// Most holders of one slot: as `Arc`, a count this high can only come from leaked clones.
+const MAX_HOLDERS: u32 = u32::MAX / 2;
+
 struct SlotMeta {
     state: AtomicU8,
-    /// Written by the slot's owner (an opener, or the sweeper while freeing); read by the sweeper.
+    /// How many sessions (clones) hold the slot (module docs).
+    holders: AtomicU32,
+    /// Written by the slot's owner (an opener, or the sweeper while freeing); read by the sweeper
+    /// and by the slot's holders.
     account: UnsafeCell<Option<Account>>,
+    /// The ledger, kept alive by every held slot. Written by the opener, taken by the last holder.
+    keep_alive: UnsafeCell<Option<Arc<Shared>>>,
 }
 
 // SAFETY: `account` is only written by the thread that owns the slot (the opener that popped it
 // from the free queue, or the sweeper freeing it) and only read by the sweeper after an `Acquire`
-// load of `state` that saw it published (module docs). `Account` itself is `Send + Sync`.
+// load of `state` that saw it published, or by a holder, which got its session from the opener
+// and keeps the sweeper from freeing the slot (module docs). `keep_alive` is written by the
+// opener and taken by the last holder, which owns the slot then. `Account` and `Arc<Shared>` are
+// `Send + Sync`.
 unsafe impl Sync for SlotMeta {}
 
 pub(super) struct Slots {
@@ -51,7 +71,9 @@ impl Slots {
             meta: (0..capacity)
                 .map(|_| SlotMeta {
                     state: AtomicU8::new(FREE),
+                    holders: AtomicU32::new(0),
                     account: UnsafeCell::new(None),
+                    keep_alive: UnsafeCell::new(None),
                 })
                 .collect(),
             free,
@@ -68,20 +90,64 @@ impl Slots {
         self.capacity() - self.free.len()
     }
 
-    /// Takes a free slot for `account`, or `None` when every slot is in use.
-    pub(super) fn open(&self, account: Account) -> Option<u32> {
+    /// Takes a free slot for `account`, held once and keeping `ledger` alive, or `None` when
+    /// every slot is in use.
+    pub(super) fn open(&self, account: Account, ledger: Arc<Shared>) -> Option<u32> {
         let slot = self.free.pop()?;
         let meta = &self.meta[slot as usize];
         // SAFETY: popping the slot from the free queue made this thread its only owner; the
-        // sweeper does not read `account` until it sees the `OPEN` stored below.
+        // sweeper does not read `account` until it sees the `OPEN` stored below, and the slot
+        // has no holder until this call returns.
         meta.account
             .with_mut(|cell| unsafe { *cell = Some(account) });
+        // SAFETY: as above; the last holder of the slot's previous session took its ledger.
+        meta.keep_alive
+            .with_mut(|cell| unsafe { *cell = Some(ledger) });
+        // Relaxed: this thread owns the slot; the session it returns carries the count to any
+        // other thread (module docs).
+        meta.holders.store(1, Ordering::Relaxed);
         // Release: publishes the account written above to the sweeper's `Acquire` in `account`.
         meta.state.store(OPEN, Ordering::Release);
         Some(slot)
     }
 
-    /// Called once, by the last handle of the session that holds `slot`.
+    /// One more holder of `slot`; the caller is one already.
+    pub(super) fn hold(&self, slot: u32) {
+        // Relaxed: see the module docs.
+        let before = self.meta[slot as usize]
+            .holders
+            .fetch_add(1, Ordering::Relaxed);
+        if before > MAX_HOLDERS {
+            // Billions of leaked clones; wrapping the count would end the session early.
+            std::process::abort();
+        }
+    }
+
+    /// One holder of `slot` fewer. The last one gets the ledger that the slot kept alive, and
+    /// must end the slot ([`Slots::end`]) before it drops it.
+    pub(super) fn release(&self, slot: u32) -> Option<Arc<Shared>> {
+        let meta = &self.meta[slot as usize];
+        // Release, and Acquire for the last holder: see the module docs.
+        if meta.holders.fetch_sub(1, Ordering::Release) != 1 {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        // SAFETY: this thread released the slot's last hold: no session holds it, and no sweeper
+        // frees it before `end` pushes it to the ended queue, so this thread owns it.
+        meta.keep_alive.with_mut(|cell| unsafe { (*cell).take() })
+    }
+
+    /// The account of a slot the caller holds.
+    pub(super) fn held_account(&self, slot: u32) -> &str {
+        // SAFETY: the caller holds the slot: its opener wrote the account before the caller's
+        // session existed, and no one writes it again until the sweeper frees the slot, after
+        // its last holder is gone (module docs).
+        self.meta[slot as usize]
+            .account
+            .with(|cell| unsafe { (*cell).as_deref().expect("a held slot has its account") })
+    }
+
+    /// Called once, by the last holder of `slot`, after [`Slots::release`].
     pub(super) fn end(&self, slot: u32) {
         // The queue holds every slot at most once, and there are `capacity` of them.
         let pushed = self.ended.push(slot);

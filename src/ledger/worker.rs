@@ -15,6 +15,7 @@
 //! last store to any private cell before the next owner's first load of the same cell, which is
 //! what makes the next owner's `load` + `store` exact (loom model `worker_handoff`).
 
+use super::shard::WorkerProbe;
 use super::LedgerError;
 use crate::loom::{global, thread_local_const, AtomicU64, Ordering};
 use std::cell::Cell;
@@ -23,7 +24,6 @@ use std::cell::Cell;
 pub const MAX_WORKERS: usize = 256;
 
 const WORDS: usize = MAX_WORKERS / 64;
-const NOT_A_WORKER: u32 = u32::MAX;
 
 /// Bit `i` of the bitmap is set while worker index `i` is claimed.
 struct WorkerRegistry {
@@ -71,13 +71,16 @@ global! {
 }
 
 thread_local_const! {
-    /// Read by every `add`: this thread's worker index, or `NOT_A_WORKER`.
-    static WORKER_INDEX: Cell<u32> = Cell::new(NOT_A_WORKER);
+    /// Read by every `add`: this thread's worker index, in the form `add` uses it.
+    static WORKER: Cell<WorkerProbe> = Cell::new(WorkerProbe::NOT_A_WORKER);
 }
+
+/// `STRIPE_SEED` before its first use.
+const NO_SEED: u32 = u32::MAX;
 
 thread_local_const! {
     /// Lazily assigned spread-out number choosing an unregistered thread's striped shard.
-    static STRIPE_SEED: Cell<u32> = Cell::new(NOT_A_WORKER);
+    static STRIPE_SEED: Cell<u32> = Cell::new(NO_SEED);
 }
 
 /// Gives the worker index back when the thread exits without unregistering.
@@ -111,14 +114,13 @@ thread_local_const! {
 /// # drop(runtime);
 /// ```
 pub fn register_worker_thread() -> Result<usize, LedgerError> {
-    let current = WORKER_INDEX.with(Cell::get);
-    if current != NOT_A_WORKER {
+    if let Some(current) = WORKER.with(Cell::get).index() {
         return Ok(current as usize);
     }
     let index = REGISTRY
         .claim()
         .ok_or(LedgerError::TooManyWorkers { max: MAX_WORKERS })?;
-    WORKER_INDEX.with(|cell| cell.set(index));
+    WORKER.with(|cell| cell.set(WorkerProbe::for_worker(index)));
     // Touching the key registers its destructor, which unregisters at thread exit.
     RELEASE_ON_EXIT.with(|_| ());
     Ok(index as usize)
@@ -127,18 +129,17 @@ pub fn register_worker_thread() -> Result<usize, LedgerError> {
 /// Gives back the calling thread's worker index; a no-op on a thread that is not registered.
 pub fn unregister_worker_thread() {
     // `try_with`: this also runs from a thread-local destructor, when the key may be gone.
-    let index = WORKER_INDEX.try_with(|cell| cell.replace(NOT_A_WORKER));
-    if let Ok(index) = index {
-        if index != NOT_A_WORKER {
-            REGISTRY.release(index);
-        }
+    let probe = WORKER.try_with(|cell| cell.replace(WorkerProbe::NOT_A_WORKER));
+    if let Some(index) = probe.ok().and_then(WorkerProbe::index) {
+        REGISTRY.release(index);
     }
 }
 
-/// The calling thread's worker index, or `None`. One thread-local load: this is on the hot path.
+/// The calling thread's worker index as `add` uses it. Thread-local loads only: this is on the
+/// hot path.
 #[inline(always)]
-pub(super) fn current_worker() -> u32 {
-    WORKER_INDEX.with(Cell::get)
+pub(super) fn current_probe() -> WorkerProbe {
+    WORKER.with(Cell::get)
 }
 
 /// A number that stays the same for this thread and differs between threads started one after
@@ -147,12 +148,12 @@ pub(super) fn current_worker() -> u32 {
 pub(super) fn stripe_seed() -> u32 {
     STRIPE_SEED.with(|cell| {
         let seed = cell.get();
-        if seed != NOT_A_WORKER {
+        if seed != NO_SEED {
             return seed;
         }
         // Only spreads threads out: no other memory depends on it, and it runs once per thread.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seed = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % NOT_A_WORKER;
+        let seed = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % NO_SEED;
         cell.set(seed);
         seed
     })
