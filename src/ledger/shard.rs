@@ -89,6 +89,12 @@ fn zeroed_cells() -> [AtomicU64; CHUNK_SLOTS] {
     std::array::from_fn(|_| AtomicU64::new(0))
 }
 
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "shardmeter's ledger needs a 64-bit target: a session keeps its ledger's worker-shard count \
+     in the top bits of a pointer"
+);
+
 /// Where in a session's value [`Cursor`] keeps the ledger's worker-shard count: bits 55 to 63.
 /// A cell's address must be below `1 << TAG_SHIFT` (checked when the shards are built).
 const TAG_SHIFT: u32 = 55;
