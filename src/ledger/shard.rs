@@ -40,11 +40,12 @@ use crate::loom::{AtomicPtr, AtomicU64, Ordering};
 use crossbeam_utils::CachePadded;
 use std::ptr::NonNull;
 
-/// Words in a page: a cell per slot of its chunk, and the owner word. Loom models use small
-/// pages (loom tracks every atomic it creates); the code is the same.
-#[cfg(not(shardmeter_loom))]
+/// Words in a page: a cell per slot of its chunk, and the owner word. Loom models and Miri use
+/// small pages (loom tracks every atomic it creates; Miri interprets every byte of every test
+/// ledger, and 4 KiB pages doubled the Miri stage of CI); the code is the same.
+#[cfg(not(any(shardmeter_loom, miri)))]
 const PAGE_WORDS: usize = 512;
-#[cfg(shardmeter_loom)]
+#[cfg(any(shardmeter_loom, miri))]
 const PAGE_WORDS: usize = 16;
 
 /// Slots per chunk: one cell per page each.
@@ -52,7 +53,8 @@ pub(super) const CHUNK_SLOTS: usize = PAGE_WORDS - 1;
 
 /// One shard's cells of one chunk. Its alignment is its size, so the page a cell is in is found
 /// by rounding the cell's address down.
-#[cfg_attr(not(shardmeter_loom), repr(C, align(4096)))]
+#[cfg_attr(not(any(shardmeter_loom, miri)), repr(C, align(4096)))]
+#[cfg_attr(all(miri, not(shardmeter_loom)), repr(C, align(128)))]
 // Loom's atomics are larger than std's; 16 of them fit in 1 KiB.
 #[cfg_attr(shardmeter_loom, repr(C, align(1024)))]
 struct Page {
