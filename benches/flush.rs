@@ -62,6 +62,8 @@ use shardmeter::sink::{Batch, BatchId, BatchOutcome, Increment, KeyOutcome, Sink
 use shardmeter::{Engine, KeyScheme, Session, Ttl};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ACCOUNTS: [usize; 3] = [1_000, 10_000, 100_000];
@@ -679,6 +681,7 @@ fn flusher_polls() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let probe = NoiseProbe::start(&runtime);
     let (engine, sessions) = runtime.block_on(async {
         let engine = Engine::builder()
             .flush_interval(Duration::from_secs(3600))
@@ -761,4 +764,71 @@ fn flusher_polls() {
         "polls/shutdown (1M sessions ended before it): longest flusher poll {}",
         longest()
     );
+    eprintln!("polls/noise    {}", runtime.block_on(probe.stop()));
+}
+
+/// The machine's own noise, measured beside the flusher in the same run: a task on the same
+/// runtime whose every poll does the same small computation, timed as the engine times its
+/// polls (the thread's CPU clock), once a millisecond. A probe poll over 1 ms did no more work
+/// than the others: the clock charged it time the thread did not compute (a hypervisor
+/// preempting the guest, interrupts). On a machine where it has such polls, a few flusher polls
+/// over 1 ms may be the same noise; many cannot be.
+struct NoiseProbe {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+impl NoiseProbe {
+    fn start(runtime: &tokio::runtime::Runtime) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = runtime.spawn(async move {
+            let mut polls = Vec::new();
+            // Relaxed: a flag polled once a millisecond; nothing is published with it.
+            while !stopped.load(Ordering::Relaxed) {
+                let started = thread_cpu_time();
+                std::hint::black_box((0..20_000u64).fold(1u64, |acc, i| {
+                    std::hint::black_box(acc.wrapping_mul(31).wrapping_add(i))
+                }));
+                polls.push(thread_cpu_time() - started);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            polls
+        });
+        Self { stop, task }
+    }
+
+    /// Stops the probe and describes its polls.
+    async fn stop(self) -> String {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut polls = self.task.await.expect("the probe task");
+        polls.sort_unstable();
+        let over = polls
+            .iter()
+            .filter(|cpu| **cpu > Duration::from_millis(1))
+            .count();
+        format!(
+            "a probe task's {} polls of the same work (median {} us of CPU): {over} over 1 ms \
+             of CPU, longest {} us",
+            polls.len(),
+            polls[polls.len() / 2].as_micros(),
+            polls.last().expect("polls").as_micros()
+        )
+    }
+}
+
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, the engine's clock for its polls).
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable `timespec` that the call only writes;
+    // `CLOCK_THREAD_CPUTIME_ID` needs no other argument.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(result, 0, "a thread CPU clock");
+    Duration::new(
+        u64::try_from(now.tv_sec).expect("seconds"),
+        u32::try_from(now.tv_nsec).expect("nanoseconds"),
+    )
 }

@@ -315,8 +315,11 @@ impl std::fmt::Debug for AccountState {
 }
 
 /// Most totals one read asks for: a pipeline of this many `GET`s, and as many answers applied in
-/// one poll of the flusher (~1 µs each taken, ~0.7 µs each applied, at a million accounts).
-const MAX_READS_PER_REQUEST: usize = 256;
+/// one poll of the flusher. ~1 µs each taken and ~0.7 µs each applied at a million accounts on
+/// one machine, but 4-8 µs on another (a fresh KVM guest: 256 were single steps of 1-2 ms), so
+/// 64; one read is in flight at a time, and the reads after a burst of new accounts take ~4x the
+/// round trips.
+const MAX_READS_PER_REQUEST: usize = 64;
 
 /// Bits of a hash that pick the shard of the read side's maps by account and by key: 1,024
 /// shards, ~1,000 accounts each at a million. Those maps grow as accounts are tracked, and one

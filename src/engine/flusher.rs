@@ -16,9 +16,10 @@
 //!
 //! # Writing
 //!
-//! Sweeping never waits for the sink: writes run as one in-flight future polled beside the
-//! timers. A round is cut into batches [`CUT_SLICE_KEYS`] keys per poll, and the batches built
-//! go out as soon as no write is in flight, so the sink writes the first batches of a round
+//! Sweeping never waits for the sink: a write runs as a task of its own (one at a time; reads of
+//! global totals likewise), whose output the flusher awaits beside its timers. A round is cut
+//! into batches one slice of time per turn, and the batches built go out as soon as no write is
+//! in flight, so the sink writes the first batches of a round
 //! while the flusher cuts the rest. A failed or timed-out write leaves its batches in flight,
 //! re-sent unchanged (same ids) after an exponential backoff with jitter (`backoff.rs`; a
 //! misconfigured sink waits the longest step at once); amounts swept meanwhile wait, merged per
@@ -29,12 +30,11 @@ use super::backoff::{Backoff, FailureLog};
 use super::keys::KeyScheme;
 use super::metrics;
 use super::pending::{Pending, Rejection, Settlement};
-use super::stats::Stats;
+use super::stats::{PollTimed, Stats, Task};
 use super::{Clock, EngineError, FlushReport, ShutdownReport, SystemClock};
 use crate::ledger::{Sweeper, Usage};
 use crate::sink::{BatchOutcome, Sink, SinkError, Slicer};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -46,37 +46,39 @@ const MAX_REPORTED_REJECTIONS: usize = 10_000;
 /// While writes keep failing for the same cause, a WARN at most this often (DEBUG between).
 const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 // The steps below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
-// longest at a million slots and accounts (`docs/benchmarks.md`). Each is sized to ~0.3-0.5 ms
-// of CPU at that size on the development machine, where the maps and keys no longer fit in
-// its caches and every item costs a few cache misses: the costs per item quoted are from a
-// poll-phase trace of that bench. The loops yield between steps once `SLICE_BUDGET` has passed
-// (`Slicer`), so where items are cheaper several steps share a poll.
+// longest at a million slots and accounts (`docs/benchmarks.md`). The loops check the time
+// after each step and yield once `SLICE_BUDGET` has passed (`Slicer`), so a poll is at most the
+// budget plus one step. Steps are therefore small: ~50-100 µs where items cost the most, which
+// is a million accounts on memory the process touches for the first time. A page fault there
+// cost ~1.7 µs on one development machine and 10-20 µs on a fresh KVM guest (an Intel Xeon,
+// session 8's poll trace: ~120 faults in a step of 128 swept slots, 1.3-2.7 ms), and a step
+// sized by item count alone cannot know which it runs on. Where items are cheaper, many steps
+// share one poll.
 /// Tracked accounts given new limits per step after `Engine::set_budgets` (a lookup and a
 /// sequence-lock publication each).
-const BUDGET_SLICE_ACCOUNTS: usize = 256;
+const BUDGET_SLICE_ACCOUNTS: usize = 64;
 /// Tracked accounts reviewed per step after a full sweep (a limit lookup each, and for some a
 /// read wanted or the account forgotten).
-const REVIEW_SLICE_ACCOUNTS: usize = 256;
+const REVIEW_SLICE_ACCOUNTS: usize = 64;
 /// Tracked accounts given their key in a new bucket per step (a key built and two map updates
 /// each).
-const REKEY_SLICE_ACCOUNTS: usize = 256;
-/// New accounts the flusher starts tracking in one poll, at most (~7 µs each while a million
-/// sessions open: a key built, two map inserts, a view published).
-const ACCOUNTS_TRACKED_PER_POLL: usize = 64;
+const REKEY_SLICE_ACCOUNTS: usize = 64;
+/// New accounts the flusher starts tracking per step (7-30 µs each while a million sessions
+/// open: a key built, two map inserts, a view published; the maps' growth faults in pages).
+const ACCOUNTS_TRACKED_PER_STEP: usize = 8;
 /// Shards of the pending map given their table per step before a sweep (at a million keys a
-/// new table is ~600 KB: an allocation and the first page faults of its control bytes, ~15 µs
-/// by estimate from a fault's ~1.7 µs on the development machine; not timed on its own).
-const PREPARE_SLICE_SHARDS: usize = 16;
-/// Slots swept (and ended sessions collected) between two yields to the runtime. A slice with
-/// every slot active costs about 128 × 3.3 µs (sweep, aggregation, the account's view
-/// published) ≈ 0.4 ms; idle slots cost a few ns each.
-const SWEEP_SLICE_SLOTS: usize = 128;
-/// Keys of a round cut into batches per poll (~0.2 µs each at a million keys).
-const CUT_SLICE_KEYS: usize = 2_048;
+/// new table is ~600 KB: an allocation and the first page faults of its control bytes).
+const PREPARE_SLICE_SHARDS: usize = 2;
+/// Slots swept (and ended sessions collected) per step: 3-4 µs each with every slot active
+/// (sweep, aggregation, the account's view published), up to ~20 µs in the first sweep after
+/// start-up, whose pending tables fault in a page per key; idle slots cost a few ns each.
+const SWEEP_SLICE_SLOTS: usize = 16;
+/// Keys of a round cut into batches per step (~0.2 µs each at a million keys, and a shard's
+/// ~4,000 entries moved at once, ~0.1 ms, when the step reaches a new shard).
+const CUT_STEP_KEYS: usize = 256;
 /// Increments of a write's answers applied per step, each with its account's publication on the
-/// read side: 1.2–3.4 µs each at a million accounts (a traced polls pass: steps of 256 took up to
-/// 0.87 ms), so 128.
-const SETTLE_SLICE_KEYS: usize = 128;
+/// read side: 1.2–3.4 µs each at a million accounts.
+const SETTLE_SLICE_KEYS: usize = 32;
 
 pub(crate) enum Command {
     FlushNow(oneshot::Sender<Result<FlushReport, EngineError>>),
@@ -197,9 +199,11 @@ pub(crate) fn validate_flush_interval(interval: Duration) -> Result<(), EngineEr
 }
 
 type WriteResults = Vec<Result<BatchOutcome, SinkError>>;
-type WriteFuture = Pin<Box<dyn Future<Output = (Option<WriteResults>, Duration)> + Send>>;
 type ReadResults = Result<Vec<Option<i64>>, SinkError>;
-type ReadFuture = Pin<Box<dyn Future<Output = (ReadRequest, ReadResults)> + Send>>;
+/// A write in flight: its results (`None` if it timed out) and how long it took.
+type WriteTask = Spawned<(Option<WriteResults>, Duration)>;
+/// A read in flight: what it asked for and the answers.
+type ReadTask = Spawned<(ReadRequest, ReadResults)>;
 
 struct FlushWaiter {
     reply: oneshot::Sender<Result<FlushReport, EngineError>>,
@@ -257,12 +261,12 @@ pub(crate) struct Flusher<S> {
     new_accounts: mpsc::UnboundedReceiver<Arc<AccountState>>,
     /// The read side: per-account usage, published to sessions.
     book: AccountBook,
-    read: Option<ReadFuture>,
+    read: Option<ReadTask>,
     usage: Vec<Usage>,
     pending: Pending,
     /// When the interval that the next sweep closes began (the last full sweep).
     interval_start: SystemTime,
-    write: Option<WriteFuture>,
+    write: Option<WriteTask>,
     backoff: Backoff,
     failure_log: FailureLog,
     ended_due: Option<Instant>,
@@ -372,20 +376,23 @@ impl<S: Sink> Flusher<S> {
                     }
                 },
                 Some(state) = self.new_accounts.recv() => {
-                    // What was announced meanwhile joins the same pipelined read, up to a bound
-                    // per poll (the rest comes next turn), so that a burst of new accounts
-                    // never holds the runtime worker for long.
+                    // What was announced meanwhile joins the same pipelined read, for one slice
+                    // of time (the rest comes next turn), so that a burst of new accounts never
+                    // holds the runtime worker for long.
                     self.book.track(state);
-                    let mut tracked = 1;
-                    while tracked < ACCOUNTS_TRACKED_PER_POLL {
-                        let Ok(state) = self.new_accounts.try_recv() else {
-                            break;
-                        };
-                        self.book.track(state);
-                        tracked += 1;
+                    let slicer = Slicer::new();
+                    let mut more = true;
+                    while more && !slicer.spent() {
+                        for _ in 0..ACCOUNTS_TRACKED_PER_STEP {
+                            let Ok(state) = self.new_accounts.try_recv() else {
+                                more = false;
+                                break;
+                            };
+                            self.book.track(state);
+                        }
                     }
                     self.publish_tracked();
-                    if tracked == ACCOUNTS_TRACKED_PER_POLL {
+                    if more {
                         // More may be waiting, and the channel stays ready: without a yield
                         // the loop would come straight back here in the same poll (tokio's
                         // budget lets a task run 128 such turns, ~40 ms, before it yields).
@@ -419,7 +426,11 @@ impl<S: Sink> Flusher<S> {
                 // Last: a slice of the open round per turn, after a yield, while the sink
                 // writes the batches cut before.
                 _ = tokio::task::yield_now(), if self.pending.has_uncut() => {
-                    self.pending.cut(CUT_SLICE_KEYS);
+                    let slicer = Slicer::new();
+                    self.pending.cut(CUT_STEP_KEYS);
+                    while self.pending.has_uncut() && !slicer.spent() {
+                        self.pending.cut(CUT_STEP_KEYS);
+                    }
                     self.publish_pending();
                 }
             }
@@ -570,7 +581,7 @@ impl<S: Sink> Flusher<S> {
         if !self.pending.has_batches() {
             // Nothing built to send: cut a slice now rather than wait for the loop's turn (the
             // shutdown's loop has none).
-            self.pending.cut(CUT_SLICE_KEYS);
+            self.pending.cut(CUT_STEP_KEYS);
         }
         let batches = self.pending.batches_to_send();
         if batches.is_empty() {
@@ -590,15 +601,17 @@ impl<S: Sink> Flusher<S> {
         );
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
-        self.write = Some(Box::pin(
-            async move {
-                let started = Instant::now();
-                let results = tokio::time::timeout(timeout, sink.write(&batches))
-                    .await
-                    .ok();
-                (results, started.elapsed())
-            }
-            .instrument(span),
+        let write = async move {
+            let started = Instant::now();
+            let results = tokio::time::timeout(timeout, sink.write(&batches))
+                .await
+                .ok();
+            (results, started.elapsed())
+        };
+        self.write = Some(Spawned::new(
+            write.instrument(span),
+            &self.stats,
+            Task::Write,
         ));
     }
 
@@ -752,12 +765,13 @@ impl<S: Sink> Flusher<S> {
         Stats::add(&self.stats.account_reads, request.keys.len() as u128);
         let sink = self.sink.clone();
         let timeout = self.config.write_timeout;
-        self.read = Some(Box::pin(async move {
+        let read = async move {
             let values = tokio::time::timeout(timeout, sink.read_totals(&request.keys))
                 .await
                 .unwrap_or(Err(SinkError::Timeout(timeout)));
             (request, values)
-        }));
+        };
+        self.read = Some(Spawned::new(read, &self.stats, Task::Read));
     }
 
     fn publish_tracked(&self) {
@@ -854,18 +868,51 @@ fn write_span(
     tracing::info_span!("flush_write", write, retry, batches, keys, amount)
 }
 
+/// A write or a read that the flusher runs as a task of its own. The sink's work for it
+/// (encoding a million increments, taking their answers) yields between slices; polled inside
+/// the flusher's task, a slice of it and the flusher's own slices added up in one poll, and a
+/// yield inside the sink did not end that poll. Dropped (with the flusher), it is aborted, as
+/// the future itself was dropped before.
+struct Spawned<T>(tokio::task::JoinHandle<T>);
+
+impl<T: Send + 'static> Spawned<T> {
+    fn new(
+        future: impl Future<Output = T> + Send + 'static,
+        stats: &Arc<Stats>,
+        task: Task,
+    ) -> Self {
+        Self(tokio::spawn(PollTimed::new(future, stats.clone(), task)))
+    }
+
+    /// The task's output (cancel-safe: a `select!` may drop this future and call it again).
+    async fn output(&mut self) -> T {
+        match (&mut self.0).await {
+            Ok(output) => output,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled: only by a runtime shutting down, which polls the flusher no more.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The in-flight write's output; never ready when there is none.
-async fn next_write(write: &mut Option<WriteFuture>) -> (Option<WriteResults>, Duration) {
+async fn next_write(write: &mut Option<WriteTask>) -> (Option<WriteResults>, Duration) {
     match write {
-        Some(future) => future.await,
+        Some(task) => task.output().await,
         None => std::future::pending().await,
     }
 }
 
 /// The in-flight read's output; never ready when there is none.
-async fn next_read(read: &mut Option<ReadFuture>) -> (ReadRequest, ReadResults) {
+async fn next_read(read: &mut Option<ReadTask>) -> (ReadRequest, ReadResults) {
     match read {
-        Some(future) => future.await,
+        Some(task) => task.output().await,
         None => std::future::pending().await,
     }
 }

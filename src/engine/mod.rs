@@ -50,7 +50,7 @@ use crate::ledger::{Ledger, LedgerError};
 use crate::sink::{Batch, Sink, SinkError};
 use accounts::Registry;
 use flusher::{validate_flush_interval, Command, Flusher, FlusherConfig, Inbox};
-use stats::{PollTimed, Stats};
+use stats::{PollTimed, Stats, Task};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -432,7 +432,7 @@ impl<S: Sink> EngineBuilder<S> {
             stats.clone(),
             registry.clone(),
         );
-        runtime.spawn(PollTimed::new(flusher.run(), stats.clone()));
+        runtime.spawn(PollTimed::new(flusher.run(), stats.clone(), Task::Flusher));
         Ok(Engine {
             shared: Arc::new(EngineShared {
                 ledger,

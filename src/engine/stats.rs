@@ -4,10 +4,14 @@
 //!
 //! The flusher task is the only writer of every field (its `PollTimed` wrapper runs inside the
 //! same task), so a counter is advanced with a plain `load` + `store`, not a read-modify-write:
-//! no other write can come between the two. `Relaxed` is enough on both sides: a reader wants
-//! each value on its own, never ordered with other memory (a snapshot is not a consistent cut),
-//! and a caller that waited for the flusher's reply (`set_enabled`, `flush_now`) is ordered
-//! after the flusher's stores by the reply channel itself.
+//! no other write can come between the two. The one exception is `polls`: the flusher's write
+//! and read tasks (`flusher.rs`) time their own polls, each kind in a record of its own, and a
+//! record's tasks never overlap (the next is spawned after the last one's output was taken).
+//! `Relaxed` is enough on both sides: a reader wants each value on its own, never ordered with
+//! other memory (a snapshot is not a consistent cut), and a caller that waited for the
+//! flusher's reply (`set_enabled`, `flush_now`) is ordered after the flusher's stores by the
+//! reply channel itself. (The next write task is ordered after the last one's stores by the
+//! task's completion, which the flusher awaited.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,12 +47,32 @@ pub(crate) struct Stats {
     pub(crate) sink_commands: AtomicU64,
     pub(crate) last_flush_micros: AtomicU64,
     pub(crate) account_reads: AtomicU64,
-    /// The longest flusher poll: wall-clock microseconds in the high half, CPU microseconds in
-    /// the low half (each saturating at `u32::MAX`, 71 minutes). One atomic, so that a reader
-    /// never pairs one poll's CPU time with an older, shorter wall-clock time.
-    pub(crate) longest_flusher_polls: AtomicU64,
-    pub(crate) long_flusher_polls: AtomicU64,
+    /// The polls of the flusher task and of the write and read tasks it spawns, one record per
+    /// kind of task ([`Task`]).
+    polls: [PollRecord; 3],
     pub(crate) tracked_accounts: AtomicU64,
+}
+
+/// The engine's tasks whose polls are timed, each with a record of its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Task {
+    /// The flusher: sweeps, totals, batches, settling, the read side.
+    Flusher = 0,
+    /// A write of batches to the sink, one at a time.
+    Write = 1,
+    /// A read of global totals from the sink, one at a time.
+    Read = 2,
+}
+
+/// The polls of one kind of task (one task at a time: its only writer).
+#[derive(Debug, Default)]
+struct PollRecord {
+    /// The longest poll: wall-clock microseconds in the high half, CPU microseconds in the low
+    /// half (each saturating at `u32::MAX`, 71 minutes). One atomic, so that a reader never
+    /// pairs one poll's CPU time with an older, shorter wall-clock time.
+    longest: AtomicU64,
+    /// Polls over [`LONG_POLL`] of CPU.
+    long: AtomicU64,
 }
 
 /// A point-in-time copy of the engine's counters. Amounts are in the unit of `add` (saturating).
@@ -107,15 +131,18 @@ pub struct StatsSnapshot {
     /// Accounts whose usage the read side tracks: those with an open session, and those whose
     /// last session ended since the last full sweep.
     pub tracked_accounts: u64,
-    /// The longest time one poll of the flusher task held a runtime worker, in microseconds:
-    /// how long the engine could have delayed the gateway's own tasks on that worker.
+    /// The longest time one poll of the engine's tasks held a runtime worker, in microseconds:
+    /// how long the engine could have delayed the gateway's own tasks on that worker. The
+    /// tasks are the flusher and the write and read tasks it spawns, one of each at a time (a
+    /// write's encoding and its answers are its own task's work, so that they are not added
+    /// to the flusher's in one poll).
     pub longest_flusher_poll_micros: u64,
-    /// The most CPU time one poll of the flusher task used, in microseconds: the work in that
+    /// The most CPU time one poll of those tasks used, in microseconds: the work in that
     /// poll, without the time the OS ran other threads on that worker meanwhile (which
     /// `longest_flusher_poll_micros` includes). 0 where the platform has no per-thread CPU clock
     /// (it is read on Unix).
     pub longest_flusher_poll_cpu_micros: u64,
-    /// Polls of the flusher task that used more than 1 ms of CPU: how often it held a
+    /// Polls of those tasks that used more than 1 ms of CPU: how often they held a
     /// runtime worker for longer than a gateway's tasks should wait (the longest alone cannot
     /// tell one outlier from a habit).
     pub long_flusher_polls: u64,
@@ -168,8 +195,15 @@ impl Stats {
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         // Relaxed: each counter is read on its own; a snapshot is not a consistent cut.
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        // Once: wall-clock and CPU time of the longest poll from the same store.
-        let polls = read(&self.longest_flusher_polls);
+        // Each record's wall-clock and CPU time from one store. Per record CPU <= wall-clock, so
+        // the greatest CPU time is at most the greatest wall-clock time too.
+        let longest = self.polls.iter().map(|record| read(&record.longest));
+        let (wall, cpu) = longest.fold((0, 0), |(wall, cpu), polls| {
+            (
+                u64::max(wall, polls >> 32),
+                cpu.max(polls & u64::from(u32::MAX)),
+            )
+        });
         StatsSnapshot {
             sweeps: read(&self.sweeps),
             sessions_ended: read(&self.sessions_ended),
@@ -195,9 +229,9 @@ impl Stats {
             sink_commands: read(&self.sink_commands),
             last_flush_micros: read(&self.last_flush_micros),
             account_reads: read(&self.account_reads),
-            longest_flusher_poll_micros: polls >> 32,
-            longest_flusher_poll_cpu_micros: polls & u64::from(u32::MAX),
-            long_flusher_polls: read(&self.long_flusher_polls),
+            longest_flusher_poll_micros: wall,
+            longest_flusher_poll_cpu_micros: cpu,
+            long_flusher_polls: self.polls.iter().map(|record| read(&record.long)).sum(),
             tracked_accounts: read(&self.tracked_accounts),
             slots_in_use: 0,
             saturated_amount: 0,
@@ -205,18 +239,20 @@ impl Stats {
     }
 }
 
-/// Runs the flusher and records its longest poll: the figure that says whether the engine ever
-/// holds a runtime worker long enough to delay the gateway's audio tasks.
+/// Runs one of the engine's tasks and records its longest poll: the figure that says whether
+/// the engine ever holds a runtime worker long enough to delay the gateway's audio tasks.
 pub(crate) struct PollTimed<F> {
     inner: Pin<Box<F>>,
     stats: Arc<Stats>,
+    task: Task,
 }
 
 impl<F: Future> PollTimed<F> {
-    pub(crate) fn new(inner: F, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(inner: F, stats: Arc<Stats>, task: Task) -> Self {
         Self {
             inner: Box::pin(inner),
             stats,
+            task,
         }
     }
 }
@@ -236,9 +272,10 @@ impl<F: Future> Future for PollTimed<F> {
             (Some(from), Some(to)) => to.saturating_sub(from),
             _ => Duration::ZERO,
         };
-        raise_longest_poll(&self.stats.longest_flusher_polls, started.elapsed(), cpu);
+        let record = &self.stats.polls[self.task as usize];
+        raise_longest_poll(&record.longest, started.elapsed(), cpu);
         if cpu > LONG_POLL {
-            Stats::add(&self.stats.long_flusher_polls, 1);
+            Stats::add(&record.long, 1);
         }
         output
     }
@@ -254,8 +291,8 @@ fn raise_longest_poll(longest: &AtomicU64, wall: Duration, cpu: Duration) {
     let micros = |took: Duration| {
         u64::try_from(took.as_micros()).map_or(u64::from(u32::MAX), |m| m.min(u64::from(u32::MAX)))
     };
-    // Relaxed load and store: the flusher task is the counter's only writer, and readers want a
-    // statistic, not an ordering.
+    // Relaxed load and store: the record's one task at a time is its only writer (module docs),
+    // and readers want a statistic, not an ordering.
     let old = longest.load(Ordering::Relaxed);
     let new = (old >> 32).max(micros(wall)) << 32 | (old & u64::from(u32::MAX)).max(micros(cpu));
     if new != old {
@@ -302,12 +339,23 @@ mod tests {
     fn polls_over_a_millisecond_of_cpu_are_counted() {
         let stats = Arc::new(Stats::default());
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        for cpu in [1_500, 10, 2_000, 300] {
-            let mut poll = PollTimed::new(spin(Duration::from_micros(cpu)), stats.clone());
+        let polls = [
+            (1_500, Task::Flusher),
+            (10, Task::Write),
+            (2_000, Task::Read),
+            (300, Task::Flusher),
+            (1_200, Task::Write),
+        ];
+        for (cpu, task) in polls {
+            let mut poll = PollTimed::new(spin(Duration::from_micros(cpu)), stats.clone(), task);
             assert!(Pin::new(&mut poll).poll(&mut cx).is_ready());
         }
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.long_flusher_polls, 2);
-        assert!(snapshot.longest_flusher_poll_cpu_micros >= 2_000);
+        assert_eq!(snapshot.long_flusher_polls, 3, "counted in every task");
+        assert!(
+            snapshot.longest_flusher_poll_cpu_micros >= 2_000,
+            "the read task's"
+        );
+        assert!(snapshot.longest_flusher_poll_micros >= snapshot.longest_flusher_poll_cpu_micros);
     }
 }

@@ -34,10 +34,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// How long a loop of the flusher or of a sink's write runs before it yields to the runtime.
-/// Such a loop checks after each step of a few hundred items ([`Slicer::pause`]) and yields
-/// once this much time has passed since it last did: a step is sized to take ~0.3 ms where the
-/// work per item is highest (a million accounts, nothing in the caches), and where it is
-/// cheaper several steps share one yield. A yield per step cost a third of the engine's
+/// Such a loop checks after each step of a few dozen items ([`Slicer::pause`]) and yields
+/// once this much time has passed since it last did: a step is sized to take well under 0.1 ms
+/// where the work per item is highest (a million accounts, memory touched for the first time),
+/// and where it is cheaper many steps share one yield. A yield per step cost a third of the engine's
 /// throughput at 100,000 accounts (`docs/benchmarks.md`).
 pub(crate) const SLICE_BUDGET: Duration = Duration::from_micros(300);
 
@@ -56,9 +56,14 @@ impl Slicer {
         }
     }
 
+    /// Whether the budget is spent: for a loop that ends its turn rather than awaits a yield.
+    pub(crate) fn spent(&self) -> bool {
+        self.since.elapsed() >= SLICE_BUDGET
+    }
+
     /// Called between two steps: yields if the budget is spent.
     pub(crate) async fn pause(&mut self) {
-        if self.since.elapsed() >= SLICE_BUDGET {
+        if self.spent() {
             tokio::task::yield_now().await;
             self.since = Instant::now();
         }

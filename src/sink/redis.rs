@@ -229,13 +229,13 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned or answered between two checks of the time since the last yield to the runtime
-/// ([`Slicer`]), so that a write of a million keys never holds the caller's worker for long:
-/// ~1.2 µs per key planned when the round is a million keys (a key's slot, its call's lookup,
-/// three values made; the keys no longer fit in the caches), and up to ~2.7 µs in the first
-/// write after start-up, whose memory is all new: a step is at most ~0.35 ms. (With 256, the
-/// first flush of a million keys had ~100 polls just over 1 ms, the budget plus one step.)
-const SLICE_KEYS: usize = 128;
+/// Keys planned, read or answered between two checks of the time since the last yield to the
+/// runtime ([`Slicer`]), so that a write of a million keys never holds the caller's worker for
+/// long: ~1.2 µs per key planned when the round is a million keys (a key's slot, its call's
+/// lookup, three values made; the keys no longer fit in the caches), and up to ~20 µs in the
+/// first write after start-up on a guest whose page faults are slow (the flusher's step sizes
+/// say more): a step is then at most ~0.6 ms, and usually ~40 µs.
+const SLICE_KEYS: usize = 32;
 /// Keys per pipeline: each is sent by a task of its own (see [`Pipelines`]).
 const PIPELINE_KEYS: usize = 1_024;
 
@@ -696,7 +696,8 @@ impl RedisSink {
             let batch_call = match (clustered, batch.increments.is_empty()) {
                 (false, false) => {
                     let lane = lane(false, batch.id.sequence, 0);
-                    Some(OpenCall::find(&mut open, &mut by_lane, writer, lane))
+                    let keys = batch.increments.len();
+                    Some(OpenCall::find(&mut open, &mut by_lane, writer, lane, keys))
                 }
                 _ => None,
             };
@@ -709,7 +710,7 @@ impl RedisSink {
                 let slot = fred::util::redis_keyslot(increment.key.as_bytes());
                 let c = match batch_call {
                     Some(c) => c,
-                    None => OpenCall::find(&mut open, &mut by_lane, writer, slot),
+                    None => OpenCall::find(&mut open, &mut by_lane, writer, slot, 0),
                 };
                 let call = &mut open[c];
                 call.plan.sequence = call.plan.sequence.max(batch.id.sequence);
@@ -721,7 +722,8 @@ impl RedisSink {
                 let lane = lane(false, batch.id.sequence, 0);
                 if let Some(c) = by_lane.remove(&(writer, lane)) {
                     let call = std::mem::take(&mut open[c]);
-                    if self.queue(call, &mut pipelines, &mut sent) {
+                    let q = self.queue(call, &mut pipelines, &mut sent);
+                    if q {
                         planned = 0;
                         slicer.pause().await;
                     }
@@ -760,7 +762,7 @@ impl RedisSink {
         let mut rebuilt = 0;
         for &c in which {
             let plan = &calls[c];
-            let mut call = OpenCall::new(plan.writer, plan.lane);
+            let mut call = OpenCall::new(plan.writer, plan.lane, plan.parts.len());
             call.plan.sequence = plan.sequence;
             call.plan.parts.clone_from(&plan.parts);
             for &(b, i) in &plan.parts {
@@ -799,7 +801,7 @@ impl RedisSink {
         // The record is a key too.
         args[1] = Value::Integer(keys as i64 + 1);
         args[2] = Value::from(record_key(&self.marker_prefix, plan.writer, plan.lane));
-        args.reserve_exact(2 + pairs.len());
+        args.reserve_exact(CALL_TRAILER + pairs.len());
         args.push(Value::from(plan.sequence.to_string()));
         args.push(Value::Integer(self.dedup_window_secs));
         args.append(&mut pairs);
@@ -947,6 +949,8 @@ fn lock<T>(cell: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Values at the head of a call's arguments before its keys: script, key count, record.
 const CALL_HEADER: usize = 3;
+/// Arguments between a call's keys and its pairs: the sequence and the record's TTL.
+const CALL_TRAILER: usize = 2;
 
 /// A call as planned: which increments it carries, to match its reply and to rebuild it.
 #[derive(Default)]
@@ -972,28 +976,35 @@ struct OpenCall {
 }
 
 impl OpenCall {
-    /// The index in `open` of the call of (`writer`, `lane`), opened if there is none.
+    /// The index in `open` of the call of (`writer`, `lane`), opened if there is none with
+    /// room for `keys` keys (0 where the count is not known: a Cluster's slot lanes).
     fn find(
         open: &mut Vec<OpenCall>,
         by_lane: &mut HashMap<(u64, u16), usize>,
         writer: u64,
         lane: u16,
+        keys: usize,
     ) -> usize {
         *by_lane.entry((writer, lane)).or_insert_with(|| {
-            open.push(OpenCall::new(writer, lane));
+            open.push(OpenCall::new(writer, lane, keys));
             open.len() - 1
         })
     }
 
-    fn new(writer: u64, lane: u16) -> Self {
+    /// A call with room for `keys` keys: its arguments' one allocation is made here, with room
+    /// for the pairs that `queue` appends, so it is neither grown nor copied whole (~80 KB for
+    /// a batch of 500, copied in one step: a poll's worth where its pages were new).
+    fn new(writer: u64, lane: u16, keys: usize) -> Self {
+        let mut args = Vec::with_capacity(CALL_HEADER + keys + CALL_TRAILER + 2 * keys);
+        args.resize(CALL_HEADER, Value::Null);
         Self {
             plan: CallPlan {
                 writer,
                 lane,
                 ..CallPlan::default()
             },
-            keys: vec![Value::Null; CALL_HEADER],
-            pairs: Vec::new(),
+            keys: args,
+            pairs: Vec::with_capacity(2 * keys),
         }
     }
 }
@@ -1225,7 +1236,11 @@ impl Sink for RedisSink {
             return Err(self.not_connected().await);
         }
         let pipeline = Pipeline::from(self.client.clone());
-        for key in keys {
+        let mut slicer = Slicer::new();
+        for (queued, key) in keys.iter().enumerate() {
+            if queued % SLICE_KEYS == 0 {
+                slicer.pause().await;
+            }
             // Queued in memory; an error here is one of the whole pipeline.
             if let Err(error) = pipeline.get::<(), _>(key.as_str()).await {
                 return Err(self.sink_error(&error));
