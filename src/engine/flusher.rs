@@ -425,10 +425,10 @@ impl<S: Sink> Flusher<S> {
                 }
                 // Last: a slice of the open round per turn, after a yield, while the sink
                 // writes the batches cut before.
-                _ = tokio::task::yield_now(), if self.pending.has_uncut() => {
+                _ = tokio::task::yield_now(), if self.pending.needs_cut() => {
                     let slicer = Slicer::new();
                     self.pending.cut(CUT_STEP_KEYS);
-                    while self.pending.has_uncut() && !slicer.spent() {
+                    while self.pending.needs_cut() && !slicer.spent() {
                         self.pending.cut(CUT_STEP_KEYS);
                     }
                     self.publish_pending();
