@@ -75,10 +75,10 @@ const CHUNK_SLOTS: usize = 511;
 
 /// Per chunk of 511 slots, for `shards` shards (worker + striped), as `docs/operations.md` states
 /// it: a 4 KiB page per shard (511 cells and the owner word), and per slot the sweeper's sum of
-/// readings (16), slot metadata (32: state, holders, account, the ledger's `Arc`), and an entry
-/// in each of the two slot queues (16 each).
+/// readings (16), the slot's state (1) and holder count (4), its account and the ledger's `Arc`
+/// (24), and an entry in each of the two slot queues (16 each).
 fn bytes_per_chunk(shards: usize) -> i64 {
-    (4096 * shards + CHUNK_SLOTS * (16 + 32 + 2 * 16)) as i64
+    (4096 * shards + CHUNK_SLOTS * (16 + 1 + 4 + 24 + 2 * 16)) as i64
 }
 
 /// Per open session, as `docs/operations.md` states it: the account id (two reference counts and

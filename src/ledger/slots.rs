@@ -35,10 +35,9 @@ const OPEN: u8 = 1;
 /// Most holders of one slot: as `Arc`, a count this high can only come from leaked clones.
 const MAX_HOLDERS: u32 = u32::MAX / 2;
 
+/// What a slot's owner, holders and the sweeper read of it besides its state and holder count,
+/// which are in dense arrays of their own (`Slots`).
 struct SlotMeta {
-    state: AtomicU8,
-    /// How many sessions (clones) hold the slot (module docs).
-    holders: AtomicU32,
     /// Written by the slot's owner (an opener, or the sweeper while freeing); read by the sweeper
     /// and by the slot's holders.
     account: UnsafeCell<Option<Account>>,
@@ -55,6 +54,12 @@ struct SlotMeta {
 unsafe impl Sync for SlotMeta {}
 
 pub(super) struct Slots {
+    /// Per slot, `FREE` or `OPEN`. A dense array: a sweep reads it for every slot, a byte per
+    /// slot instead of the slot's metadata (32 B with it inside). Sweeps of 1 Mi slots with one
+    /// slot in 64 dirty: 16% faster at 2 shards, unchanged at 8 (`docs/benchmarks.md`).
+    states: Box<[AtomicU8]>,
+    /// Per slot, how many sessions (clones) hold it (module docs). Only sessions touch it.
+    holders: Box<[AtomicU32]>,
     meta: Box<[SlotMeta]>,
     free: BoundedQueue<u32>,
     ended: BoundedQueue<u32>,
@@ -68,10 +73,10 @@ impl Slots {
             let _ = free.push(slot as u32);
         }
         Self {
+            states: (0..capacity).map(|_| AtomicU8::new(FREE)).collect(),
+            holders: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
             meta: (0..capacity)
                 .map(|_| SlotMeta {
-                    state: AtomicU8::new(FREE),
-                    holders: AtomicU32::new(0),
                     account: UnsafeCell::new(None),
                     keep_alive: UnsafeCell::new(None),
                 })
@@ -105,18 +110,17 @@ impl Slots {
             .with_mut(|cell| unsafe { *cell = Some(ledger) });
         // Relaxed: this thread owns the slot; the session it returns carries the count to any
         // other thread (module docs).
-        meta.holders.store(1, Ordering::Relaxed);
+        self.holders[slot as usize].store(1, Ordering::Relaxed);
+        let state = &self.states[slot as usize];
         // Release: publishes the account written above to the sweeper's `Acquire` in `account`.
-        meta.state.store(OPEN, Ordering::Release);
+        state.store(OPEN, Ordering::Release);
         Some(slot)
     }
 
     /// One more holder of `slot`; the caller is one already.
     pub(super) fn hold(&self, slot: u32) {
         // Relaxed: see the module docs.
-        let before = self.meta[slot as usize]
-            .holders
-            .fetch_add(1, Ordering::Relaxed);
+        let before = self.holders[slot as usize].fetch_add(1, Ordering::Relaxed);
         if before > MAX_HOLDERS {
             // Billions of leaked clones; wrapping the count would end the session early.
             std::process::abort();
@@ -126,15 +130,16 @@ impl Slots {
     /// One holder of `slot` fewer. The last one gets the ledger that the slot kept alive, and
     /// must end the slot ([`Slots::end`]) before it drops it.
     pub(super) fn release(&self, slot: u32) -> Option<Arc<Shared>> {
-        let meta = &self.meta[slot as usize];
         // Release, and Acquire for the last holder: see the module docs.
-        if meta.holders.fetch_sub(1, Ordering::Release) != 1 {
+        if self.holders[slot as usize].fetch_sub(1, Ordering::Release) != 1 {
             return None;
         }
         fence(Ordering::Acquire);
         // SAFETY: this thread released the slot's last hold: no session holds it, and no sweeper
         // frees it before `end` pushes it to the ended queue, so this thread owns it.
-        meta.keep_alive.with_mut(|cell| unsafe { (*cell).take() })
+        self.meta[slot as usize]
+            .keep_alive
+            .with_mut(|cell| unsafe { (*cell).take() })
     }
 
     /// The account of a slot the caller holds.
@@ -169,19 +174,21 @@ impl Slots {
         // whose values need no ordering, see `shard.rs`), and takes the account through
         // `account`, whose own `Acquire` load sees this `OPEN` or a later state (coherence; and
         // only the caller frees slots, so it is this `OPEN`).
-        self.meta[slot].state.load(Ordering::Relaxed) == OPEN
+        self.states[slot].load(Ordering::Relaxed) == OPEN
     }
 
     /// Sweeper only: the account of an open slot, or `None` if the slot is (or looks) free.
     pub(super) fn account(&self, slot: usize) -> Option<Account> {
-        let meta = &self.meta[slot];
+        let state = &self.states[slot];
         // Acquire: pairs with the `Release` in `open`, making the account written there visible.
-        if meta.state.load(Ordering::Acquire) != OPEN {
+        if state.load(Ordering::Acquire) != OPEN {
             return None;
         }
         // SAFETY: the slot was seen open and only the sweeper (the caller) frees slots, so no
         // opener writes this account until the caller frees it.
-        meta.account.with(|cell| unsafe { (*cell).clone() })
+        self.meta[slot]
+            .account
+            .with(|cell| unsafe { (*cell).clone() })
     }
 
     /// Sweeper only: returns an ended slot to the free queue and gives back its account.
@@ -191,7 +198,7 @@ impl Slots {
         // pop it before the push below: the sweeper (the caller) owns it.
         let account = meta.account.with_mut(|cell| unsafe { (*cell).take() });
         // Relaxed: see the module docs.
-        meta.state.store(FREE, Ordering::Relaxed);
+        self.states[slot as usize].store(FREE, Ordering::Relaxed);
         // Cannot fail: the queue has room for every slot.
         let pushed = self.free.push(slot);
         debug_assert!(pushed.is_ok(), "free-slot queue overflow");
