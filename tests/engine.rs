@@ -74,6 +74,33 @@ async fn many_threads_and_sessions_flush_exact_totals() {
     }
 }
 
+/// The shutdown cuts its round into batches itself: with batches larger than the flusher cuts
+/// in one step and nothing cut before (no periodic flush ran), a shutdown that cut only when no
+/// write was in flight built no batch and waited for its deadline, reporting everything
+/// unwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_writes_batches_larger_than_a_cut_step() {
+    const ACCOUNTS: usize = 3_000;
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(3600))
+        .batch_size(5_000)
+        .shutdown_timeout(Duration::from_secs(30))
+        .keys(KeyScheme::new("large"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let sessions: Vec<_> = (0..ACCOUNTS)
+        .map(|i| engine.open_session(&format!("user-{i}")).unwrap())
+        .collect();
+    sessions.iter().for_each(|session| session.add(3));
+    let report = engine.shutdown().await.unwrap();
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.keys_written, ACCOUNTS as u64);
+    assert_eq!(sink.totals().len(), ACCOUNTS);
+    assert_eq!(sink.totals()["large:user-2999"], 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_ended_session_is_flushed_within_the_session_end_delay() {
     let sink = MemorySink::new();

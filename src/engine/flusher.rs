@@ -425,14 +425,7 @@ impl<S: Sink> Flusher<S> {
                 }
                 // Last: a slice of the open round per turn, after a yield, while the sink
                 // writes the batches cut before.
-                _ = tokio::task::yield_now(), if self.pending.needs_cut() => {
-                    let slicer = Slicer::new();
-                    self.pending.cut(CUT_STEP_KEYS);
-                    while self.pending.needs_cut() && !slicer.spent() {
-                        self.pending.cut(CUT_STEP_KEYS);
-                    }
-                    self.publish_pending();
-                }
+                _ = tokio::task::yield_now(), if self.pending.needs_cut() => self.cut_slice(),
             }
             self.start_write_if_due();
             self.start_read_if_due();
@@ -572,6 +565,16 @@ impl<S: Sink> Flusher<S> {
             round: self.pending.round_carrying_pending(),
         });
         self.answer_waiters(None);
+    }
+
+    /// Cuts the open round into batches for one slice of time (at least one step).
+    fn cut_slice(&mut self) {
+        let slicer = Slicer::new();
+        self.pending.cut(CUT_STEP_KEYS);
+        while self.pending.needs_cut() && !slicer.spent() {
+            self.pending.cut(CUT_STEP_KEYS);
+        }
+        self.publish_pending();
     }
 
     fn start_write_if_due(&mut self) {
@@ -807,6 +810,8 @@ impl<S: Sink> Flusher<S> {
                 _ = sleep_until(self.backoff.retry_at()), if self.write.is_none() => {
                     self.backoff.retry_now();
                 }
+                // As in `run`: a batch larger than a step is built over several slices.
+                _ = tokio::task::yield_now(), if self.pending.needs_cut() => self.cut_slice(),
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
