@@ -19,8 +19,7 @@
 //! Sweeping never waits for the sink: a write runs as a task of its own (one at a time; reads of
 //! global totals likewise), whose output the flusher awaits beside its timers. A round is cut
 //! into batches one slice of time per turn, and the batches built go out as soon as no write is
-//! in flight, so the sink writes the first batches of a round
-//! while the flusher cuts the rest. A failed or timed-out write leaves its batches in flight,
+//! in flight, so the sink writes the first batches of a round while the flusher cuts the rest. A failed or timed-out write leaves its batches in flight,
 //! re-sent unchanged (same ids) after an exponential backoff with jitter (`backoff.rs`; a
 //! misconfigured sink waits the longest step at once); amounts swept meanwhile wait, merged per
 //! key, for the next round. See `pending.rs` for why memory stays bounded.
@@ -50,9 +49,9 @@ const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 // after each step and yield once `SLICE_BUDGET` has passed (`Slicer`), so a poll is at most the
 // budget plus one step. Steps are therefore small: ~50-100 µs where items cost the most, which
 // is a million accounts on memory the process touches for the first time. A page fault there
-// cost ~1.7 µs on one development machine and 10-20 µs on a fresh KVM guest (an Intel Xeon,
-// session 8's poll trace: ~120 faults in a step of 128 swept slots, 1.3-2.7 ms), and a step
-// sized by item count alone cannot know which it runs on. Where items are cheaper, many steps
+// cost ~1.7 µs on one development machine and 6-10 µs on a fresh Firecracker guest (session 8,
+// where a step of 128 swept slots with ~120 faults took 1.3-2.7 ms), and a step sized by item
+// count alone cannot know which it runs on. Where items are cheaper, many steps
 // share one poll.
 /// Tracked accounts given new limits per step after `Engine::set_budgets` (a lookup and a
 /// sequence-lock publication each).
@@ -582,8 +581,8 @@ impl<S: Sink> Flusher<S> {
             return;
         }
         if !self.pending.has_batches() {
-            // Nothing built to send: cut a slice now rather than wait for the loop's turn (the
-            // shutdown's loop has none).
+            // Nothing built to send: cut a step now rather than wait for the loop's turn (a
+            // batch larger than a step is finished by the loop's cut branch).
             self.pending.cut(CUT_STEP_KEYS);
         }
         let batches = self.pending.batches_to_send();

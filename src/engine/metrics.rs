@@ -17,9 +17,9 @@
 //! | `shardmeter_account_reads_total` | counter | global totals read for the read side |
 //! | `shardmeter_pending_amount` / `shardmeter_pending_keys` | gauge | swept, not yet acknowledged |
 //! | `shardmeter_tracked_accounts` | gauge | accounts the read side tracks |
-//! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher held a runtime worker (stall) |
-//! | `shardmeter_flusher_longest_poll_cpu_seconds` | gauge | the most CPU time one poll of the flusher used (its work, without the OS's preemptions) |
-//! | `shardmeter_flusher_long_polls_total` | counter | polls of the flusher that used more than 1 ms of CPU |
+//! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher, or the write and read tasks it spawns, held a runtime worker (stall) |
+//! | `shardmeter_flusher_longest_poll_cpu_seconds` | gauge | the most CPU time one poll of those tasks used (its work, without the OS's preemptions) |
+//! | `shardmeter_flusher_long_polls_total` | counter | polls of those tasks that used more than 1 ms of CPU |
 //! | `shardmeter_sweep_seconds` | histogram | one full sweep, slices and yields included |
 //! | `shardmeter_write_seconds` | histogram | one write, send to answer |
 
