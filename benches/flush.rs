@@ -793,7 +793,7 @@ impl NoiseProbe {
         let stopped = stop.clone();
         let task = runtime.spawn(async move {
             let mut polls = Vec::new();
-            // Relaxed: a flag polled once a millisecond; nothing is published with it.
+            // Relaxed: a flag polled every 5 ms; nothing is published with it.
             while !stopped.load(Ordering::Relaxed) {
                 let started = thread_cpu_time();
                 std::hint::black_box((0..PROBE_WORK).fold(1u64, |acc, i| {

@@ -463,6 +463,52 @@ async fn shutdown_lists_batches_with_lost_replies_as_in_doubt() {
     );
 }
 
+/// Applies every write, then never answers: a reply lost on a connection that stays up.
+#[derive(Clone, Default)]
+struct SilentSink {
+    memory: MemorySink,
+}
+
+impl Sink for SilentSink {
+    async fn write(&self, batches: &[Batch]) -> Vec<Result<BatchOutcome, SinkError>> {
+        self.memory.write(batches).await;
+        std::future::pending().await
+    }
+
+    async fn read_totals(&self, keys: &[String]) -> Result<Vec<Option<i64>>, SinkError> {
+        self.memory.read_totals(keys).await
+    }
+}
+
+/// The deadline passes while the first attempt of a write is still unanswered (its timeout is
+/// longer than the shutdown's): its batches went to the sink, which may have applied them, so
+/// they are in doubt, not "unwritten" (safe to replay). Replaying them would count twice.
+#[tokio::test(start_paused = true)]
+async fn a_write_unanswered_at_the_deadline_is_in_doubt() {
+    let sink = SilentSink::default();
+    let engine = Engine::builder()
+        .keys(KeyScheme::new("silent"))
+        .write_timeout(Duration::from_secs(60))
+        .shutdown_timeout(Duration::from_secs(1))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    engine.record("a", 11).unwrap();
+    engine.record("b", 22).unwrap();
+    let report = engine.shutdown().await.unwrap();
+    assert_eq!(
+        report.unwritten,
+        vec![],
+        "every batch was handed to the sink"
+    );
+    assert_eq!(report.in_doubt_amount(), 33);
+    assert_eq!(
+        sink.memory.total("silent:a"),
+        Some(11),
+        "applied: do not replay"
+    );
+}
+
 #[tokio::test]
 async fn bad_configuration_is_a_typed_error() {
     let build = |builder: shardmeter::EngineBuilder<MemorySink>| builder.build().unwrap_err();

@@ -47,8 +47,9 @@ const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(30);
 // The steps below bound the flusher's polls; `cargo bench --bench flush -- polls` measures the
 // longest at a million slots and accounts (`docs/benchmarks.md`). The loops check the time
 // after each step and yield once `SLICE_BUDGET` has passed (`Slicer`), so a poll is at most the
-// budget plus one step. Steps are therefore small: ~50-100 µs where items cost the most, which
-// is a million accounts on memory the process touches for the first time. A page fault there
+// budget plus about one step. Steps are therefore a few dozen items: tens of µs usually, 0.2-0.6
+// ms where items cost the most, which is a million accounts on memory the process touches for
+// the first time. A page fault there
 // cost ~1.7 µs on one development machine and 6-10 µs on a fresh Firecracker guest (session 8,
 // where a step of 128 swept slots with ~120 faults took 1.3-2.7 ms), and a step sized by item
 // count alone cannot know which it runs on. Where items are cheaper, many steps
@@ -814,6 +815,13 @@ impl<S: Sink> Flusher<S> {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        if let Some(write) = self.write.take() {
+            // The deadline passed with a write unanswered. Its batches went to the sink, which
+            // may apply them later (fred sends what it has queued even once the write is
+            // aborted): in doubt, not safe to replay.
+            drop(write);
+            self.pending.unanswered_in_doubt();
+        }
         for waiter in self.waiters.drain(..) {
             let _ = waiter.reply.send(Err(EngineError::ShutDown));
         }
@@ -875,9 +883,9 @@ fn write_span(
 /// A write or a read that the flusher runs as a task of its own. The sink's work for it
 /// (encoding a million increments, taking their answers) yields between slices; polled inside
 /// the flusher's task, a slice of it and the flusher's own slices added up in one poll, and a
-/// yield inside the sink did not end that poll. Dropped (with the flusher), it is aborted, as
-/// the future itself was dropped before.
-struct Spawned<T>(tokio::task::JoinHandle<T>);
+/// yield inside the sink did not end that poll. Dropped, it is aborted; what the sink already
+/// handed to its connection may still be sent (the shutdown counts such a write in doubt).
+struct Spawned<T>(Option<tokio::task::JoinHandle<T>>);
 
 impl<T: Send + 'static> Spawned<T> {
     fn new(
@@ -885,23 +893,37 @@ impl<T: Send + 'static> Spawned<T> {
         stats: &Arc<Stats>,
         task: Task,
     ) -> Self {
-        Self(tokio::spawn(PollTimed::new(future, stats.clone(), task)))
+        Self(Some(tokio::spawn(PollTimed::new(
+            future,
+            stats.clone(),
+            task,
+        ))))
     }
 
     /// The task's output (cancel-safe: a `select!` may drop this future and call it again).
+    /// The caller drops `self` once it has the output.
     async fn output(&mut self) -> T {
-        match (&mut self.0).await {
+        let Some(task) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        match task.await {
             Ok(output) => output,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // Cancelled: only by a runtime shutting down, which polls the flusher no more.
-            Err(_) => std::future::pending().await,
+            // Cancelled by a runtime shutting down (it may still poll the flusher meanwhile):
+            // never answered, and the handle is not polled again.
+            Err(_) => {
+                self.0 = None;
+                std::future::pending().await
+            }
         }
     }
 }
 
 impl<T> Drop for Spawned<T> {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 

@@ -762,6 +762,15 @@ impl Pending {
 }
 
 impl Pending {
+    /// The write in flight will not be answered (the shutdown's deadline passed): its batches
+    /// were handed to the sink, which may have applied them or may still, so every one is in
+    /// doubt, whatever its earlier attempts said.
+    pub(crate) fn unanswered_in_doubt(&mut self) {
+        self.in_doubt
+            .iter_mut()
+            .for_each(|in_doubt| *in_doubt = true);
+    }
+
     /// The unacknowledged batches that may have been applied: sent at least once with an
     /// unknown outcome (a timeout, a connection lost after sending). Replaying them could count
     /// them twice; re-sending them with the same id cannot.

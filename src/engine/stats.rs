@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// Written by the flusher task only; read by [`Engine::stats`](super::Engine::stats).
+/// Written by the flusher task only (the poll records: by the task each one times, module
+/// docs); read by [`Engine::stats`](super::Engine::stats).
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     /// Whether the flusher meters (it applies `set_enabled`, so it alone publishes the state).
@@ -139,7 +140,8 @@ pub struct StatsSnapshot {
     pub longest_flusher_poll_micros: u64,
     /// The most CPU time one poll of those tasks used, in microseconds: the work in that
     /// poll, without the time the OS ran other threads on that worker meanwhile (which
-    /// `longest_flusher_poll_micros` includes). 0 where the platform has no per-thread CPU clock
+    /// `longest_flusher_poll_micros` includes; the two maxima may come from different polls,
+    /// and this one is never the larger). 0 where the platform has no per-thread CPU clock
     /// (it is read on Unix).
     pub longest_flusher_poll_cpu_micros: u64,
     /// Polls of those tasks that used more than 1 ms of CPU: how often they held a
@@ -153,11 +155,12 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    /// Advances `counter` by `amount`, saturating. Only the flusher task calls it.
+    /// Advances `counter` by `amount`, saturating. Only the counter's single writer calls it.
     pub(crate) fn add(counter: &AtomicU64, amount: u128) {
         let amount = u64::try_from(amount).unwrap_or(u64::MAX);
-        // Relaxed load and store: the flusher is the only writer, so nothing can come between
-        // them; readers need no ordering (module docs).
+        // Relaxed load and store: the caller is the counter's only writer (the flusher, or for
+        // a poll record its task), so nothing can come between them; readers need no ordering
+        // (module docs).
         let total = counter.load(Ordering::Relaxed).saturating_add(amount);
         counter.store(total, Ordering::Relaxed);
     }

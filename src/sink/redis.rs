@@ -46,7 +46,7 @@
 //! slots move, and the nodes work concurrently. A key's value and its amount and TTL are made
 //! once, when it is planned, and move into the call's arguments. A pipeline's replies are read
 //! as soon as it has them all, while Redis runs the later pipelines. Planning and reading
-//! replies check every 128 keys (inside a batch or a call too) and after each pipeline whether
+//! replies check every 32 keys (inside a batch or a call too) and after each pipeline whether
 //! to yield to the runtime: once 0.3 ms have passed since the last yield.
 //!
 //! # Exactly-once
@@ -976,8 +976,8 @@ struct OpenCall {
 }
 
 impl OpenCall {
-    /// The index in `open` of the call of (`writer`, `lane`), opened if there is none with
-    /// room for `keys` keys (0 where the count is not known: a Cluster's slot lanes).
+    /// The index in `open` of the call of (`writer`, `lane`); if there is none, a new call
+    /// with room for `keys` keys (0 where the count is not known: a Cluster's slot lanes).
     fn find(
         open: &mut Vec<OpenCall>,
         by_lane: &mut HashMap<(u64, u16), usize>,
