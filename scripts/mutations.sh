@@ -57,9 +57,12 @@ misconfig-normal-backoff	src/engine/flusher.rs	s/self\.backoff\.failed_for_good\
 ack-ignores-bucket	src/engine/accounts.rs	s/\n\s*\.filter\(\|tracked\| Arc::ptr_eq\(&tracked\.key, key\) \|\| tracked\.key == \*key\)//	unit	-	engine::accounts::tests::a_new_bucket_starts_from_zero_and_is_read_again	assertion
 counted-whole-increment	src/engine/pending.rs	s/amount: counted_now as u64,/amount: now as u64,/	unit	-	engine::pending::tests::what_was_counted_comes_back_with_each_increment	assertion
 spares-never-taken	src/engine/pending.rs	s/if let Some\(spare\) = spares\.pop\(\)/if let Some(spare) = None::<HashMap<K, V, foldhash::fast::RandomState>>/	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	every table taken again
-spares-kept-past-next-round	src/engine/pending.rs	s/\n\s*self\.spare_shards = Vec::new\(\);//	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	assertion
+spares-kept-past-next-round	src/engine/pending.rs	s/\n\s*self\.released\.append\(&mut self\.spare_shards\);//	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	round 3's one table
+released-never-freed	src/engine/pending.rs	s/\n\s*self\.released\.truncate\(keep\);//	unit	-	engine::pending::tests::a_round_s_emptied_tables_are_filled_again_by_the_next	assertion
 key-text-allocated-per-key	src/sink/redis.rs	s/self\.0\.split\(\)\.freeze\(\)/Bytes::copy_from_slice(key.as_bytes())/	unit	-	sink::redis::tests::key_texts_are_slices_of_shared_chunks	assertion
 enabled-unpublished	src/engine/flusher.rs	s/(        self\.enabled = enabled;\n)        self\.stats\.publish_enabled\(enabled\);\n/$1/	test	engine	racing_set_enabled_calls_end_with_the_state_applied_last	assertion
+shutdown-without-cut-slices	src/engine/flusher.rs	s/\n\s*_ = tokio::task::yield_now\(\), if self\.pending\.needs_cut\(\) => self\.cut_slice\(\),\n(\s*_ = tokio::time::sleep_until\(deadline\))/\n$1/	test	engine	a_shutdown_writes_batches_larger_than_a_cut_step	ShutdownReport
+unanswered-write-not-in-doubt	src/engine/flusher.rs	s/\n\s*self\.pending\.unanswered_in_doubt\(\);//	test	engine	a_write_unanswered_at_the_deadline_is_in_doubt	every batch was handed to the sink
 EOF
 )"
 

@@ -85,7 +85,7 @@ async fn a_shutdown_writes_batches_larger_than_a_cut_step() {
     let engine = Engine::builder()
         .flush_interval(Duration::from_secs(3600))
         .batch_size(5_000)
-        .shutdown_timeout(Duration::from_secs(30))
+        .shutdown_timeout(Duration::from_secs(10))
         .keys(KeyScheme::new("large"))
         .sink(sink.clone())
         .build()
