@@ -93,6 +93,9 @@ fi
 stage "hot-path guard (callgrind + objdump, release build)"
 bash scripts/hot-path-guard.sh
 
+stage "poll trace still applies (scripts/poll-trace.sh --check)"
+bash scripts/poll-trace.sh --check
+
 stage "publish readiness: cargo doc -D warnings, cargo package, MSRV"
 # Every rustdoc warning is an error (broken intra-doc links included) except
 # `redundant_explicit_links`: src/lib.rs:12 and src/engine/mod.rs:1 still write a link target that
