@@ -110,7 +110,7 @@ pub struct ShutdownReport {
     /// sink (never sent, or refused as a whole), sorted by key: **safe to replay**.
     pub unwritten: Vec<(String, u128)>,
     /// Batches sent at least once whose outcome is unknown at the deadline (a timeout, a
-    /// connection lost after sending): the sink may have applied them, or may still apply
+    /// connection lost after sending, a write still unanswered): the sink may have applied them, or may still apply
     /// them (a frozen Redis that resumes). **Do not replay them**; check each batch id with
     /// the sink's dedup record first. Together with `unwritten`, nothing else that was added
     /// before the final sweep is missing.
