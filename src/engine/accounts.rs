@@ -29,7 +29,8 @@
 
 use super::blocks::{BlockQueue, BlockVec};
 use super::keys::{BucketSpan, KeyScheme};
-use super::pending::{Counted, Owner, Sharded};
+use super::names::NameIndex;
+use super::pending::{Counted, Owner};
 use crate::ledger::Account;
 use crate::seqlock::SeqLock;
 use crate::sink::Key;
@@ -321,12 +322,13 @@ impl std::fmt::Debug for AccountState {
 /// round trips.
 const MAX_READS_PER_REQUEST: usize = 64;
 
-/// Bits of a hash that pick the shard of the read side's maps by account and by key: 1,024
-/// shards, ~1,000 accounts each at a million. Those maps grow as accounts are tracked, and one
-/// growth rehashes one shard: with 256 shards a growth took up to ~1 ms at a million, and
-/// opening a million sessions made 65 inserts over 0.5 ms (traced; 1 with 1,024). 4,096 shards
-/// cost the engine ~15% more CPU per account at 100,000 accounts: a lookup first reads its
-/// shard's header, and 4,096 of them no longer stay in cache.
+/// Bits of a hash that pick the shard of the read side's indices by account and by key: 1,024
+/// shards, ~1,000 accounts each at a million. They grow as accounts are tracked, one shard at a
+/// time: with 256 shards, when a growth still hashed every name again, it took up to ~1 ms at a
+/// million, and opening a million sessions made 65 inserts over 0.5 ms (traced; 1 with 1,024 on
+/// that machine, 17–38 polls over 1 ms on an AMD EPYC guest, where [`NameIndex`] keeping the
+/// hashes took them away). 4,096 shards cost the engine ~15% more CPU per account at 100,000
+/// accounts: a lookup first reads its shard's header, and 4,096 of them no longer stay in cache.
 const BOOK_SHARD_BITS: u32 = 10;
 
 /// Shards of the registry: enough that sessions opening on many threads rarely meet.
@@ -434,7 +436,7 @@ pub(crate) struct ReadRequest {
 /// The flusher's side of the read side: synchronous, so it is tested without tokio.
 ///
 /// Tracked accounts live in a slab (`entries`), found by name through `by_account` (a sweep
-/// names the account: one map lookup). An acknowledgement names the index the sweep gave
+/// names the account: one lookup). An acknowledgement names the index the sweep gave
 /// (`Counted`), so it needs no lookup; `by_key` finds the account of an amount swept before the
 /// account was tracked. An index stays its account's until the account is forgotten, which it
 /// is not while amounts counted for it are unacknowledged, unless a new bucket reset it: an
@@ -448,8 +450,8 @@ pub(crate) struct AccountBook {
     entries: BlockVec<Option<Tracked>>,
     /// Indices of `entries` that hold `None`.
     free: BlockQueue<usize>,
-    by_account: Sharded<Account, usize>,
-    by_key: Sharded<Key, usize>,
+    by_account: NameIndex,
+    by_key: NameIndex,
     /// Accounts whose global total should be read; each at most once (`read_wanted`).
     wanted: BlockQueue<Account>,
     /// Entries below this index have the limits of the last `set_budgets`.
@@ -466,8 +468,8 @@ impl AccountBook {
             budgets,
             entries: BlockVec::new(),
             free: BlockQueue::new(),
-            by_account: Sharded::new(BOOK_SHARD_BITS),
-            by_key: Sharded::new(BOOK_SHARD_BITS),
+            by_account: NameIndex::new(BOOK_SHARD_BITS),
+            by_key: NameIndex::new(BOOK_SHARD_BITS),
             wanted: BlockQueue::new(),
             budgets_applied: 0,
         }
@@ -478,8 +480,27 @@ impl AccountBook {
         self.entries.len() - self.free.len()
     }
 
+    /// The index of `account`, if it is tracked.
+    fn index_of_account(&self, account: &str) -> Option<usize> {
+        let entries = &self.entries;
+        self.by_account.find(account, |index| {
+            entries
+                .get(index)
+                .as_ref()
+                .map(|tracked| tracked.state.account())
+        })
+    }
+
+    /// The index of the account whose key in the current bucket is `key`, if it is tracked.
+    fn index_of_key(&self, key: &str) -> Option<usize> {
+        let entries = &self.entries;
+        self.by_key.find(key, |index| {
+            entries.get(index).as_ref().map(|tracked| &*tracked.key)
+        })
+    }
+
     fn entry(&mut self, account: &str) -> Option<&mut Tracked> {
-        let index = *self.by_account.shard(account).get(account)?;
+        let index = self.index_of_account(account)?;
         self.entries.get_mut(index).as_mut()
     }
 
@@ -488,7 +509,7 @@ impl AccountBook {
         let account = state.account.clone();
         // The registry announces an account only when it has no state for it, and forgets one
         // only together with the book (`review`): an account is never announced twice.
-        if self.by_account.shard(&account).contains_key(&account) {
+        if self.index_of_account(&account).is_some() {
             debug_assert!(false, "account {account} announced while tracked");
             return;
         }
@@ -513,8 +534,8 @@ impl AccountBook {
             }
             None => self.entries.push(Some(tracked)),
         };
-        self.by_key.shard_mut(&key).insert(key, index);
-        self.by_account.shard_mut(&account).insert(account, index);
+        self.by_key.insert(&key, index);
+        self.by_account.insert(&account, index);
     }
 
     /// A sweep collected `amount` of `account`'s usage, charged to bucket `span`, and counted it
@@ -530,7 +551,7 @@ impl AccountBook {
         if *span != self.bucket {
             return None;
         }
-        let index = *self.by_account.shard(account).get(account)?;
+        let index = self.index_of_account(account)?;
         // Four billion tracked accounts would take terabytes: never `None` in practice, and
         // then merely uncounted.
         let owner = Owner::try_from(index).ok()?;
@@ -558,8 +579,8 @@ impl AccountBook {
             Some(counted) => (counted.owner as usize, u128::from(counted.amount)),
             // Swept while the account was not tracked (or in another bucket): not in its
             // pending part, but the total is news if it is tracked now.
-            None => match self.by_key.shard(key).get(key) {
-                Some(&index) => (index, 0),
+            None => match self.index_of_key(key) {
+                Some(index) => (index, 0),
                 None => return,
             },
         };
@@ -615,7 +636,7 @@ impl AccountBook {
     ) {
         let values = values.ok();
         for (i, (account, key)) in request.accounts.iter().zip(&request.keys).enumerate() {
-            let Some(&index) = self.by_account.shard(account).get(account) else {
+            let Some(index) = self.index_of_account(account) else {
                 continue;
             };
             let Some(tracked) = self.entries.get_mut(index).as_mut() else {
@@ -664,8 +685,8 @@ impl AccountBook {
             let account = &tracked.state.account;
             let key: Key = self.keys.key(account, &self.bucket).into();
             let old = std::mem::replace(&mut tracked.key, key.clone());
-            self.by_key.shard_mut(&old).remove(&old);
-            self.by_key.shard_mut(&key).insert(key, index);
+            self.by_key.remove(&old, index);
+            self.by_key.insert(&key, index);
             tracked.global = None;
             tracked.global_as_of = None;
             tracked.pending = 0;
@@ -687,8 +708,8 @@ impl AccountBook {
             if tracked.pending == 0 && registry.retire(&tracked.state) {
                 if let Some(tracked) = entry.take() {
                     let (key, account) = (&tracked.key, tracked.state.account());
-                    self.by_key.shard_mut(key).remove(key);
-                    self.by_account.shard_mut(account).remove(account);
+                    self.by_key.remove(key, index);
+                    self.by_account.remove(account, index);
                     self.free.push_back(index);
                 }
                 continue;
@@ -889,11 +910,8 @@ mod tests {
         drop(state);
         review(&mut book);
         assert_eq!(book.len(), 0);
-        assert!(
-            book.by_key.shards.iter().all(HashMap::is_empty),
-            "its key is forgotten too"
-        );
-        assert!(book.by_account.shards.iter().all(HashMap::is_empty));
+        assert_eq!(book.by_key.len(), 0, "its key is forgotten too");
+        assert_eq!(book.by_account.len(), 0);
         assert!(registry.get("u").is_none());
     }
 
@@ -909,12 +927,7 @@ mod tests {
         }
         assert_eq!(book.len(), 1_000);
         assert!(
-            book.by_account
-                .shards
-                .iter()
-                .filter(|shard| !shard.is_empty())
-                .count()
-                > 200,
+            book.by_account.shards_used() > 200,
             "accounts spread over the shards"
         );
         assert!(book.roll_bucket(at(NOON + 43_200)));
@@ -922,7 +935,7 @@ mod tests {
             book.rekey(start..start + 7);
         }
         assert_eq!(
-            book.by_key.shards.iter().map(HashMap::len).sum::<usize>(),
+            book.by_key.len(),
             1_000,
             "one key per account, the old ones gone"
         );
@@ -934,7 +947,7 @@ mod tests {
                 .0
                 .clone();
             assert!(key.ends_with(":20261130"), "{key}");
-            let index = book.by_key.shard(&key).get(&key).copied();
+            let index = book.index_of_key(&key);
             let entry = index.and_then(|index| book.entries.get_mut(index).as_ref());
             assert_eq!(
                 entry.map(|tracked| tracked.state.account()),

@@ -44,6 +44,13 @@ impl<T> BlockVec<T> {
     /// # Panics
     ///
     /// If `index` is not below [`BlockVec::len`], as a slice's index does.
+    pub(crate) fn get(&self, index: usize) -> &T {
+        &self.blocks[index / BLOCK][index % BLOCK]
+    }
+
+    /// # Panics
+    ///
+    /// If `index` is not below [`BlockVec::len`], as a slice's index does.
     pub(crate) fn get_mut(&mut self, index: usize) -> &mut T {
         &mut self.blocks[index / BLOCK][index % BLOCK]
     }

@@ -35,6 +35,7 @@ mod clock;
 mod flusher;
 mod keys;
 mod metrics;
+mod names;
 mod pending;
 mod session;
 mod stats;

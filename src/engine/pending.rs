@@ -98,22 +98,7 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         (self.route.hash_one(key) >> (u64::BITS - self.bits)) as usize
     }
 
-    pub(crate) fn shard<Q: std::hash::Hash + ?Sized>(
-        &self,
-        key: &Q,
-    ) -> &HashMap<K, V, foldhash::fast::RandomState> {
-        &self.shards[self.index(key)]
-    }
-
-    pub(crate) fn shard_mut<Q: std::hash::Hash + ?Sized>(
-        &mut self,
-        key: &Q,
-    ) -> &mut HashMap<K, V, foldhash::fast::RandomState> {
-        let index = self.index(key);
-        self.prepared(index)
-    }
-
-    /// [`Sharded::shard_mut`] for an insert: a shard without a table yet takes one of `spares`
+    /// The shard of `key`, for an insert: a shard without a table yet takes one of `spares`
     /// (emptied tables of an earlier map) before it allocates, so that a map refilled every round
     /// reuses the memory the round before touched. A fresh table's first touches were page
     /// faults: sweep slices of 2–6 ms at the start of a flush of a million keys.
@@ -823,7 +808,8 @@ mod tests {
         let mut room = vec![None; map.shards.len()];
         for key in &keys {
             let index = map.index(key);
-            map.shard_mut(key).insert(key.clone(), 0);
+            map.shard_to_fill(key, &mut Vec::new())
+                .insert(key.clone(), 0);
             room[index].get_or_insert(map.shards[index].capacity());
         }
         for (i, shard) in map.shards.iter().enumerate() {
@@ -913,7 +899,8 @@ mod tests {
         assert_eq!(with_table(&map), map.shards.len());
         let room: Vec<usize> = map.shards.iter().map(HashMap::capacity).collect();
         for key in &keys {
-            map.shard_mut(key).insert(key.clone(), 0);
+            map.shard_to_fill(key, &mut Vec::new())
+                .insert(key.clone(), 0);
         }
         for (i, shard) in map.shards.iter().enumerate() {
             assert_eq!(shard.capacity(), room[i], "shard {i} grew");
@@ -931,7 +918,7 @@ mod tests {
         acknowledge_round(&mut pending);
         cut_all(&mut pending);
         pending.add(keys[0].clone(), 1, TTL, None);
-        let shard = pending.waiting.shard(&keys[0]);
+        let shard = &pending.waiting.shards[pending.waiting.index(&keys[0])];
         assert_eq!(shard.len(), 1);
         assert!(shard.capacity() < 64, "capacity {}", shard.capacity());
     }
