@@ -245,7 +245,7 @@ impl LedgerBuilder {
             on_session_end: self.on_session_end,
         });
         shared.shards.set_owner(&*shared);
-        let readings = vec![0; self.capacity].into_boxed_slice();
+        let readings = written_zeros(self.capacity);
         Ok((
             Ledger {
                 shared: shared.clone(),
@@ -253,6 +253,27 @@ impl LedgerBuilder {
             Sweeper { shared, readings },
         ))
     }
+}
+
+/// `len` zeros, each memory page of them written once now, by the builder.
+///
+/// `vec![0; len]` takes fresh pages that the OS maps at their first touch. The sweeper reads a
+/// slot's reading before it writes it, and a first read maps the shared zero page; the write
+/// after it faults again for a private page, and that second fault flushes the TLBs of the other
+/// CPUs running the process (an inter-processor interrupt). On a KVM guest with two vCPUs that
+/// was 1–2.5 ms per page, in most of the first flush's 22–38 polls over 1 ms at a million slots
+/// (`docs/benchmarks.md`, session 9). Written here, a page faults once, on the write, before
+/// the engine runs; the readings are resident from the start (16 bytes per slot).
+fn written_zeros(len: usize) -> Box<[u128]> {
+    const PER_PAGE: usize = 4096 / std::mem::size_of::<u128>();
+    let mut zeros = vec![0; len].into_boxed_slice();
+    for page in zeros.chunks_mut(PER_PAGE) {
+        // The compiler knows the allocation is zeroed and would drop a store of zero into it;
+        // after `black_box` it no longer knows what the word holds.
+        std::hint::black_box(&mut page[0]);
+        page[0] = 0;
+    }
+    zeros
 }
 
 /// One metered session. Clones are channels of the same session and share its slot; when the
