@@ -184,6 +184,29 @@ fn minor_faults() -> u64 {
     after_name.split(' ').nth(7).unwrap().parse().unwrap()
 }
 
+/// Everything the ledger allocates is written when it is built: a page the OS maps lazily and
+/// that the sweeper reads first (readings, and the states, holders and cells of slots that no
+/// session has touched yet) would fault twice at its first write, the second fault flushing the
+/// other CPUs' TLBs, on the sweep's path or on `open_session`'s and `add`'s. So building faults
+/// in about every page it allocates (fresh pages: the large parts come from `mmap`).
+#[test]
+#[cfg(target_os = "linux")]
+fn building_a_ledger_writes_every_page_it_allocates() {
+    const SLOTS: usize = 2048 * CHUNK_SLOTS;
+    let faults_before = minor_faults();
+    let (_ledger, bytes, _) = measure(|| build(SLOTS, Some((2, 2))));
+    let faults = minor_faults() - faults_before;
+    let pages = bytes as u64 / 4096;
+    println!(
+        "a ledger of {SLOTS} slots: {bytes} B allocated, {faults} pages faulted in of {pages}"
+    );
+    assert!(
+        faults >= pages * 95 / 100,
+        "{faults} page faults building a ledger of {pages} pages: some of it is left to the OS's \
+         lazy zero pages"
+    );
+}
+
 /// The builder writes every page of the sweeper's readings, so the first sweep faults in none of
 /// them (`written_zeros` in src/ledger/mod.rs: a read then a write of a fresh page is two faults,
 /// the second flushing the other CPUs' TLBs). With `vec![0; n]` this sweep took ~2 faults per
