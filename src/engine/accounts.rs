@@ -326,8 +326,8 @@ const MAX_READS_PER_REQUEST: usize = 64;
 /// shards, ~1,000 accounts each at a million. They grow as accounts are tracked, one shard at a
 /// time: with 256 shards, when a growth still hashed every name again, it took up to ~1 ms at a
 /// million, and opening a million sessions made 65 inserts over 0.5 ms (traced; 1 with 1,024 on
-/// that machine, 17–38 polls over 1 ms on an AMD EPYC guest, where [`NameIndex`] keeping the
-/// hashes took them away). 4,096 shards cost the engine ~15% more CPU per account at 100,000
+/// that machine, but 5–6 polls over 1 ms on an AMD EPYC guest, 0–2 once [`NameIndex`] kept the
+/// hashes). 4,096 shards cost the engine ~15% more CPU per account at 100,000
 /// accounts: a lookup first reads its shard's header, and 4,096 of them no longer stay in cache.
 const BOOK_SHARD_BITS: u32 = 10;
 

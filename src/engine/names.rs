@@ -8,9 +8,9 @@ use std::hash::BuildHasher;
 /// An entry keeps its name's hash beside the index, and the names stay in the book: a shard that
 /// grows moves its entries without reading a name. The names are strings elsewhere in memory,
 /// so a table of the names themselves read every one when it grew, a cache miss each: at a
-/// million accounts one growth took 0.3–0.9 ms, and opening a million sessions made 17–38
-/// flusher polls over 1 ms (traced on an AMD EPYC guest, `docs/benchmarks.md`). An entry is
-/// also 16 bytes where a name and an index took 24.
+/// million accounts one growth took 0.3–0.9 ms, and opening a million sessions made 5–6
+/// flusher polls over 1 ms, 0–2 with this index (an AMD EPYC guest, `docs/benchmarks.md`,
+/// session 9). An entry is also 16 bytes where a name and an index took 24.
 pub(crate) struct NameIndex {
     hasher: foldhash::fast::RandomState,
     bits: u32,

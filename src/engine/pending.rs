@@ -47,8 +47,9 @@ const RELEASED_PER_CUT: usize = 4;
 
 /// A map split over `1 << bits` maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
-/// milliseconds. Here one growth rehashes one shard. Used for the flusher's per-key and
-/// per-account maps, looked up about once per key per flush, so with foldhash (see [`KeyMap`]).
+/// milliseconds. Here one growth rehashes one shard. Used for the pending amounts per key,
+/// looked up about once per key per flush, so with foldhash (see [`KeyMap`]); the read side's
+/// indices are `NameIndex`es (`names.rs`), which keep their hashes.
 pub(crate) struct Sharded<K, V> {
     route: foldhash::fast::RandomState,
     /// How many of the route hash's top bits pick the shard.
