@@ -41,7 +41,7 @@ holders-release-relaxed	src/ledger/slots.rs	s/fetch_sub\(1, Ordering::Release\)/
 holders-no-fence	src/ledger/slots.rs	s/\n\s*fence\(Ordering::Acquire\);//	loom	lifetime	clones_drop_on_different_threads	assertion `left == right` failed
 reset-open-slots	src/ledger/mod.rs	s/let total = self\.take_delta\(slot, false\);/let total = self.take_delta(slot, true);/	loom	adds	sums_over_two_shards_racing_sweeps	assertion `left == right` failed
 unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(WorkerProbe::NOT_A_WORKER\)/cell.get()/	loom	workers	old_owner_leaves_the_worker_shard	assertion `left == right` failed
-unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(WorkerProbe::NOT_A_WORKER\)/cell.get()/	test	ledger_stress	worker_indexes_change_hands_while_old_owners_keep_adding	adds lost or counted twice|readings went back from
+unregister-keeps-index	src/ledger/worker.rs	s/cell\.replace\(WorkerProbe::NOT_A_WORKER\)/cell.get()/	test	ledger_stress	worker_indexes_change_hands_while_old_owners_keep_adding	adds lost or counted twice|readings went back from|held index 0|never changed hands
 worker-rmw	src/ledger/shard.rs	s/Some\(total\) => cell\.store\(total, Ordering::Relaxed\),/Some(total) => {\n                    cell.fetch_max(total, Ordering::Relaxed);\n                }/	guard	-	-	HOT PATH OVER BUDGET: locked instruction
 lazy-worker-index	src/loom.rs	s/static \$name: \$t = const \{ \$init \};/static \$name: \$t = \$init;/	guard	-	-	HOT PATH OVER BUDGET
 cell-provenance	src/ledger/shard.rs	s/let pages = self\.pages_start\(\)\.cast::<u8>\(\);/let pages = NonNull::from(&self.pages[0].cells[0]).cast::<u8>();/	miri	ledger	open_add_sweep_is_exact_on_both_paths	Undefined Behavior
