@@ -386,15 +386,21 @@ impl Pending {
     /// amount (not into `self.amount`: the caller counts it).
     fn merge(&mut self, key: Key, amount: u128, ttl: Duration, counted: Option<(Owner, u128)>) {
         let shard = self.waiting.shard_to_fill(&key, &mut self.spare_shards);
-        let waiting = match shard.entry(key) {
-            hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        match shard.entry(key) {
+            hash_map::Entry::Occupied(entry) => {
+                let waiting = entry.into_mut();
+                waiting.add(amount, counted);
+                waiting.ttl = ttl;
+            }
+            // Written whole, not added to: the entry's line is rarely in cache (the table is new
+            // each round), and stores alone do not wait for it where an add to memory does.
             hash_map::Entry::Vacant(entry) => {
                 self.waiting_keys += 1;
-                entry.insert(Waiting::new(ttl))
+                let mut waiting = Waiting::new(ttl);
+                waiting.add(amount, counted);
+                entry.insert(waiting);
             }
-        };
-        waiting.add(amount, counted);
-        waiting.ttl = ttl;
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
