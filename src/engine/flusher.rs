@@ -520,18 +520,30 @@ impl<S: Sink> Flusher<S> {
         let ttl = keys.ttl_at(&span, now);
         let mut swept = 0u128;
         self.pending.expect_keys(self.book.len());
-        for usage in self.usage.drain(from..) {
+        let book = &mut self.book;
+        let records = &self.usage[from..];
+        let locate = |book: &AccountBook, at: usize| {
+            let usage: &Usage = records.get(at)?;
+            book.locate(&usage.account, &span)
+        };
+        // Each record's account is located one record ahead, before the record before it is
+        // counted: the loads `locate` starts (the account's view, its key) overlap with that work.
+        let mut next = locate(book, 0).filter(|_| self.enabled);
+        for (at, usage) in records.iter().enumerate() {
             swept += u128::from(usage.amount);
             if self.enabled {
+                let this = std::mem::replace(&mut next, locate(book, at + 1));
                 // A tracked account's key is built once per bucket and shared; others' (an
                 // account forgotten since, a sweep closing the previous bucket) now.
-                let (key, owner) = match self.book.swept(&usage.account, &span, usage.amount) {
+                let counted = this.and_then(|this| book.swept(this, usage.amount));
+                let (key, owner) = match counted {
                     Some((key, owner)) => (key.clone(), Some(owner)),
                     None => (keys.key(&usage.account, &span).into(), None),
                 };
                 self.pending.add(key, usage.amount, ttl, owner);
             }
         }
+        self.usage.truncate(from);
         Stats::add(&self.stats.amount_swept, swept);
         if !self.enabled {
             Stats::add(&self.stats.amount_discarded, swept);
@@ -634,7 +646,8 @@ impl<S: Sink> Flusher<S> {
         while !self.pending.settle_some(
             SETTLE_SLICE_KEYS,
             &mut settlement,
-            |increment, counted, total| {
+            |increment, counted, total, upcoming| {
+                book.prefetch(upcoming);
                 book.acknowledged(counted, &increment.key, total, now);
             },
         ) {

@@ -37,6 +37,7 @@ mod keys;
 mod metrics;
 mod names;
 mod pending;
+mod prefetch;
 mod session;
 mod stats;
 

@@ -594,15 +594,21 @@ impl Pending {
     /// acknowledged counts as one; a slice may end inside a batch), adding what they achieved to
     /// `settlement`; returns whether all are applied. Acknowledged batches leave, the others are
     /// in flight again, to be re-sent unchanged. `acknowledged` hears of every increment that
-    /// left, with what of it was counted for an owner (as given to `add`) and the key's new
-    /// total when the sink gave one
-    /// (not for a batch it had already applied, nor for a refused increment). Slices keep a write of a whole round from being
-    /// settled in one poll.
+    /// left, with what of it was counted for an owner (as given to `add`), the key's new total
+    /// when the sink gave one (not for a batch it had already applied, nor for a refused
+    /// increment), and what was counted of the increments after it in its batch, in order (so
+    /// that the read side can start loading their accounts). Slices keep a write of a whole round
+    /// from being settled in one poll.
     pub(crate) fn settle_some(
         &mut self,
         most: usize,
         settlement: &mut Settlement,
-        mut acknowledged_increment: impl FnMut(&Increment, Option<Counted>, Option<i64>),
+        mut acknowledged_increment: impl FnMut(
+            &Increment,
+            Option<Counted>,
+            Option<i64>,
+            &[Option<Counted>],
+        ),
     ) -> bool {
         let Some(answers) = self.answers.as_mut() else {
             return true;
@@ -650,6 +656,7 @@ impl Pending {
                 continue;
             };
             let counted = applying.counts.next().flatten();
+            let upcoming = applying.counts.as_slice();
             applied += 1;
             self.amount -= u128::from(increment.amount);
             self.batched -= 1;
@@ -661,7 +668,7 @@ impl Pending {
                 }),
                 // Applied by an earlier attempt: written, with no new total.
                 None => {
-                    acknowledged_increment(&increment, counted, None);
+                    acknowledged_increment(&increment, counted, None, upcoming);
                     settlement.keys_written += 1;
                     settlement.amount_written += u128::from(increment.amount);
                     continue;
@@ -669,12 +676,12 @@ impl Pending {
             };
             match outcome {
                 KeyOutcome::Added { total } => {
-                    acknowledged_increment(&increment, counted, Some(total));
+                    acknowledged_increment(&increment, counted, Some(total), upcoming);
                     settlement.keys_written += 1;
                     settlement.amount_written += u128::from(increment.amount);
                 }
                 KeyOutcome::Rejected { reason } => {
-                    acknowledged_increment(&increment, counted, None);
+                    acknowledged_increment(&increment, counted, None, upcoming);
                     settlement.rejections.push(Rejection {
                         key: increment.key.to_string(),
                         amount: increment.amount,
@@ -792,7 +799,7 @@ mod tests {
     fn settle(pending: &mut Pending, results: Vec<Result<BatchOutcome, SinkError>>) -> Settlement {
         let mut settlement = Settlement::default();
         pending.receive(results);
-        while !pending.settle_some(2, &mut settlement, |_, _, _| {}) {}
+        while !pending.settle_some(2, &mut settlement, |_, _, _, _| {}) {}
         settlement
     }
 
@@ -1034,7 +1041,7 @@ mod tests {
         let mut heard = Vec::new();
         pending.receive(sent.iter().map(applied).collect());
         let mut settlement = Settlement::default();
-        while !pending.settle_some(1, &mut settlement, |increment, counted, _| {
+        while !pending.settle_some(1, &mut settlement, |increment, counted, _, _| {
             heard.push((increment.key.to_string(), increment.amount, counted));
         }) {}
         heard.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1048,6 +1055,32 @@ mod tests {
             ]
         );
         assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn each_increment_is_heard_with_the_counts_of_those_after_it_in_its_batch() {
+        let mut pending = Pending::new(1, 10);
+        pending.add("a".into(), 5, TTL, Some(7));
+        pending.add("b".into(), 4, TTL, Some(9));
+        pending.add("c".into(), 3, TTL, None);
+        pending.add("d".into(), 2, TTL, Some(11));
+        let sent = send(&mut pending);
+        assert_eq!(sent.len(), 1, "one batch");
+        pending.receive(sent.iter().map(applied).collect());
+        let mut heard = Vec::new();
+        let mut settlement = Settlement::default();
+        while !pending.settle_some(2, &mut settlement, |_, counted, _, upcoming| {
+            heard.push((counted, upcoming.to_vec()));
+        }) {}
+        assert_eq!(heard.len(), 4);
+        let counts: Vec<_> = heard.iter().map(|(counted, _)| *counted).collect();
+        for (at, (_, upcoming)) in heard.iter().enumerate() {
+            assert_eq!(
+                upcoming[..],
+                counts[at + 1..],
+                "increment {at} of {counts:?}"
+            );
+        }
     }
 
     #[test]
@@ -1130,7 +1163,7 @@ mod tests {
             assert_eq!(pending.amount(), unwritten, "the running total matches");
             let mut settlement = Settlement::default();
             pending.receive(batches.iter().map(applied).collect());
-            while !pending.settle_some(1, &mut settlement, |_, part, _| {
+            while !pending.settle_some(1, &mut settlement, |_, part, _, _| {
                 counted += part.map_or(0, |part| u128::from(part.amount));
                 // The counted part goes first: a round after it is used up counts nothing.
                 assert!(part.is_some() || counted == u128::from(u64::MAX));
@@ -1224,14 +1257,14 @@ mod tests {
         let mut settlement = Settlement::default();
         let mut heard = 0;
         // Beginning a batch counts as one, each increment as one: the first slice hears two.
-        assert!(!pending.settle_some(3, &mut settlement, |_, _, _| heard += 1));
+        assert!(!pending.settle_some(3, &mut settlement, |_, _, _, _| heard += 1));
         assert_eq!(heard, 2);
         assert_eq!(
             pending.amount(),
             6,
             "what was heard of is no longer pending"
         );
-        while !pending.settle_some(3, &mut settlement, |_, _, _| heard += 1) {}
+        while !pending.settle_some(3, &mut settlement, |_, _, _, _| heard += 1) {}
         assert_eq!(heard, 5);
         assert_eq!(settlement.batches_written, 2);
         assert_eq!(settlement.keys_written, 5);
