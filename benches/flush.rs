@@ -50,7 +50,7 @@
 //! time it did not compute, a few engine polls over 1 ms are that noise, not work.
 //!
 //! Run: `cargo bench --bench flush` (`-- flush_plain_keys` for the Cluster group and figures,
-//! `-- polls` for the polls pass alone); smoke (one iteration each): `cargo bench --bench flush
+//! `-- cpu` or `-- polls` for that pass alone); smoke (one iteration each): `cargo bench --bench flush
 //! -- --test`.
 
 #[path = "../tests/support/mod.rs"]
@@ -349,20 +349,25 @@ fn encode(out: &mut Vec<u8>, args: &[&str]) {
 /// Whether the figures pass `name` (`cpu`, `figures` or `polls`) runs: only under `cargo bench`
 /// (which passes `--bench`; `cargo test --all-targets` runs this binary without it, in a debug
 /// build, where criterion only checks that each group runs once), never with `--test` or
-/// `--list`; with a filter argument, `polls` runs only when the filter is `polls`, and the
-/// others run unless it is.
+/// `--list`. A filter argument that names passes runs those alone; another filter (a criterion
+/// group) runs `cpu` and `figures` after its group, not `polls`.
 fn pass_wanted(name: &str) -> bool {
+    const PASSES: [&str; 3] = ["cpu", "figures", "polls"];
     let args: Vec<String> = std::env::args().skip(1).collect();
     let benchmarking = args.iter().any(|arg| arg == "--bench");
     if !benchmarking || args.iter().any(|arg| arg == "--test" || arg == "--list") {
         return false;
     }
-    let polls_only = args.iter().any(|arg| arg == "polls");
-    let filtered = args.iter().any(|arg| !arg.starts_with('-'));
-    match name {
-        "polls" => polls_only || !filtered,
-        _ => !polls_only,
+    let named: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|arg| PASSES.contains(arg))
+        .collect();
+    if !named.is_empty() {
+        return named.contains(&name);
     }
+    let filtered = args.iter().any(|arg| !arg.starts_with('-'));
+    name != "polls" || !filtered
 }
 
 /// CPU time per account of each contender at 100k accounts (see the module docs).
