@@ -411,16 +411,17 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// How many increments ahead [`AccountBook::prefetch`] asks for an account's entry, then for
+/// How many increments ahead [`AccountBook::prefetch_acknowledged`] asks for an account's entry, then for
 /// its view: far enough for a load from memory to be done when the increment comes, near enough
 /// for the line to stay in cache until then (16 and 8 were no faster on an AMD EPYC guest). The
 /// view's address is in the entry, which must be loaded first: hence half the distance.
 const ENTRY_AHEAD: usize = 32;
 const VIEW_AHEAD: usize = 16;
 
-/// A tracked account's entry, as [`AccountBook::locate`] found it for a sweep's amount. Valid
-/// until the book next tracks or forgets an account; the flusher uses it at once.
-#[derive(Debug, Clone, Copy)]
+/// A tracked account's entry, as [`AccountBook::locate`] found it for a sweep's amount, in the
+/// sweep's bucket. Valid until the book next tracks, forgets, rolls or rekeys accounts: the
+/// flusher uses it at once, and [`AccountBook::swept`] takes it by value.
+#[derive(Debug)]
 pub(crate) struct Located(usize);
 
 /// The flusher's private numbers for one tracked account, in the current bucket.
@@ -554,8 +555,8 @@ impl AccountBook {
     /// Where a sweep's amount of `account`, charged to bucket `span`, is counted: the account's
     /// entry, if it is tracked in that bucket (give it to [`AccountBook::swept`]). Also starts
     /// loading, without waiting for them, what `swept` and the flusher then touch: the account's
-    /// view and its key's text. Locating a few records ahead of the one `swept` takes lets this
-    /// lookup's cache misses overlap with that one's work.
+    /// view and its key's text. Locating one record ahead of the one `swept` takes lets those
+    /// loads overlap with that one's work.
     pub(crate) fn locate(&self, account: &str, span: &BucketSpan) -> Option<Located> {
         if *span != self.bucket {
             return None;
@@ -587,15 +588,15 @@ impl AccountBook {
     /// [`ENTRY_AHEAD`] on, and the view of the one [`VIEW_AHEAD`] on, whose entry an earlier call
     /// asked for. Called once per increment, so that the cache misses of many increments overlap
     /// where `acknowledged` alone waits for two at a time (`docs/benchmarks.md`).
-    pub(crate) fn prefetch(&self, upcoming: &[Option<Counted>]) {
-        let entry = |ahead: usize| {
+    pub(crate) fn prefetch_acknowledged(&self, upcoming: &[Option<Counted>]) {
+        let entry_ahead = |ahead: usize| {
             let owner = upcoming.get(ahead - 1).copied().flatten()?.owner as usize;
             (owner < self.entries.len()).then(|| self.entries.get(owner))
         };
-        if let Some(entry) = entry(ENTRY_AHEAD) {
+        if let Some(entry) = entry_ahead(ENTRY_AHEAD) {
             prefetch(entry);
         }
-        if let Some(Some(tracked)) = entry(VIEW_AHEAD) {
+        if let Some(Some(tracked)) = entry_ahead(VIEW_AHEAD) {
             prefetch(&tracked.state.view);
         }
     }
@@ -865,13 +866,17 @@ mod tests {
         assert!(book.locate("v", &today).is_none(), "not tracked");
         let yesterday = book.keys.span(at(NOON - 86_400));
         assert!(book.locate("u", &yesterday).is_none(), "another bucket");
-        // Counts naming no entry are passed over.
+    }
+
+    #[test]
+    fn counts_naming_no_entry_are_passed_over_when_prefetching() {
+        let (_registry, book, _state) = setup(Budgets::per_bucket(100));
         let unknown = Some(Counted {
             owner: Owner::MAX,
             amount: 1,
         });
-        book.prefetch(&[unknown; ENTRY_AHEAD]);
-        book.prefetch(&[None; ENTRY_AHEAD]);
+        book.prefetch_acknowledged(&[unknown; ENTRY_AHEAD]);
+        book.prefetch_acknowledged(&[None; ENTRY_AHEAD]);
     }
 
     #[test]

@@ -526,16 +526,16 @@ impl<S: Sink> Flusher<S> {
             let usage: &Usage = records.get(at)?;
             book.locate(&usage.account, &span)
         };
-        // Each record's account is located one record ahead, before the record before it is
+        // Each record's account is located one record ahead, while the record before it is
         // counted: the loads `locate` starts (the account's view, its key) overlap with that work.
-        let mut next = locate(book, 0).filter(|_| self.enabled);
+        let mut next_located = if self.enabled { locate(book, 0) } else { None };
         for (at, usage) in records.iter().enumerate() {
             swept += u128::from(usage.amount);
             if self.enabled {
-                let this = std::mem::replace(&mut next, locate(book, at + 1));
+                let located = std::mem::replace(&mut next_located, locate(book, at + 1));
                 // A tracked account's key is built once per bucket and shared; others' (an
                 // account forgotten since, a sweep closing the previous bucket) now.
-                let counted = this.and_then(|this| book.swept(this, usage.amount));
+                let counted = located.and_then(|located| book.swept(located, usage.amount));
                 let (key, owner) = match counted {
                     Some((key, owner)) => (key.clone(), Some(owner)),
                     None => (keys.key(&usage.account, &span).into(), None),
@@ -647,7 +647,7 @@ impl<S: Sink> Flusher<S> {
             SETTLE_SLICE_KEYS,
             &mut settlement,
             |increment, counted, total, upcoming| {
-                book.prefetch(upcoming);
+                book.prefetch_acknowledged(upcoming);
                 book.acknowledged(counted, &increment.key, total, now);
             },
         ) {

@@ -16,7 +16,7 @@ pub(crate) fn prefetch<T: ?Sized>(value: &T) {
 fn lines<T: ?Sized>(value: &T) -> impl Iterator<Item = *const u8> {
     let start = (value as *const T).cast::<u8>();
     let size = std::mem::size_of_val(value);
-    let skew = start as usize % LINE;
+    let skew = start.addr() % LINE;
     let count = if size == 0 {
         0
     } else {
@@ -29,8 +29,9 @@ fn prefetch_line(address: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // `unsafe` for the MSRV, where the intrinsic is an unsafe fn; newer compilers call it safe.
     #[allow(unused_unsafe)]
-    // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults, whatever
-    // the address.
+    // SAFETY: the intrinsic needs SSE, which every x86-64 CPU has (it is in the target's
+    // baseline); and a prefetch is a hint: it reads nothing the program sees and never faults,
+    // whatever the address.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast());
     }
@@ -51,7 +52,7 @@ mod tests {
         let base = memory.0.as_ptr();
         let spans = |range: std::ops::Range<usize>| -> Vec<usize> {
             lines(&memory.0[range])
-                .map(|line| line as usize - base as usize)
+                .map(|line| line.addr() - base.addr())
                 .collect()
         };
         assert_eq!(spans(0..LINE), [0], "one whole line");
