@@ -49,9 +49,9 @@
 //! the machine alone pushed over 1 ms of CPU (`NoiseProbe`): on a guest whose clock charges it
 //! time it did not compute, a few engine polls over 1 ms are that noise, not work.
 //!
-//! Run: `cargo bench --bench flush` (`-- flush_plain_keys` for the Cluster group and figures,
-//! `-- cpu` or `-- polls` for that pass alone); smoke (one iteration each): `cargo bench --bench flush
-//! -- --test`.
+//! Run: `cargo bench --bench flush`; `-- flush_plain_keys` for the Cluster group, then the figures
+//! and CPU passes; `-- cpu`, `-- figures` or `-- polls` for that pass alone. Smoke
+//! (one iteration each): `cargo bench --bench flush -- --test`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -349,7 +349,7 @@ fn encode(out: &mut Vec<u8>, args: &[&str]) {
 /// Whether the figures pass `name` (`cpu`, `figures` or `polls`) runs: only under `cargo bench`
 /// (which passes `--bench`; `cargo test --all-targets` runs this binary without it, in a debug
 /// build, where criterion only checks that each group runs once), never with `--test` or
-/// `--list`. A filter argument that names passes runs those alone; another filter (a criterion
+/// `--list`. A filter argument that names a pass runs it alone; another filter (a criterion
 /// group) runs `cpu` and `figures` after its group, not `polls`.
 fn pass_wanted(name: &str) -> bool {
     const PASSES: [&str; 3] = ["cpu", "figures", "polls"];
@@ -358,13 +358,9 @@ fn pass_wanted(name: &str) -> bool {
     if !benchmarking || args.iter().any(|arg| arg == "--test" || arg == "--list") {
         return false;
     }
-    let named: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|arg| PASSES.contains(arg))
-        .collect();
-    if !named.is_empty() {
-        return named.contains(&name);
+    // Criterion takes one filter.
+    if let Some(named) = args.iter().find(|arg| PASSES.contains(&arg.as_str())) {
+        return named == name;
     }
     let filtered = args.iter().any(|arg| !arg.starts_with('-'));
     name != "polls" || !filtered
