@@ -411,10 +411,11 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// How many increments ahead [`AccountBook::prefetch_acknowledged`] asks for an account's entry, then for
-/// its view: far enough for a load from memory to be done when the increment comes, near enough
-/// for the line to stay in cache until then (16 and 8 were no faster on an AMD EPYC guest). The
-/// view's address is in the entry, which must be loaded first: hence half the distance.
+/// How many increments ahead [`AccountBook::prefetch_acknowledged`] asks for an account's
+/// entry, then for its view: far enough for a load from memory to be done when the increment
+/// comes, near enough for the line to stay in cache until then (16 and 8 were no faster on an
+/// AMD EPYC guest). The view's address is in the entry, which must be loaded first: hence half
+/// the distance.
 const ENTRY_AHEAD: usize = 32;
 const VIEW_AHEAD: usize = 16;
 
