@@ -72,7 +72,7 @@ RUSTFLAGS="--cfg shardmeter_loom" CARGO_TARGET_DIR=target/loom \
   CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \
   cargo test -p shardmeter-loom-tests --release
 
-stage "Miri: the ledger's tests under Stacked Borrows and Tree Borrows"
+stage "Miri: the ledger's tests and the engine's prefetch, Stacked and Tree Borrows"
 if toolchain nightly miri,rust-src "cargo +nightly miri --version" &&
   cargo +nightly miri setup >/dev/null 2>&1; then
   # Small capacities and few iterations under `cfg(miri)`; no default features: the ledger alone
@@ -80,16 +80,23 @@ if toolchain nightly miri,rust-src "cargo +nightly miri --version" &&
   # models run at once, each into its own log: an interpreter is one thread, this machine has two.
   # The crate example (the ledger's doc test, ~30 s of Stacked Borrows tracking: it builds 1,024
   # slots) runs under Stacked Borrows only; tests/ledger.rs covers its calls under both.
+  # Also the engine's prefetch hint (`src/engine/prefetch.rs`, an `unsafe` block), through its
+  # unit test: ~30 s more of building, 2 s per model.
   miri_tests=(--no-default-features --test ledger --test ledger_stress)
+  miri_prefetch=(--no-default-features --features engine --lib -- engine::prefetch)
   cargo +nightly miri test "${miri_tests[@]}" --no-run
+  cargo +nightly miri test --no-default-features --features engine --lib --no-run
   miri_logs="$(mktemp -d "${TMPDIR:-/tmp}/shardmeter-miri.XXXXXX")"
   {
     MIRIFLAGS="" cargo +nightly miri test "${miri_tests[@]}" &&
+      MIRIFLAGS="" cargo +nightly miri test "${miri_prefetch[@]}" &&
       MIRIFLAGS="" cargo +nightly miri test --no-default-features --doc -- src/ledger/mod.rs
   } >"$miri_logs/stacked.log" 2>&1 &
   stacked=$!
-  MIRIFLAGS="-Zmiri-tree-borrows" cargo +nightly miri test "${miri_tests[@]}" \
-    >"$miri_logs/tree.log" 2>&1 &
+  {
+    MIRIFLAGS="-Zmiri-tree-borrows" cargo +nightly miri test "${miri_tests[@]}" &&
+      MIRIFLAGS="-Zmiri-tree-borrows" cargo +nightly miri test "${miri_prefetch[@]}"
+  } >"$miri_logs/tree.log" 2>&1 &
   tree=$!
   # Background jobs outlive an interrupted script: stop them with it.
   trap 'kill "$stacked" "$tree" 2>/dev/null || true; rm -rf "$miri_logs"' EXIT
