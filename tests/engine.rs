@@ -74,6 +74,42 @@ async fn many_threads_and_sessions_flush_exact_totals() {
     }
 }
 
+/// A sweep step collects many tracked accounts at once, and the flusher locates each record's
+/// account on the read side one record ahead: every amount still lands under its own account's
+/// key, and in its own account's view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_of_many_tracked_accounts_counts_each_amount_for_its_own_account() {
+    let sink = MemorySink::new();
+    let engine = Engine::builder()
+        .flush_interval(Duration::from_secs(3600))
+        .keys(KeyScheme::new("own"))
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let mut sessions = Vec::new();
+    for i in 0..64u64 {
+        let session = engine.open_session(&format!("acct-{i}")).unwrap();
+        assert!(
+            session.synced(Duration::from_secs(10)).await,
+            "acct-{i} tracked"
+        );
+        sessions.push(session);
+    }
+    for (i, session) in (0..).zip(&sessions) {
+        session.add(100 + i);
+    }
+    engine.flush_now().await.unwrap();
+    let expected: HashMap<String, i64> = (0..64)
+        .map(|i| (format!("own:acct-{i}"), 100 + i))
+        .collect();
+    assert_eq!(sink.totals(), expected);
+    for (i, session) in (0..).zip(&sessions) {
+        assert_eq!(session.usage().used, 100 + i, "acct-{i}'s view");
+    }
+    drop(sessions);
+    engine.shutdown().await.unwrap();
+}
+
 /// The shutdown cuts its round into batches itself: with batches larger than the flusher cuts
 /// in one step and nothing cut before (no periodic flush ran), a shutdown that cut only when no
 /// write was in flight built no batch and waited for its deadline, reporting everything
