@@ -8,7 +8,7 @@
 //! | `floor_load_store` | `load` + `store` (Relaxed) on a cache-padded `AtomicU64` only this thread writes, its address in a register |
 //! | `floor_via_handle` | the same, with the cell's address loaded from a handle on every call, as a session's must be |
 //! | `session_add_worker` | [`Session::add`] on a thread that called `register_worker_thread` |
-//! | `session_add_unregistered` | [`Session::add`] elsewhere: the ledger's striped `fetch_update` fallback |
+//! | `session_add_unregistered` | [`Session::add`] elsewhere: the ledger's striped compare-and-swap fallback |
 //! | `striped_fetch_add` | `fetch_add` (Relaxed) on this thread's cache-padded stripe |
 //! | `shared_atomic_fetch_add` | `fetch_add` (Relaxed) on one `AtomicU64` that every thread hits |
 //! | `mutex_hashmap` | `Mutex<HashMap<u32, u64>>`: lock, look up this thread's key, add |

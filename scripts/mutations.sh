@@ -33,7 +33,7 @@ open-release	src/ledger/slots.rs	s/state\.store\(OPEN, Ordering::Release\)/state
 account-acquire	src/ledger/slots.rs	s/state\.load\(Ordering::Acquire\) != OPEN/state.load(Ordering::Relaxed) != OPEN/	loom	lifetime	reused_slot_racing_late_sweep	Causality violation
 claim-acquire	src/ledger/worker.rs	s/(bits \| \(1 << bit\),\s*)Ordering::Acquire,/${1}Ordering::Relaxed,/	loom	workers	worker_handoff	assertion `left == right` failed
 release-release	src/ledger/worker.rs	s/\(index % 64\)\), Ordering::Release\)/(index % 64)), Ordering::Relaxed)/	loom	workers	worker_handoff	assertion `left == right` failed
-striped-no-rmw	src/ledger/shard.rs	s/let previous = cell\s*\.fetch_update\(.*?\.unwrap_or_else\(\|value\| value\);/let previous = cell.load(Ordering::Relaxed);\n        cell.store(previous.saturating_add(amount), Ordering::Relaxed);/s	loom	adds	striped_adds_share_a_shard	assertion `left == right` failed
+striped-no-rmw	src/ledger/shard.rs	s/let previous = saturating_fetch_add\(cell, amount\);/let previous = cell.load(Ordering::Relaxed);\n        cell.store(previous.saturating_add(amount), Ordering::Relaxed);/s	loom	adds	striped_adds_share_a_shard	assertion `left == right` failed
 no-reset-on-free	src/ledger/mod.rs	s/shards\.reset\(slot\);/let _ = shards;/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
 keep-seen-on-free	src/ledger/mod.rs	s/\*seen = 0;/let _ = &seen;/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed
 free-before-collect	src/ledger/mod.rs	s/(let total = self\.take_delta\(slot as usize, true\);)(\s*)(let account = self\.shared\.slots\.free\(slot\);)/$3$2$1/	loom	lifetime	reused_slot_racing_late_sweep	assertion `left == right` failed

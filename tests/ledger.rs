@@ -61,7 +61,7 @@ fn ledger(capacity: usize) -> (Ledger, Sweeper) {
 }
 
 /// A ledger with no worker shards and `stripes` striped shards: every thread adds with
-/// `fetch_update`, threads sharing a stripe share its cells.
+/// a compare-and-swap loop, threads sharing a stripe share its cells.
 fn striped_only(stripes: usize) -> (Ledger, Sweeper) {
     Ledger::builder()
         .capacity(4)

@@ -1,5 +1,5 @@
 //! Adds racing sweeps: nothing added is lost or counted twice, on private worker shards (plain
-//! `load` + `store` by one writer), on a striped shard that two threads share (`fetch_update`),
+//! `load` + `store` by one writer), on a striped shard that two threads share (a CAS loop),
 //! and on both shards of one slot at once, which the sweeper tracks with one sum per slot.
 //!
 //! The sweeper runs on a thread spawned after the adding threads, so that loom's first schedule
@@ -123,7 +123,7 @@ fn striped_adds_share_a_shard() {
 
 /// Model 9. The sweeper's per-slot sums: one session gets adds on two shards at once, a worker
 /// shard (the registered main thread: `load` + `store`) and the striped shard (an unregistered
-/// thread: `fetch_update`), while a sweeper thread sweeps twice. Each sweep reads both cells
+/// thread: a CAS loop), while a sweeper thread sweeps twice. Each sweep reads both cells
 /// once and reports the growth of their sum; the totals over all sweeps are exact whatever each
 /// sweep saw. Exact because no cell goes back while the session holds the slot: break that (a
 /// sweep that resets the cells of an open slot, mutation `reset-open-slots`) and an add that

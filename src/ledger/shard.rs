@@ -20,8 +20,8 @@
 //! - A **worker shard** is written by the thread holding its worker index, with `load` + `store`.
 //!   There is one writer, so the load reads that writer's own last store, or, right after a
 //!   hand-over of the index, the previous owner's (ordered by the registry, see `worker.rs`).
-//! - A **striped shard** is shared by unregistered threads and takes `fetch_update`, an atomic
-//!   read-modify-write, so concurrent adds never overwrite each other.
+//! - A **striped shard** is shared by unregistered threads and takes a compare-and-swap loop, an
+//!   atomic read-modify-write, so concurrent adds never overwrite each other.
 //! - The **sweeper** reads cells while they change. Cells only grow while a session holds the
 //!   slot, and a thread's loads of one atomic never go back in its modification order, so a
 //!   stale read only postpones part of a delta to the next sweep. The final read at session end
@@ -248,12 +248,8 @@ impl Shards {
     #[cold]
     pub(super) fn record_saturation(&self, current: u64, amount: u64) {
         let lost = amount - (u64::MAX - current);
-        // Relaxed: a statistic; nothing is ordered by it.
-        let _ = self
-            .saturated
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
-                Some(total.saturating_add(lost))
-            });
+        // Relaxed (inside): a statistic; nothing is ordered by it.
+        saturating_fetch_add(&self.saturated, lost);
     }
 
     pub(super) fn saturated_amount(&self) -> u64 {
@@ -285,13 +281,7 @@ impl Shards {
         let mixed = stripe_seed().wrapping_mul(0x9E37_79B9);
         let stripe = ((u64::from(mixed) * u64::from(self.striped_shards)) >> 32) as u32;
         let cell = cursor.cell_in(self, self.worker_shards + stripe);
-        // Relaxed: an atomic RMW never loses a concurrent add whatever its ordering; the sweeper's
-        // visibility comes from elsewhere (module docs).
-        let previous = cell
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
-                Some(value.saturating_add(amount))
-            })
-            .unwrap_or_else(|value| value);
+        let previous = saturating_fetch_add(cell, amount);
         if previous.checked_add(amount).is_none() {
             self.record_saturation(previous, amount);
         }
@@ -420,4 +410,20 @@ fn saturate_exclusive<'a>(
     // Relaxed: single writer, as in `Cursor::add`.
     cell.store(u64::MAX, Ordering::Relaxed);
     shards().record_saturation(current, amount);
+}
+
+/// Adds `amount` to `cell`, saturating at `u64::MAX`, and returns the value before: a
+/// compare-and-swap loop, as std's `fetch_update` is (which newer toolchains deprecate for
+/// `try_update`, younger than this crate's MSRV).
+fn saturating_fetch_add(cell: &AtomicU64, amount: u64) -> u64 {
+    // Relaxed: an atomic read-modify-write never loses a concurrent add whatever its ordering;
+    // the sweeper's visibility comes from elsewhere (module docs).
+    let mut current = cell.load(Ordering::Relaxed);
+    loop {
+        let new = current.saturating_add(amount);
+        match cell.compare_exchange_weak(current, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(previous) => return previous,
+            Err(actual) => current = actual,
+        }
+    }
 }

@@ -5,8 +5,8 @@
 //! every ledger with more than that many worker shards, the shard at that index is written by
 //! this thread alone, with a plain `load` + `store` (no read-modify-write). Threads that are not
 //! registered, or whose index is beyond a ledger's worker shards, use the ledger's striped
-//! shards instead, with `fetch_update` (an atomic read-modify-write: a compare-and-swap loop, as
-//! the add saturates at `u64::MAX` rather than wrapping): slower, never wrong.
+//! shards instead, with a compare-and-swap loop (an atomic read-modify-write; a loop, not a
+//! `fetch_add`, as the add saturates at `u64::MAX` rather than wrapping): slower, never wrong.
 //!
 //! # Synchronization
 //!
