@@ -583,7 +583,8 @@ fn building_outside_a_runtime_is_a_typed_error() {
 /// at risk: the usual `#[tokio::main]` ends the runtime right after, and its flusher never runs.
 #[test]
 fn dropping_the_engine_without_shutdown_is_logged_as_an_error() {
-    let logs = support::logs::captured_logs();
+    // The drop logs on this thread; the global capture would also take other tests' lines.
+    let (logs, _capture) = support::logs::this_thread_logs(tracing::Level::WARN, false);
     let runtime = support::current_thread_runtime();
     let _entered = runtime.enter();
     let engine = Engine::builder()
@@ -725,15 +726,8 @@ async fn racing_set_enabled_calls_end_with_the_state_applied_last() {
 /// them apart (round number, retry, batches, keys, amount; slots swept).
 #[tokio::test]
 async fn write_rounds_and_sweeps_run_in_spans() {
-    let logs = support::logs::CapturedLogs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_writer(logs.clone())
-        .finish();
     // This runtime has one thread, so the flusher task runs where this subscriber is set.
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (logs, _capture) = support::logs::this_thread_logs(tracing::Level::INFO, true);
     let engine = Engine::builder()
         .keys(KeyScheme::new("spans"))
         .capacity(64)

@@ -33,6 +33,30 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
     }
 }
 
+/// Captures what this thread logs at `level` and above (with a line per closed span if `spans`),
+/// until the guard drops. For code that logs on the test's own thread (a current-thread runtime,
+/// a drop): the other tests of the binary, which run at the same time and log into the global
+/// subscriber, cannot mix their lines in.
+pub fn this_thread_logs(
+    level: tracing::Level,
+    spans: bool,
+) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let logs = CapturedLogs::default();
+    let span_events = if spans {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_span_events(span_events)
+        .with_writer(logs.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    (logs, guard)
+}
+
 /// Installs (once) a global subscriber that keeps what is logged, fred's `log` records included.
 pub fn captured_logs() -> &'static CapturedLogs {
     static LOGS: OnceLock<CapturedLogs> = OnceLock::new();
