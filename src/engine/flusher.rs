@@ -24,7 +24,7 @@
 //! misconfigured sink waits the longest step at once); amounts swept meanwhile wait, merged per
 //! key, for the next round. See `pending.rs` for why memory stays bounded.
 
-use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry};
+use super::accounts::{AccountBook, AccountState, Budgets, ReadRequest, Registry, LOCATE_AHEAD};
 use super::backoff::{Backoff, FailureLog};
 use super::keys::KeyScheme;
 use super::metrics;
@@ -526,12 +526,23 @@ impl<S: Sink> Flusher<S> {
             let usage: &Usage = records.get(at)?;
             book.locate(&usage.account, &span)
         };
+        let prefetch_locate = |book: &AccountBook, at: usize| {
+            if let Some(usage) = records.get(at) {
+                book.prefetch_locate(&usage.account, &span);
+            }
+        };
         // Each record's account is located one record ahead, while the record before it is
         // counted: the loads `locate` starts (the account's view, its key) overlap with that work.
-        let mut next_located = if self.enabled { locate(book, 0) } else { None };
+        // What `locate` reads first is asked for `LOCATE_AHEAD` records ahead.
+        let mut next_located = None;
+        if self.enabled {
+            (0..LOCATE_AHEAD).for_each(|at| prefetch_locate(book, at));
+            next_located = locate(book, 0);
+        }
         for (at, usage) in records.iter().enumerate() {
             swept += u128::from(usage.amount);
             if self.enabled {
+                prefetch_locate(book, at + LOCATE_AHEAD);
                 let located = std::mem::replace(&mut next_located, locate(book, at + 1));
                 // A tracked account's key is built once per bucket and shared; others' (an
                 // account forgotten since, a sweep closing the previous bucket) now.
