@@ -107,24 +107,34 @@ impl NameIndex {
 mod tests {
     use super::*;
 
-    #[test]
-    fn finds_inserted_names_and_forgets_removed_ones() {
-        let names: Vec<String> = (0..10_000).map(|i| format!("uid-{i}")).collect();
-        let name_at = |index: usize| names.get(index).map(String::as_str);
-        let mut index = NameIndex::new(4);
+    /// `count` names `uid-<i>`, each indexed at `i` in an index of `1 << bits` shards.
+    fn indexed(count: usize, bits: u32) -> (Vec<String>, NameIndex) {
+        let names: Vec<String> = (0..count).map(|i| format!("uid-{i}")).collect();
+        let mut index = NameIndex::new(bits);
         for (i, name) in names.iter().enumerate() {
             index.insert(name, i);
         }
+        (names, index)
+    }
+
+    /// The name at an index, as the book gives it to [`NameIndex::find`].
+    fn name_at<'a>(names: &'a [String]) -> impl Fn(usize) -> Option<&'a str> {
+        |index| names.get(index).map(String::as_str)
+    }
+
+    #[test]
+    fn finds_inserted_names_and_forgets_removed_ones() {
+        let (names, mut index) = indexed(10_000, 4);
         assert_eq!(index.len(), 10_000);
         assert_eq!(index.shards_used(), 16, "names spread over every shard");
-        assert_eq!(index.find("uid-4321", name_at), Some(4321));
-        assert_eq!(index.find("uid-10000", name_at), None);
+        assert_eq!(index.find("uid-4321", name_at(&names)), Some(4321));
+        assert_eq!(index.find("uid-10000", name_at(&names)), None);
         for (i, name) in names.iter().enumerate().step_by(2) {
             index.remove(name, i);
         }
         assert_eq!(index.len(), 5_000);
-        assert_eq!(index.find("uid-4320", name_at), None);
-        assert_eq!(index.find("uid-4321", name_at), Some(4321));
+        assert_eq!(index.find("uid-4320", name_at(&names)), None);
+        assert_eq!(index.find("uid-4321", name_at(&names)), Some(4321));
     }
 
     #[test]
@@ -154,35 +164,25 @@ mod tests {
     fn asking_ahead_changes_no_answer() {
         // Present names, absent ones, and two entries with one hash: a prefetch finds nothing
         // and changes nothing.
-        let names: Vec<String> = (0..1_000).map(|i| format!("uid-{i}")).collect();
-        let name_at = |index: usize| names.get(index).map(String::as_str);
-        let mut index = NameIndex::new(2);
-        for (i, name) in names.iter().enumerate() {
-            index.insert(name, i);
-        }
+        let (names, mut index) = indexed(1_000, 2);
         let (hash, shard) = index.locate("uid-7");
         index.shards[shard].insert_unique(hash, Named { hash, index: 999 }, |named| named.hash);
         for name in ["uid-7", "uid-500", "uid-1000", ""] {
             index.prefetch(name);
         }
         assert_eq!(index.len(), 1_001);
-        assert_eq!(index.find("uid-7", name_at), Some(7));
-        assert_eq!(index.find("uid-500", name_at), Some(500));
-        assert_eq!(index.find("uid-1000", name_at), None);
+        assert_eq!(index.find("uid-7", name_at(&names)), Some(7));
+        assert_eq!(index.find("uid-500", name_at(&names)), Some(500));
+        assert_eq!(index.find("uid-1000", name_at(&names)), None);
     }
 
     #[test]
     fn a_growing_shard_keeps_every_name() {
-        // One shard, so that it grows many times; every name is still found after.
-        let names: Vec<String> = (0..50_000).map(|i| i.to_string()).collect();
-        let name_at = |index: usize| names.get(index).map(String::as_str);
-        let mut index = NameIndex::new(1);
-        for (i, name) in names.iter().enumerate() {
-            index.insert(name, i);
-        }
+        // Two shards, so that each grows many times; every name is still found after.
+        let (names, index) = indexed(50_000, 1);
         assert!(names
             .iter()
             .enumerate()
-            .all(|(i, name)| index.find(name, name_at) == Some(i)));
+            .all(|(i, name)| index.find(name, name_at(&names)) == Some(i)));
     }
 }
