@@ -584,7 +584,8 @@ fn building_outside_a_runtime_is_a_typed_error() {
 #[test]
 fn dropping_the_engine_without_shutdown_is_logged_as_an_error() {
     // The drop logs on this thread; the global capture would also take other tests' lines.
-    let (logs, _capture) = support::logs::this_thread_logs(tracing::Level::WARN, false);
+    let (logs, _capture) =
+        support::logs::this_thread_logs(tracing::Level::WARN, support::logs::FmtSpan::NONE);
     let runtime = support::current_thread_runtime();
     let _entered = runtime.enter();
     let engine = Engine::builder()
@@ -727,7 +728,8 @@ async fn racing_set_enabled_calls_end_with_the_state_applied_last() {
 #[tokio::test]
 async fn write_rounds_and_sweeps_run_in_spans() {
     // This runtime has one thread, so the flusher task runs where this subscriber is set.
-    let (logs, _capture) = support::logs::this_thread_logs(tracing::Level::INFO, true);
+    let (logs, _capture) =
+        support::logs::this_thread_logs(tracing::Level::INFO, support::logs::FmtSpan::CLOSE);
     let engine = Engine::builder()
         .keys(KeyScheme::new("spans"))
         .capacity(64)

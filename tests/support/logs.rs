@@ -1,6 +1,7 @@
 //! Capturing what the code under test logs, to check that an operator would see it.
 
 use std::sync::{Arc, Mutex, OnceLock};
+pub use tracing_subscriber::fmt::format::FmtSpan;
 
 /// Everything logged at `WARN` and above in this test binary, once [`captured_logs`] installed
 /// the subscriber.
@@ -33,24 +34,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
     }
 }
 
-/// Captures what this thread logs at `level` and above (with a line per closed span if `spans`),
-/// until the guard drops. For code that logs on the test's own thread (a current-thread runtime,
-/// a drop): the other tests of the binary, which run at the same time and log into the global
-/// subscriber, cannot mix their lines in.
+/// Captures what this thread logs at `level` and above, with the span events `spans` asks for
+/// (`FmtSpan::CLOSE`: a line per closed span), until the guard drops. For code that logs on the
+/// test's own thread (a current-thread runtime, a drop): the other tests of the binary, which run
+/// at the same time and log into the global subscriber, cannot mix their lines in.
 pub fn this_thread_logs(
     level: tracing::Level,
-    spans: bool,
+    spans: FmtSpan,
 ) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
     let logs = CapturedLogs::default();
-    let span_events = if spans {
-        tracing_subscriber::fmt::format::FmtSpan::CLOSE
-    } else {
-        tracing_subscriber::fmt::format::FmtSpan::NONE
-    };
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_ansi(false)
-        .with_span_events(span_events)
+        .with_span_events(spans)
         .with_writer(logs.clone())
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
