@@ -295,8 +295,9 @@ impl Session {
     ///
     /// On a registered worker thread this is a `Relaxed` atomic load and store of a cell only
     /// this thread writes: no locked instruction, no read-modify-write, 10 instructions once
-    /// inlined (`scripts/hot-path-guard.sh` holds it to its budget). Elsewhere it is an atomic read-modify-write (a compare-and-swap loop) on a striped cell. A session's total in
-    /// one shard stops at `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
+    /// inlined (`scripts/hot-path-guard.sh` holds it to its budget). Elsewhere it is an atomic
+    /// read-modify-write (a compare-and-swap loop) on a striped cell. A session's total in one
+    /// shard stops at `u64::MAX`; the excess is counted in [`Ledger::saturated_amount`].
     ///
     /// # Not async-signal-safe
     ///
