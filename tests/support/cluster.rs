@@ -97,6 +97,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts six servers, creates the cluster and waits until it is healthy.
     pub fn start() -> Self {
+        super::orphans::reap_once();
         let turn = Turn::take();
         let dir = std::env::temp_dir().join(format!("shardmeter-cluster-{}", unique_suffix()));
         let mut cluster = Self {

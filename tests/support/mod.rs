@@ -3,7 +3,8 @@
 //! Include it from a test file with `mod support;`. It provides:
 //!
 //! - [`RedisServer`]: a `redis-server` process of the test's own, on a free port, in a
-//!   temporary directory, killed and removed on drop. For tests that kill, restart or pause
+//!   temporary directory, killed and removed on drop (or, if the process ends without unwinding,
+//!   by the next test process: [`orphans`]). For tests that kill, restart or pause
 //!   Redis, need `requirepass`, or count commands with `INFO commandstats`.
 //! - [`shared_redis`]: the machine's shared Redis on 127.0.0.1:6379, for tests that only read
 //!   and write their own keys. Other tests use it concurrently: put every key under a
@@ -27,6 +28,7 @@ mod redis_process;
 pub mod cluster;
 pub mod load;
 pub mod logs;
+pub mod orphans;
 pub mod rng;
 pub mod wait;
 
@@ -210,6 +212,7 @@ impl RedisServer {
     }
 
     fn try_start(port: u16, args: &[&str]) -> Result<Self, String> {
+        orphans::reap_once();
         let dir = std::env::temp_dir().join(format!("shardmeter-redis-{}", unique_suffix()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
