@@ -1,13 +1,14 @@
-//! What the ledger costs in memory, from the allocator: bytes per slot and per open session,
-//! checked byte for byte against the formulas `docs/operations.md` states, and printed with
+//! What the ledger costs in memory, from the allocator: bytes per slot and per open session (none
+//! for a session that shares its caller's id), checked byte for byte against the formulas `docs/operations.md` states, and printed with
 //! `cargo test --test ledger_memory -- --nocapture`.
 //!
 //! A counting global allocator adds up, per thread, the bytes this thread allocates minus those
 //! it frees while counting is on, so the test harness's other threads do not disturb a figure.
 
-use shardmeter::ledger::{Ledger, Session, Sweeper};
+use shardmeter::ledger::{Account, Ledger, Session, Sweeper};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::Arc;
 
 struct CountingAllocator;
 
@@ -173,6 +174,36 @@ fn an_open_session_costs_one_allocation_of_the_stated_size() {
     let (ended, bytes, _) = measure(|| sweeper.collect_ended(&mut usage));
     assert_eq!(ended, SESSIONS);
     assert_eq!(bytes, -bytes_per_session(28) * SESSIONS as i64);
+}
+
+#[test]
+fn a_session_opened_with_a_shared_id_allocates_nothing_and_its_usage_names_that_id() {
+    const SESSIONS: usize = 1_000;
+    let id: Account = format!("{:0>28}", 42).into();
+    let (ledger, mut sweeper) = build(SESSIONS, Some((2, 2)));
+    let mut sessions: Vec<Session> = Vec::with_capacity(SESSIONS);
+    let ((), bytes, calls) = measure(|| {
+        for _ in 0..SESSIONS {
+            sessions.push(ledger.open_session_shared(id.clone()).unwrap());
+        }
+    });
+    assert_eq!((bytes, calls), (0, 0), "no allocation");
+    assert_eq!(
+        Arc::strong_count(&id),
+        SESSIONS + 1,
+        "every slot holds the id"
+    );
+    sessions.iter().for_each(|session| session.add(1));
+    sessions.clear();
+    let mut usage = Vec::new();
+    assert_eq!(sweeper.collect_ended(&mut usage), SESSIONS);
+    assert!(usage.iter().all(|record| Arc::ptr_eq(&record.account, &id)));
+    assert_eq!(
+        usage.iter().map(|record| record.amount).sum::<u64>(),
+        SESSIONS as u64
+    );
+    drop(usage);
+    assert_eq!(Arc::strong_count(&id), 1, "the slots gave the id back");
 }
 
 /// The calling thread's minor page faults so far: field 10 of `/proc/thread-self/stat`, counted

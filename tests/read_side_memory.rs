@@ -4,7 +4,8 @@
 //! - bytes per tracked account: live heap after opening sessions of many new accounts through
 //!   the engine, minus the same number of bare ledger sessions — the figure `docs/operations.md`
 //!   states;
-//! - the per-chunk checks (`Session::is_exhausted`, `Session::add`) never allocate.
+//! - a second session of a tracked account allocates nothing, and the per-chunk checks
+//!   (`Session::is_exhausted`, `Session::add`) never allocate.
 //!
 //! A current-thread runtime runs the flusher only inside `block_on`, so measurements outside it
 //! see this thread alone.
@@ -73,7 +74,8 @@ fn the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_
     let runtime = support::current_thread_runtime();
     let _entered = runtime.enter();
     let engine = Engine::builder()
-        .capacity(ACCOUNTS)
+        // One more: a second session of one account.
+        .capacity(ACCOUNTS + 1)
         .flush_interval(Duration::from_secs(3600))
         .keys(KeyScheme::daily_utc("fair_use:dg_budget"))
         .budgets(Budgets::per_bucket(1_800_000))
@@ -111,6 +113,16 @@ fn the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_
         (1..=MAX_BYTES_PER_ACCOUNT).contains(&per_account),
         "{per_account} B per tracked account"
     );
+
+    // Its slot shares the id its account's state holds.
+    let calls = CALLS.load(Ordering::Relaxed);
+    let second = engine.open_session(&ids[0]).unwrap();
+    assert_eq!(
+        CALLS.load(Ordering::Relaxed),
+        calls,
+        "a second session of a tracked account allocates nothing"
+    );
+    drop(second);
 
     let session = &sessions[ACCOUNTS / 2];
     let calls = CALLS.load(Ordering::Relaxed);

@@ -355,18 +355,27 @@ impl Registry {
         (registry, announced)
     }
 
-    /// The state of `account`, created and announced to the flusher if it has none.
-    pub(crate) fn open(&self, account: &str) -> Arc<AccountState> {
+    /// `open` run with `account`'s id as the registry holds it, then the account's state; a
+    /// state is created (and announced to the flusher) for an account that has none, unless
+    /// `open` fails. The engine opens the ledger's slot in `open`, under the shard's lock: the
+    /// slot shares the state's allocation of the id, so a session allocates nothing of its own
+    /// and the sweeper's records name the allocation the flusher's index compares first.
+    pub(crate) fn open<T, E>(
+        &self,
+        account: &str,
+        open: impl FnOnce(Account) -> Result<T, E>,
+    ) -> Result<(T, Arc<AccountState>), E> {
         let mut shard = self.shard(account);
         if let Some(state) = shard.get(account) {
-            return state.clone();
+            return Ok((open(state.account.clone())?, state.clone()));
         }
         let account: Account = account.into();
+        let opened = open(account.clone())?;
         let state = Arc::new(AccountState::new(account.clone()));
         shard.insert(account, state.clone());
         // Err: the flusher has stopped (shutdown); the state then simply stays at zero.
         let _ = self.announce.send(state.clone());
-        state
+        Ok((opened, state))
     }
 
     pub(crate) fn get(&self, account: &str) -> Option<Arc<AccountState>> {
@@ -865,12 +874,40 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
+    /// `account`'s state, as a session's opening finds or creates it (no ledger here).
+    fn open(registry: &Registry, account: &str) -> Arc<AccountState> {
+        let opened = registry.open(account, |_| Ok::<_, std::convert::Infallible>(()));
+        let Ok(((), state)) = opened;
+        state
+    }
+
     fn setup(budgets: Budgets) -> (Registry, AccountBook, Arc<AccountState>) {
         let (registry, mut announced) = Registry::new();
         let mut book = AccountBook::new(KeyScheme::daily_utc("b"), budgets, at(NOON));
-        let state = registry.open("u");
+        let state = open(&registry, "u");
         book.track(announced.try_recv().expect("announced"));
         (registry, book, state)
+    }
+
+    #[test]
+    fn an_opening_shares_the_state_s_id_and_one_that_fails_creates_nothing() {
+        let (registry, mut announced) = Registry::new();
+        let failed = registry.open("u", |_| Err::<(), _>("full"));
+        assert_eq!(failed.err(), Some("full"));
+        assert!(registry.get("u").is_none(), "no state");
+        assert!(announced.try_recv().is_err(), "nothing announced");
+
+        let (id, state) = registry.open("u", Ok::<_, ()>).unwrap();
+        assert!(
+            Arc::ptr_eq(&id, &state.account),
+            "the state's own allocation"
+        );
+        let (again, _) = registry.open("u", Ok::<_, ()>).unwrap();
+        assert!(
+            Arc::ptr_eq(&again, &state.account),
+            "a second session's too"
+        );
+        assert!(announced.try_recv().is_ok() && announced.try_recv().is_err());
     }
 
     #[test]
@@ -1000,7 +1037,7 @@ mod tests {
         let (registry, mut announced) = Registry::new();
         let mut book = AccountBook::new(KeyScheme::daily_utc("b"), Budgets::unlimited(), at(NOON));
         let states: Vec<_> = (0..1_000)
-            .map(|i| registry.open(&format!("u{i}")))
+            .map(|i| open(&registry, &format!("u{i}")))
             .collect();
         while let Ok(state) = announced.try_recv() {
             book.track(state);
@@ -1039,7 +1076,7 @@ mod tests {
         let mut book =
             AccountBook::new(KeyScheme::daily_utc("b"), Budgets::per_bucket(10), at(NOON));
         let states: Vec<_> = (0..1_000)
-            .map(|i| registry.open(&format!("u{i}")))
+            .map(|i| open(&registry, &format!("u{i}")))
             .collect();
         while let Ok(state) = announced.try_recv() {
             book.track(state);
@@ -1054,7 +1091,7 @@ mod tests {
             .iter()
             .all(|state| state.status().unwrap().limit == 20));
         // An account tracked after the change gets the new limit at once.
-        let late = registry.open("late");
+        let late = open(&registry, "late");
         book.track(announced.try_recv().unwrap());
         assert_eq!(late.status().unwrap().limit, 20);
         assert!(!book.apply_budgets(256), "nothing left to apply");

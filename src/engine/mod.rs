@@ -188,8 +188,12 @@ impl Engine {
         if self.shared.shut_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShutDown);
         }
-        let session = self.shared.ledger.open_session(account)?;
-        Ok(Session::new(session, self.shared.registry.open(account)))
+        let ledger = &self.shared.ledger;
+        let (session, state) = self
+            .shared
+            .registry
+            .open(account, |account| ledger.open_session_shared(account))?;
+        Ok(Session::new(session, state))
     }
 
     /// Charges `amount` to `account` once, without a session (an offline upload): flushed like

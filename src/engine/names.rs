@@ -46,7 +46,9 @@ impl NameIndex {
     }
 
     /// The index of the account named `name`; `name_at` gives the name at an index, to tell
-    /// apart names whose hashes are equal.
+    /// apart names whose hashes are equal. Names are compared by address first: a swept record
+    /// names its account with the allocation the book's entry holds (the registry's, which the
+    /// session's slot shares), and then no text is read.
     pub(crate) fn find<'a>(
         &self,
         name: &str,
@@ -55,7 +57,8 @@ impl NameIndex {
         let (hash, shard) = self.locate(name);
         self.shards[shard]
             .find(hash, |named| {
-                named.hash == hash && name_at(named.index) == Some(name)
+                named.hash == hash
+                    && name_at(named.index).is_some_and(|at| std::ptr::eq(at, name) || at == name)
             })
             .map(|named| named.index)
     }

@@ -135,7 +135,19 @@ impl Ledger {
     /// [`LedgerError::AccountTooLong`] for an id longer than [`MAX_ACCOUNT_BYTES`] bytes.
     pub fn open_session(&self, account: &str) -> Result<Session, LedgerError> {
         validate_account(account)?;
-        let account: Account = account.into();
+        self.open_slot(account.into())
+    }
+
+    /// Opens a session for an id the caller already holds as an [`Account`]: the slot shares
+    /// that allocation (allocates nothing), and the sweeper's [`Usage`] records name the same one,
+    /// so a caller that keeps its own index of accounts can match them by address. Fails as
+    /// [`Ledger::open_session`] does.
+    pub fn open_session_shared(&self, account: Account) -> Result<Session, LedgerError> {
+        validate_account(&account)?;
+        self.open_slot(account)
+    }
+
+    fn open_slot(&self, account: Account) -> Result<Session, LedgerError> {
         let slot =
             self.shared
                 .slots
