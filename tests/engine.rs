@@ -568,6 +568,12 @@ async fn bad_configuration_is_a_typed_error() {
         engine.open_session(""),
         Err(EngineError::Ledger(shardmeter::LedgerError::EmptyAccount))
     ));
+    let too_long = "x".repeat(shardmeter::ledger::MAX_ACCOUNT_BYTES + 1);
+    assert!(matches!(
+        engine.open_session(&too_long),
+        Err(EngineError::Ledger(shardmeter::LedgerError::AccountTooLong { len, max }))
+            if len == too_long.len() && max == shardmeter::ledger::MAX_ACCOUNT_BYTES
+    ));
 }
 
 #[test]

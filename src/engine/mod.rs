@@ -48,7 +48,7 @@ pub use pending::Rejection;
 pub use session::Session;
 pub use stats::StatsSnapshot;
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{validate_account, Ledger, LedgerError};
 use crate::sink::{Batch, Sink, SinkError};
 use accounts::Registry;
 use flusher::{validate_flush_interval, Command, Flusher, FlusherConfig, Inbox};
@@ -188,6 +188,8 @@ impl Engine {
         if self.shared.shut_down.load(Ordering::Relaxed) {
             return Err(EngineError::ShutDown);
         }
+        // Before the registry hashes the id or copies it: a rejected id costs nothing.
+        validate_account(account)?;
         let ledger = &self.shared.ledger;
         let (session, state) = self
             .shared

@@ -183,7 +183,8 @@ impl Ledger {
     }
 }
 
-fn validate_account(account: &str) -> Result<(), LedgerError> {
+/// Whether the ledger takes `account` as an id: not empty, at most [`MAX_ACCOUNT_BYTES`] bytes.
+pub(crate) fn validate_account(account: &str) -> Result<(), LedgerError> {
     if account.is_empty() {
         return Err(LedgerError::EmptyAccount);
     }
