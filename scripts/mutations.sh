@@ -52,6 +52,7 @@ seqlock-relaxed-begin	src/seqlock.rs	s/let before = self\.sequence\.load\(Orderi
 seqlock-relaxed-end	src/seqlock.rs	s/\.store\(sequence\.wrapping_add\(2\), Ordering::Release\)/.store(sequence.wrapping_add(2), Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 orphans-left-running	tests/support/orphans.rs	s/\.args\(\["-KILL",/.args(["-0",/	test	fixture	a_server_left_behind_is_killed_by_the_next_test_process	still runs
 engine-session-copies-id	src/engine/mod.rs	s/ledger\.open_session_shared\(account\)/ledger.open_session(\&account)/	test	read_side_memory	the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_allocate	a second session of a tracked account allocates nothing
+state-before-slot	src/engine/accounts.rs	s/let opened = open\(account\.clone\(\)\)\?;/let opened = open(account.clone());/; s/Ok\(\(opened, state\)\)/Ok((opened?, state))/	unit	-	engine::accounts::tests::an_opening_shares_the_state_s_id_and_one_that_fails_creates_nothing	no state
 wake-never	src/engine/accounts.rs	s/        if woken \{/        if false {/	test	budgets	exhaustion_is_at_exactly_the_limit_as_the_deployments_reader_sees_it	panicked|timed out|Elapsed
 wake-not-on-sync	src/engine/accounts.rs	s/\n\s*\|\| \(synced && !self\.synced\.load\(Ordering::Relaxed\)\)//	test	budgets	a_session_opens_while_redis_is_down_and_fails_open	the failed read settles
 lua-no-acl-check	src/sink/redis_apply.lua	s/^if redis\.acl_check_cmd then/if false then/m	test	redis_sink	an_acl_forbidding_a_command_of_the_script_refuses_the_whole_call	was written

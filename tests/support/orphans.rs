@@ -13,7 +13,7 @@
 //! its title over its command line, so the directory is read from `/proc/<pid>/cwd`.) A pid that
 //! another process took since hides that owner's orphans until that process ends too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
 
@@ -67,11 +67,10 @@ pub fn reap() -> Vec<u32> {
 /// The pid in the name of the fixture's directory that `dir` is (or, for a cluster's node, is
 /// in) under `temp`. A deleted directory reads as `<path> (deleted)`: the name still begins so.
 pub fn owner_of(dir: &Path, temp: &Path) -> Option<u32> {
-    let fixture_dir: PathBuf = [Some(dir), dir.parent()]
+    let fixture_dir = [Some(dir), dir.parent()]
         .into_iter()
         .flatten()
-        .find(|candidate| candidate.parent() == Some(temp))?
-        .to_path_buf();
+        .find(|candidate| candidate.parent() == Some(temp))?;
     let name = fixture_dir.file_name()?.to_str()?;
     let rest = DIR_PREFIXES
         .iter()
