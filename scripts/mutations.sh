@@ -50,7 +50,7 @@ seqlock-no-writer-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Release\);//	loom
 seqlock-no-reader-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Acquire\);//	loom	seqlock	seqlock_reads_whole_publications	torn read
 seqlock-relaxed-begin	src/seqlock.rs	s/let before = self\.sequence\.load\(Ordering::Acquire\)/let before = self.sequence.load(Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 seqlock-relaxed-end	src/seqlock.rs	s/\.store\(sequence\.wrapping_add\(2\), Ordering::Release\)/.store(sequence.wrapping_add(2), Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
-orphans-left-running	tests/support/orphans.rs	s/\.args\(\["-KILL",/.args(["-0",/	test	fixture	a_server_left_behind_is_killed_by_the_next_test_process	still runs
+orphans-left-running	src/bin/shardmeter-sim/orphans.rs	s/\.args\(\["-KILL",/.args(["-0",/	test	fixture	a_server_left_behind_is_killed_by_the_next_test_process	still runs
 engine-session-copies-id	src/engine/mod.rs	s/ledger\.open_session_shared\(account\)/ledger.open_session(\&account)/	test	read_side_memory	the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_allocate	a second session of a tracked account allocates nothing
 state-before-slot	src/engine/accounts.rs	s/let opened = open\(account\.clone\(\)\)\?;/let opened = open(account.clone());/; s/Ok\(\(opened, state\)\)/Ok((opened?, state))/	unit	-	engine::accounts::tests::an_opening_shares_the_state_s_id_and_one_that_fails_creates_nothing	no state
 wake-never	src/engine/accounts.rs	s/        if woken \{/        if false {/	test	budgets	exhaustion_is_at_exactly_the_limit_as_the_deployments_reader_sees_it	panicked|timed out|Elapsed

@@ -5,7 +5,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::orphans;
+use support::orphans::{self, is_running};
 
 /// Run by `a_server_left_behind_is_killed_by_the_next_test_process` in a process of its own:
 /// starts a server and ends the process without dropping it, as `process::exit` or an abort
@@ -68,12 +68,4 @@ fn a_directory_names_its_owner() {
     assert_eq!(owner("/var/lib/redis"), None);
     assert_eq!(owner("/tmp/elsewhere/shardmeter-redis-1-2-3"), None);
     assert_eq!(owner("/tmp/shardmeter-redis-x-2-3"), None);
-}
-
-/// Whether `pid` runs: exists and is not a zombie (an orphan's new parent may reap it late).
-fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }

@@ -5,8 +5,12 @@
 //! The assertions are on counts — chunks, milliseconds, Redis' own command counters — never on
 //! how long anything took.
 
+mod support;
+
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::orphans::{self, is_running};
 
 const SIM: &str = env!("CARGO_BIN_EXE_shardmeter-sim");
 
@@ -208,4 +212,56 @@ fn bad_requests_fail_with_a_message() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert!(!output.stderr.is_empty(), "{args:?}: no message");
     }
+}
+
+/// A sim that is killed (it drops nothing) leaves its private server running; the next process
+/// that starts a server, sim or test, kills it.
+#[test]
+fn the_server_a_killed_sim_left_behind_is_killed_by_the_next_process() {
+    let mut sim = Command::new(SIM)
+        .args([
+            "--mode",
+            "shardmeter",
+            "--sessions",
+            "1",
+            "--seconds",
+            "600",
+        ])
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_SERVER_BIN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run shardmeter-sim");
+    let owner = sim.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        if let Some(server) = orphans::servers().find(|server| server.owner == owner) {
+            break server;
+        }
+        assert!(Instant::now() < deadline, "the sim started no server");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    sim.kill().expect("kill the sim");
+    sim.wait().expect("the sim's status");
+    assert!(is_running(server.pid), "its server outlives the sim");
+    // Another test of this process may start a server, and so reap, first: whoever kills it.
+    orphans::reap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_running(server.pid) {
+        assert!(Instant::now() < deadline, "{} still runs", server.pid);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dir = std::env::temp_dir().join(format!("shardmeter-redis-{owner}-sim-"));
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("the temporary directory")
+        .flatten()
+        .filter(|entry| {
+            entry
+                .path()
+                .to_string_lossy()
+                .starts_with(&*dir.to_string_lossy())
+        })
+        .collect();
+    assert!(left.is_empty(), "not removed: {left:?}");
 }

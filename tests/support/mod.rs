@@ -22,13 +22,14 @@
 // Each test crate compiles this module privately and uses part of it.
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "../../src/bin/shardmeter-sim/orphans.rs"]
+pub mod orphans;
 #[path = "../../src/bin/shardmeter-sim/redis_process.rs"]
 mod redis_process;
 
 pub mod cluster;
 pub mod load;
 pub mod logs;
-pub mod orphans;
 pub mod rng;
 pub mod wait;
 

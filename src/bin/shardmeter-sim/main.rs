@@ -10,12 +10,13 @@
 //! from `PATH`. See `docs/sim.md`.
 //!
 //! Modules, each using only those listed before it: `redis_process` (a private server, `INFO`
-//! parsing), `redis` (the sim's own Redis client and command counts), `load` (the driver tasks),
-//! `modes` (one measured run of a mode), `report` (the JSON figures and the table drawn from
-//! them).
+//! parsing), `orphans` (servers that killed sims and tests left behind), `redis` (the sim's own
+//! Redis client and command counts), `load` (the driver tasks), `modes` (one measured run of a
+//! mode), `report` (the JSON figures and the table drawn from them).
 
 mod load;
 mod modes;
+mod orphans;
 mod redis;
 mod redis_process;
 mod report;

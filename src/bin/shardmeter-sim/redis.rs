@@ -11,9 +11,11 @@
 //! `INCRBY`, `EXPIRE`, …) is taken as script-internal: true when only the sim writes to this
 //! Redis, as with the private server. The sim's own `INFO` calls are subtracted from both.
 
+use crate::orphans;
 use crate::redis_process::{self, CommandStats};
 use fred::prelude::*;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::Duration;
 
@@ -28,26 +30,46 @@ const CLIENT_ONLY: &[&str] = &[
 ];
 
 /// A `redis-server` started for this run (127.0.0.1, a free port, nothing on disk); killed and
-/// reaped when dropped.
+/// reaped when dropped. It works in `<temp>/shardmeter-redis-<pid>-sim-<port>`, named after
+/// this process, so that if the sim is killed (and drops nothing) the next sim or test process
+/// kills the server it left behind (`orphans.rs`).
 #[derive(Debug)]
 pub(crate) struct PrivateRedis {
     child: Child,
     port: u16,
+    dir: PathBuf,
 }
 
 impl PrivateRedis {
-    /// Starts one from `REDIS_SERVER_BIN` or `PATH`. Retries with a new port if the one picked
-    /// was taken in the meantime.
+    /// Starts one from `REDIS_SERVER_BIN` or `PATH`, after killing the servers that ended
+    /// processes left behind. Retries with a new port if the one picked was taken in the
+    /// meantime.
     pub(crate) fn start() -> Result<Self, String> {
         let binary = redis_process::binary().ok_or(
             "no redis-server on PATH: install Redis, set REDIS_SERVER_BIN, or pass --redis URL",
         )?;
+        orphans::reap_once();
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = redis_process::free_port().map_err(|e| format!("no free port: {e}"))?;
-            match redis_process::spawn(&binary, port, &["--protected-mode".into(), "yes".into()]) {
-                Ok(child) => return Ok(Self { child, port }),
-                Err(error) => last_error = error,
+            let dir = std::env::temp_dir().join(format!(
+                "shardmeter-redis-{}-sim-{port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let args = [
+                "--dir".into(),
+                dir.to_string_lossy().into_owned(),
+                "--protected-mode".into(),
+                "yes".into(),
+            ];
+            match redis_process::spawn(&binary, port, &args) {
+                Ok(child) => return Ok(Self { child, port, dir }),
+                Err(error) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    last_error = error;
+                }
             }
         }
         Err(last_error)
@@ -62,6 +84,7 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
