@@ -13,6 +13,7 @@
 //! reply channel itself. (The next write task is ordered after the last one's stores by the
 //! task's completion, which the flusher awaited.)
 
+use crate::sink::within_poll;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -266,7 +267,8 @@ impl<F: Future> Future for PollTimed<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let started = Instant::now();
         let cpu_started = thread_cpu_time();
-        let output = self.inner.as_mut().poll(cx);
+        // The loops the poll runs share one slice budget, from its start.
+        let output = within_poll(started, || self.inner.as_mut().poll(cx));
         // The CPU span nests inside the wall-clock span (read last at the start, first at the
         // end), so a poll's CPU time never exceeds its wall-clock time.
         let cpu_ended = thread_cpu_time();
@@ -360,5 +362,18 @@ mod tests {
             "the read task's"
         );
         assert!(snapshot.longest_flusher_poll_micros >= snapshot.longest_flusher_poll_cpu_micros);
+    }
+
+    #[test]
+    fn the_loops_of_one_poll_share_its_slice_budget() {
+        let stats = Arc::new(Stats::default());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // A loop that begins after the poll ran its budget yields at its first pause.
+        let late_loop = std::future::poll_fn(|_| {
+            std::thread::sleep(crate::sink::SLICE_BUDGET);
+            Poll::Ready(crate::sink::Slicer::new().spent())
+        });
+        let mut poll = PollTimed::new(late_loop, stats, Task::Flusher);
+        assert_eq!(Pin::new(&mut poll).poll(&mut cx), Poll::Ready(true));
     }
 }

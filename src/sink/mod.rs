@@ -42,11 +42,33 @@ use std::time::{Duration, Instant};
 pub(crate) const SLICE_BUDGET: Duration = Duration::from_micros(300);
 
 /// Yields to the runtime between steps of a long loop once [`SLICE_BUDGET`] has passed since
-/// the last yield (or since the loop began). Wall-clock time: a thread the OS paused meanwhile
+/// the current poll of the task began, where that task's polls are marked ([`within_poll`]: the
+/// engine's tasks), else since the loop's last yield (or its beginning). Counting from the poll's
+/// start, the loops one poll runs one after another share one budget: with a budget each, a
+/// poll that ran the end of one sweep and the beginning of the next (two `flush_now`s at once)
+/// took 1.1 ms of CPU (`docs/benchmarks.md`). Wall-clock time: a thread the OS paused meanwhile
 /// yields sooner, never later.
 #[derive(Debug)]
 pub(crate) struct Slicer {
     since: Instant,
+}
+
+std::thread_local! {
+    /// When the marked poll running on this thread began, if one is.
+    static POLL_STARTED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `poll` (one poll of a task) marked as begun at `started`: the [`Slicer`]s it runs count
+/// their budget from then. The mark is undone afterwards, also if `poll` panics.
+pub(crate) fn within_poll<R>(started: Instant, poll: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            POLL_STARTED.set(self.0);
+        }
+    }
+    let _restore = Restore(POLL_STARTED.replace(Some(started)));
+    poll()
 }
 
 impl Slicer {
@@ -58,7 +80,8 @@ impl Slicer {
 
     /// Whether the budget is spent: for a loop that ends its turn rather than awaits a yield.
     pub(crate) fn spent(&self) -> bool {
-        self.since.elapsed() >= SLICE_BUDGET
+        let since = POLL_STARTED.get().unwrap_or(self.since);
+        since.elapsed() >= SLICE_BUDGET
     }
 
     /// Called between two steps: yields if the budget is spent.
@@ -189,5 +212,31 @@ pub trait Sink: Send + Sync + 'static {
     /// Commands sent to the target so far, for sinks that speak a wire protocol (0 otherwise).
     fn commands_sent(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slicer_counts_its_budget_from_the_start_of_a_marked_poll() {
+        let long_ago = Instant::now() - 2 * SLICE_BUDGET;
+        // A loop that begins late in a poll has only what is left of the poll's budget.
+        assert!(within_poll(long_ago, || Slicer::new().spent()));
+        // A loop that began in an earlier poll has a whole budget in a new one.
+        let began_earlier = Slicer { since: long_ago };
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(!within_poll(later, || began_earlier.spent()));
+        // Outside a marked poll (the mark undone), from its own start.
+        assert!(began_earlier.spent());
+    }
+
+    #[test]
+    fn the_mark_of_a_poll_is_undone_when_the_poll_panics() {
+        let later = Instant::now() + Duration::from_secs(3600);
+        let panicked = std::panic::catch_unwind(|| within_poll(later, || panic!("in the poll")));
+        assert!(panicked.is_err());
+        assert_eq!(POLL_STARTED.get(), None);
     }
 }
