@@ -35,10 +35,11 @@ use std::time::{Duration, Instant};
 
 /// How long a loop of the flusher or of a sink's write runs before it yields to the runtime.
 /// Such a loop checks after each step of a few dozen items ([`Slicer::pause`]) and yields
-/// once this much time has passed since it last did: a step is a few dozen items, tens of µs
-/// usually and a few tenths of a ms where the work per item is highest (a million accounts,
-/// memory touched for the first time), and where it is cheaper many steps share one yield. A yield per step cost a third of the engine's
-/// throughput at 100,000 accounts (`docs/benchmarks.md`).
+/// once this much time has passed since the poll began (see [`Slicer`]): a step is a few dozen
+/// items, tens of µs usually and a few tenths of a ms where the work per item is highest (a
+/// million accounts, memory touched for the first time), and where it is cheaper many steps
+/// share one yield. A yield per step cost a third of the engine's throughput at 100,000
+/// accounts (`docs/benchmarks.md`).
 pub(crate) const SLICE_BUDGET: Duration = Duration::from_micros(300);
 
 /// Yields to the runtime between steps of a long loop once [`SLICE_BUDGET`] has passed since
