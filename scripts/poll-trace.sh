@@ -89,7 +89,7 @@ EOF
 
 edit src/lib.rs 's/^mod loom;$/mod loom;\nmod trace;/m'
 edit src/sink/mod.rs 's/    pub\(crate\) fn spent\(&self\) -> bool \{/    #[track_caller]\n    pub(crate) fn spent(&self) -> bool {\n        crate::trace::mark_here();/'
-edit src/sink/mod.rs 's/    pub\(crate\) async fn pause\(&mut self\) \{\n        if self\.spent\(\) \{/    #[track_caller]\n    pub(crate) fn pause(&mut self) -> impl std::future::Future<Output = ()> + \x27_ {\n        crate::trace::mark_here();\n        async move { if self.since.elapsed() >= SLICE_BUDGET {/'
+edit src/sink/mod.rs 's/    pub\(crate\) async fn pause\(&mut self\) \{\n        if self\.budget_spent\(\) \{/    #[track_caller]\n    pub(crate) fn pause(&mut self) -> impl std::future::Future<Output = ()> + \x27_ {\n        crate::trace::mark_here();\n        async move { if self.budget_spent() {/'
 edit src/sink/mod.rs 's/(            self\.since = Instant::now\(\);\n        \})\n    \}/$1 }\n    }/'
 edit src/engine/stats.rs 's/(        let cpu_started = thread_cpu_time\(\);\n)/$1        crate::trace::begin();\n/'
 edit src/engine/stats.rs 's/(        raise_longest_poll\(&record\.longest, started\.elapsed\(\), cpu\);\n)/        crate::trace::end(&format!("{:?}", self.task), cpu, cpu > LONG_POLL);\n$1/'

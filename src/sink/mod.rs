@@ -81,13 +81,19 @@ impl Slicer {
 
     /// Whether the budget is spent: for a loop that ends its turn rather than awaits a yield.
     pub(crate) fn spent(&self) -> bool {
+        self.budget_spent()
+    }
+
+    /// What [`Slicer::spent`] says (apart so that `scripts/poll-trace.sh` can mark `spent` and
+    /// `pause` as step boundaries and still share this).
+    fn budget_spent(&self) -> bool {
         let since = POLL_STARTED.get().unwrap_or(self.since);
         since.elapsed() >= SLICE_BUDGET
     }
 
     /// Called between two steps: yields if the budget is spent.
     pub(crate) async fn pause(&mut self) {
-        if self.spent() {
+        if self.budget_spent() {
             tokio::task::yield_now().await;
             self.since = Instant::now();
         }
