@@ -926,6 +926,7 @@ fn metrics_are_exposed_in_prometheus_text_format() {
             "# TYPE shardmeter_flusher_longest_poll_seconds gauge",
             "# TYPE shardmeter_flusher_longest_poll_cpu_seconds gauge",
             "# TYPE shardmeter_flusher_long_polls_total counter",
+            "# TYPE shardmeter_flusher_polls_total counter",
             "# TYPE shardmeter_config_errors_total counter",
             "# TYPE shardmeter_duplicate_batches_total counter",
         ] {

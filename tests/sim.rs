@@ -188,6 +188,11 @@ fn shardmeter_mode_alone_flushes_at_the_interval_and_ends_every_session() {
         &report,
         "/modes/shardmeter/engine/longest_flusher_poll_micros",
     );
+    assert!(
+        u64_at(&report, "/modes/shardmeter/engine/flusher_polls")
+            >= u64_at(&report, "/modes/shardmeter/engine/long_flusher_polls") + flushes,
+        "a poll at least per flush"
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //! | `shardmeter_tracked_accounts` | gauge | accounts the read side tracks |
 //! | `shardmeter_flusher_longest_poll_seconds` | gauge | the longest time the flusher, or the write and read tasks it spawns, held a runtime worker (stall) |
 //! | `shardmeter_flusher_longest_poll_cpu_seconds` | gauge | the most CPU time one poll of those tasks used (its work, without the OS's preemptions) |
-//! | `shardmeter_flusher_long_polls_total` | counter | polls of those tasks that used more than 1 ms of CPU |
+//! | `shardmeter_flusher_long_polls_total` / `shardmeter_flusher_polls_total` | counter | polls of those tasks that used more than 1 ms of CPU; all their polls |
 //! | `shardmeter_sweep_seconds` | histogram | one full sweep, slices and yields included |
 //! | `shardmeter_write_seconds` | histogram | one write, send to answer |
 
@@ -54,6 +54,7 @@ pub(crate) fn export(stats: &StatsSnapshot) {
                 "shardmeter_flusher_long_polls_total",
                 stats.long_flusher_polls,
             ),
+            ("shardmeter_flusher_polls_total", stats.flusher_polls),
         ];
         for (name, value) in counters {
             metrics::counter!(name).absolute(value);

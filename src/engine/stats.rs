@@ -75,6 +75,8 @@ struct PollRecord {
     longest: AtomicU64,
     /// Polls over [`LONG_POLL`] of CPU.
     long: AtomicU64,
+    /// Every poll.
+    all: AtomicU64,
 }
 
 /// A point-in-time copy of the engine's counters. Amounts are in the unit of `add` (saturating).
@@ -149,6 +151,9 @@ pub struct StatsSnapshot {
     /// runtime worker for longer than a gateway's tasks should wait (the longest alone cannot
     /// tell one outlier from a habit).
     pub long_flusher_polls: u64,
+    /// Polls of those tasks in all: `long_flusher_polls` of how many, a rate to set against
+    /// what the machine alone gives polls of the same length (`docs/benchmarks.md`).
+    pub flusher_polls: u64,
     /// Session slots in use (open, or ended and not yet collected).
     pub slots_in_use: u64,
     /// Amount dropped because a session's total in one shard reached `u64::MAX`.
@@ -236,6 +241,7 @@ impl Stats {
             longest_flusher_poll_micros: wall,
             longest_flusher_poll_cpu_micros: cpu,
             long_flusher_polls: self.polls.iter().map(|record| read(&record.long)).sum(),
+            flusher_polls: self.polls.iter().map(|record| read(&record.all)).sum(),
             tracked_accounts: read(&self.tracked_accounts),
             slots_in_use: 0,
             saturated_amount: 0,
@@ -279,6 +285,7 @@ impl<F: Future> Future for PollTimed<F> {
         };
         let record = &self.stats.polls[self.task as usize];
         raise_longest_poll(&record.longest, started.elapsed(), cpu);
+        Stats::add(&record.all, 1);
         if cpu > LONG_POLL {
             Stats::add(&record.long, 1);
         }
@@ -357,6 +364,7 @@ mod tests {
         }
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.long_flusher_polls, 3, "counted in every task");
+        assert_eq!(snapshot.flusher_polls, 5);
         assert!(
             snapshot.longest_flusher_poll_cpu_micros >= 2_000,
             "the read task's"
