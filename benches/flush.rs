@@ -45,9 +45,11 @@
 //! times, then twice at once, and prints the longest poll of the engine's tasks (the flusher and
 //! the write and read tasks it spawns; `stats().longest_flusher_poll_micros`) and how many used
 //! over 1 ms of CPU: the figures behind "no poll longer than 1 ms". Beside them, in the same run,
-//! a probe task polls the same ~0.3 ms computation every 5 ms and prints how many of its polls
-//! the machine alone pushed over 1 ms of CPU (`NoiseProbe`): on a guest whose clock charges it
-//! time it did not compute, a few engine polls over 1 ms are that noise, not work.
+//! a probe task polls the same work every 5 ms, in turn a ~0.3 ms computation, random loads from
+//! a 1 GiB buffer, and page faults of fresh memory, and prints how many of its polls of each
+//! kind the machine alone pushed over 1 ms of CPU (`NoiseProbe`): on a guest whose clock charges
+//! it time it did not compute, or whose page faults are sometimes slow, a few engine polls over
+//! 1 ms are that noise, not work.
 //!
 //! Run: `cargo bench --bench flush`; `-- flush_plain_keys` for the Cluster group, then the figures
 //! and CPU passes; `-- cpu`, `-- figures` or `-- polls` for that pass alone. Smoke
@@ -713,10 +715,11 @@ fn flusher_polls() {
     let longest = || {
         let stats = engine.stats();
         format!(
-            "{} us (CPU {} us); polls over 1 ms of CPU so far: {}",
+            "{} us (CPU {} us); polls over 1 ms of CPU so far: {} of {}",
             stats.longest_flusher_poll_micros,
             stats.longest_flusher_poll_cpu_micros,
-            stats.long_flusher_polls
+            stats.long_flusher_polls,
+            stats.flusher_polls
         )
     };
     eprintln!(
@@ -773,34 +776,74 @@ fn flusher_polls() {
 }
 
 /// The machine's own noise, measured beside the flusher in the same run: a task on the same
-/// runtime whose every poll does the same computation, as long as the engine's time budget for
-/// a slice of work (~0.3 ms), timed as the engine times its polls (the thread's CPU clock),
-/// every 5 ms (~6% of one CPU). A probe poll over 1 ms did no more work than the others: the
-/// clock charged it time the thread did not compute (a hypervisor preempting the guest,
-/// interrupts). So the share of its polls over 1 ms is what the machine alone gives a poll of
-/// the engine's length; a flusher whose polls go over 1 ms at about that rate shows noise, not
-/// work.
+/// runtime whose polls do the same work, as long as the engine's time budget for a slice of work
+/// (~0.3 ms), timed as the engine times its polls (the thread's CPU clock), every 5 ms (~6% of
+/// one CPU). A probe poll over 1 ms did no more work than the others: the clock charged it time
+/// the thread did not compute (a hypervisor preempting the guest, interrupts, the host's own
+/// handling of the guest's memory). So the share of its polls over 1 ms is what the machine
+/// alone gives a poll of the engine's length; a flusher whose polls go over 1 ms at about that
+/// rate shows noise, not work.
+///
+/// The polls take turns at three kinds of work: a computation in registers; loads from random
+/// places of a buffer of [`PROBE_BUFFER_BYTES`] (faulted in beforehand), far beyond the caches,
+/// as the engine's loads at a million accounts are; and writes to [`PROBE_FRESH_PAGES`] pages the
+/// process never touched (mapped for the poll and unmapped after it), each a page fault, as the
+/// engine's steps meet where a round's memory is new (batches, pipelines, tables).
 struct NoiseProbe {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Duration>>,
+    task: tokio::task::JoinHandle<[Vec<Duration>; 3]>,
 }
 
 /// Iterations of the probe's computation: ~0.3 ms of CPU on the development machines.
 const PROBE_WORK: u64 = 300_000;
+/// The memory probe's buffer: 1 GiB, the order of what the engine touches at a million accounts
+/// and more than any L3 cache of the machines here (300 MiB on the largest).
+const PROBE_BUFFER_BYTES: usize = 1 << 30;
+/// Random loads per memory-probe poll: ~0.3 ms of CPU on the development machines.
+const PROBE_LOADS: u64 = 6_000;
+/// Pages faulted in per fault-probe poll: a few times what one step of the engine faults in
+/// (0-16 in `scripts/poll-trace.sh`'s traces).
+const PROBE_FRESH_PAGES: usize = 64;
 
 impl NoiseProbe {
     fn start(runtime: &tokio::runtime::Runtime) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        // Written whole, so that every page is faulted in before the first poll.
+        let buffer = vec![1u64; PROBE_BUFFER_BYTES / 8];
         let task = runtime.spawn(async move {
-            let mut polls = Vec::new();
+            let mut polls = [Vec::new(), Vec::new(), Vec::new()];
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
             // Relaxed: a flag polled every 5 ms; nothing is published with it.
             while !stopped.load(Ordering::Relaxed) {
+                let kind = polls
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, p)| p.len())
+                    .expect("kinds")
+                    .0;
                 let started = thread_cpu_time();
-                std::hint::black_box((0..PROBE_WORK).fold(1u64, |acc, i| {
-                    std::hint::black_box(acc.wrapping_mul(31).wrapping_add(i))
-                }));
-                polls.push(thread_cpu_time() - started);
+                match kind {
+                    0 => {
+                        std::hint::black_box((0..PROBE_WORK).fold(1u64, |acc, i| {
+                            std::hint::black_box(acc.wrapping_mul(31).wrapping_add(i))
+                        }));
+                    }
+                    1 => {
+                        // Independent loads at places a multiplicative hash picks: many in flight
+                        // at once, as the engine's prefetched ones are.
+                        let mask = buffer.len() as u64 - 1;
+                        let sum = (0..PROBE_LOADS).fold(0u64, |sum, i| {
+                            let at = (seed.wrapping_add(i).wrapping_mul(0x2545_f491_4f6c_dd1d)
+                                >> 17)
+                                & mask;
+                            sum.wrapping_add(buffer[at as usize])
+                        });
+                        seed = seed.wrapping_add(std::hint::black_box(sum));
+                    }
+                    _ => fault_in_fresh_pages(PROBE_FRESH_PAGES),
+                }
+                polls[kind].push(thread_cpu_time() - started);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             polls
@@ -808,24 +851,57 @@ impl NoiseProbe {
         Self { stop, task }
     }
 
-    /// Stops the probe and describes its polls.
+    /// Stops the probe and describes its polls of each kind.
     async fn stop(self) -> String {
         self.stop.store(true, Ordering::Relaxed);
-        let mut polls = self.task.await.expect("the probe task");
-        polls.sort_unstable();
-        let over = polls
-            .iter()
-            .filter(|cpu| **cpu > Duration::from_millis(1))
-            .count();
+        let [compute, memory, faults] = self.task.await.expect("the probe task");
         format!(
-            "a probe task's {} polls of the same work (median {} us of CPU): {over} over 1 ms \
-             of CPU ({:.2}%), longest {} us",
-            polls.len(),
-            polls[polls.len() / 2].as_micros(),
-            over as f64 * 100.0 / polls.len() as f64,
-            polls.last().expect("polls").as_micros()
+            "a probe task's polls: computing, {}; loading from memory, {}; faulting in \
+             {PROBE_FRESH_PAGES} pages, {}",
+            describe_probe_polls(compute),
+            describe_probe_polls(memory),
+            describe_probe_polls(faults)
         )
     }
+}
+
+/// Maps `pages` pages, writes a byte to each (a page fault each), and unmaps them.
+fn fault_in_fresh_pages(pages: usize) {
+    let page = 4096;
+    let length = pages * page;
+    // SAFETY: an anonymous private mapping of `length` bytes at an address the kernel picks; it
+    // aliases nothing, is written only within its length below, and is unmapped once.
+    unsafe {
+        let memory = libc::mmap(
+            std::ptr::null_mut(),
+            length,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(memory, libc::MAP_FAILED, "mmap");
+        let bytes = memory.cast::<u8>();
+        for at in (0..length).step_by(page) {
+            bytes.add(at).write_volatile(1);
+        }
+        assert_eq!(libc::munmap(memory, length), 0, "munmap");
+    }
+}
+
+fn describe_probe_polls(mut polls: Vec<Duration>) -> String {
+    polls.sort_unstable();
+    let over = polls
+        .iter()
+        .filter(|cpu| **cpu > Duration::from_millis(1))
+        .count();
+    format!(
+        "{} polls (median {} us of CPU): {over} over 1 ms of CPU ({:.2}%), longest {} us",
+        polls.len(),
+        polls[polls.len() / 2].as_micros(),
+        over as f64 * 100.0 / polls.len() as f64,
+        polls.last().expect("polls").as_micros()
+    )
 }
 
 /// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, the engine's clock for its polls).
