@@ -884,6 +884,50 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_pair_with_increments_in_order_however_many_the_sink_returns() {
+        for returned in [2, 4] {
+            let mut pending = Pending::new(1, 10);
+            for key in ["a", "b", "c"] {
+                pending.add(key.into(), 1, TTL, None);
+            }
+            let sent = send(&mut pending);
+            let keys: Vec<String> = sent[0]
+                .increments
+                .iter()
+                .map(|i| i.key.to_string())
+                .collect();
+            let outcomes = (1..=returned)
+                .map(|total| KeyOutcome::Added { total })
+                .collect();
+            pending.receive(vec![Ok(BatchOutcome::Applied(outcomes))]);
+            let mut heard = Vec::new();
+            let mut settlement = Settlement::default();
+            while !pending.settle_some(1, &mut settlement, |increment, _, total, _| {
+                heard.push((increment.key.to_string(), total));
+            }) {}
+            heard.sort();
+            let mut expected = vec![
+                (keys[0].clone(), Some(1)),
+                (keys[1].clone(), Some(2)),
+                (keys[2].clone(), (returned > 2).then_some(3)),
+            ];
+            expected.sort();
+            assert_eq!(heard, expected, "{returned} outcomes");
+            let refused: Vec<_> = settlement
+                .rejections
+                .iter()
+                .map(|r| r.key.clone())
+                .collect();
+            let expected_refused = if returned > 2 {
+                vec![]
+            } else {
+                vec![keys[2].clone()]
+            };
+            assert_eq!(refused, expected_refused, "{returned} outcomes");
+        }
+    }
+
+    #[test]
     fn shards_are_prepared_a_few_at_a_time_spares_first() {
         let keys = numbered_keys(20_000);
         let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
