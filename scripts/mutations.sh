@@ -51,6 +51,7 @@ seqlock-no-reader-fence	src/seqlock.rs	s/\n\s*fence\(Ordering::Acquire\);//	loom
 seqlock-relaxed-begin	src/seqlock.rs	s/let before = self\.sequence\.load\(Ordering::Acquire\)/let before = self.sequence.load(Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 seqlock-relaxed-end	src/seqlock.rs	s/\.store\(sequence\.wrapping_add\(2\), Ordering::Release\)/.store(sequence.wrapping_add(2), Ordering::Relaxed)/	loom	seqlock	seqlock_reads_whole_publications	torn read
 orphans-left-running	src/bin/shardmeter-sim/orphans.rs	s/\.args\(\["-KILL",/.args(["-0",/	test	fixture	a_server_left_behind_is_killed_by_the_next_test_process	still runs
+sim-never-reaps	src/bin/shardmeter-sim/redis.rs	s/\n\s*orphans::reap_once\(\);//	test	sim	the_server_a_killed_sim_left_behind_is_killed_by_the_next_sim	still runs
 engine-session-copies-id	src/engine/mod.rs	s/ledger\.open_session_shared\(account\)/ledger.open_session(\&account)/	test	read_side_memory	the_read_side_costs_a_bounded_few_hundred_bytes_per_account_and_checks_never_allocate	a second session of a tracked account allocates nothing
 slicer-budget-per-loop	src/sink/mod.rs	s/POLL_STARTED\.get\(\)\.unwrap_or\(self\.since\)/self.since/	unit	-	sink::tests::a_slicer_counts_its_budget_from_the_start_of_a_marked_poll	assertion
 state-before-slot	src/engine/accounts.rs	s/let opened = open\(account\.clone\(\)\)\?;/let opened = open(account.clone());/; s/Ok\(\(opened, state\)\)/Ok((opened?, state))/	unit	-	engine::accounts::tests::an_opening_shares_the_state_s_id_and_one_that_fails_creates_nothing	no state

@@ -47,7 +47,8 @@
 //! once, when it is planned, and move into the call's arguments. A pipeline's replies are read
 //! as soon as it has them all, while Redis runs the later pipelines. Planning and reading
 //! replies check every 32 keys (inside a batch or a call too) and after each pipeline whether
-//! to yield to the runtime: once 0.3 ms have passed since the last yield.
+//! to yield to the runtime: once 0.3 ms have passed since the poll began (in the engine's write
+//! task; called on its own, since the loop's last yield).
 //!
 //! # Exactly-once
 //!
@@ -229,8 +230,8 @@ fn is_misconfiguration(error: &FredError) -> bool {
         .iter()
         .any(|reply| error.details().starts_with(reply))
 }
-/// Keys planned, read or answered between two checks of the time since the last yield to the
-/// runtime ([`Slicer`]), so that a write of a million keys never holds the caller's worker for
+/// Keys planned, read or answered between two checks of whether to yield to the runtime
+/// ([`Slicer`]), so that a write of a million keys never holds the caller's worker for
 /// long: ~1.2 µs per key planned when the round is a million keys (a key's slot, its call's
 /// lookup, three values made; the keys no longer fit in the caches), and up to ~20 µs in the
 /// first write after start-up on a guest whose page faults are slow (the flusher's step sizes

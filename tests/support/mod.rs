@@ -25,7 +25,7 @@
 #[path = "../../src/bin/shardmeter-sim/orphans.rs"]
 pub mod orphans;
 #[path = "../../src/bin/shardmeter-sim/redis_process.rs"]
-mod redis_process;
+pub mod redis_process;
 
 pub mod cluster;
 pub mod load;

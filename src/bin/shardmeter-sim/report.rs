@@ -146,7 +146,7 @@ fn figures(r: &ModeReport) -> Vec<Figure> {
         ("/engine/longest_flusher_poll_micros", engine(&|e| json!(e.stats.longest_flusher_poll_micros)), "flusher's longest poll", Time(1e3)),
         ("/engine/longest_flusher_poll_cpu_micros", engine(&|e| json!(e.stats.longest_flusher_poll_cpu_micros)), "  of which CPU, most in one poll", Time(1e3)),
         ("/engine/long_flusher_polls", engine(&|e| json!(e.stats.long_flusher_polls)), "flusher polls over 1 ms of CPU", Count),
-        ("/engine/flusher_polls", engine(&|e| json!(e.stats.flusher_polls)), "  of flusher polls", Count),
+        ("/engine/flusher_polls", engine(&|e| json!(e.stats.flusher_polls)), "  flusher polls in all", Count),
         ("/engine/flushes", engine(&|e| json!(e.stats.flushes)), "flush writes", Count),
         ("/engine/batches_written", engine(&|e| json!(e.stats.batches_written)), "batches written", Count),
         ("/engine/flush_micros/p50", engine(&|e| flush(e, 0.5)), "flush time p50 (every round)", Time(1e3)),
