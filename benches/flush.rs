@@ -776,8 +776,8 @@ fn flusher_polls() {
 }
 
 /// The machine's own noise, measured beside the flusher in the same run: a task on the same
-/// runtime whose polls do the same work, as long as the engine's time budget for a slice of work
-/// (~0.3 ms), timed as the engine times its polls (the thread's CPU clock), every 5 ms (~6% of
+/// runtime whose polls do the same work, about as long as the engine's time budget for a slice of
+/// work (~0.3 ms; the faulting kind ~0.2 ms), timed as the engine times its polls (the thread's CPU clock), every 5 ms (~6% of
 /// one CPU). A probe poll over 1 ms did no more work than the others: the clock charged it time
 /// the thread did not compute (a hypervisor preempting the guest, interrupts, the host's own
 /// handling of the guest's memory). So the share of its polls over 1 ms is what the machine
@@ -788,7 +788,10 @@ fn flusher_polls() {
 /// places of a buffer of [`PROBE_BUFFER_BYTES`] (faulted in beforehand), far beyond the caches,
 /// as the engine's loads at a million accounts are; and writes to [`PROBE_FRESH_PAGES`] pages the
 /// process never touched (mapped for the poll and unmapped after it), each a page fault, as the
-/// engine's steps meet where a round's memory is new (batches, pipelines, tables).
+/// engine's steps meet where a round's memory is new (batches, pipelines, tables). The probe
+/// is not free: its buffer doubles the memory of the pass, and each unmapping makes the kernel
+/// interrupt the other vCPU if a thread of this process runs there (a TLB shootdown, some µs,
+/// ~70 times a second): far below the millisecond that the figures count.
 struct NoiseProbe {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<[Vec<Duration>; 3]>,
@@ -811,6 +814,7 @@ impl NoiseProbe {
         let stopped = stop.clone();
         // Written whole, so that every page is faulted in before the first poll.
         let buffer = vec![1u64; PROBE_BUFFER_BYTES / 8];
+        assert!(buffer.len().is_power_of_two(), "indices are masked");
         let task = runtime.spawn(async move {
             let mut polls = [Vec::new(), Vec::new(), Vec::new()];
             let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
@@ -867,7 +871,8 @@ impl NoiseProbe {
 
 /// Maps `pages` pages, writes a byte to each (a page fault each), and unmaps them.
 fn fault_in_fresh_pages(pages: usize) {
-    let page = 4096;
+    // SAFETY: `sysconf` reads a system constant; it takes no pointer.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
     let length = pages * page;
     // SAFETY: an anonymous private mapping of `length` bytes at an address the kernel picks; it
     // aliases nothing, is written only within its length below, and is unmapped once.
@@ -890,6 +895,9 @@ fn fault_in_fresh_pages(pages: usize) {
 }
 
 fn describe_probe_polls(mut polls: Vec<Duration>) -> String {
+    if polls.is_empty() {
+        return "no polls".into();
+    }
     polls.sort_unstable();
     let over = polls
         .iter()
