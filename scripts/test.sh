@@ -80,8 +80,9 @@ if toolchain nightly miri,rust-src "cargo +nightly miri --version" &&
   # models run at once, each into its own log: an interpreter is one thread, this machine has two.
   # The crate example (the ledger's doc test, ~30 s of Stacked Borrows tracking: it builds 1,024
   # slots) runs under Stacked Borrows only; tests/ledger.rs covers its calls under both.
-  # Also the engine's prefetch hint (`src/engine/prefetch.rs`, an `unsafe` block), through its
-  # unit test: ~30 s more of building, 2 s per model.
+  # Also the engine's prefetch hints (`src/engine/prefetch.rs`: the hint, an `unsafe` block, and
+  # a test's unsafe read of an `Arc`'s counts), through their unit tests: ~30 s more of building,
+  # 2 s per model.
   miri_tests=(--no-default-features --test ledger --test ledger_stress)
   miri_prefetch=(--no-default-features --features engine --lib -- engine::prefetch)
   cargo +nightly miri test "${miri_tests[@]}" --no-run

@@ -18,6 +18,7 @@
 //! the sink is away. Within a round, batches go out as they are cut: the sink writes the first
 //! ones while the flusher cuts the rest.
 
+use super::prefetch::prefetch_counts;
 use crate::sink::{Batch, BatchId, BatchOutcome, Increment, Key, KeyOutcome, SinkError};
 use std::collections::hash_map::{self, HashMap};
 use std::collections::VecDeque;
@@ -189,6 +190,10 @@ impl<K, V> std::fmt::Debug for Sharded<K, V> {
 /// The caller's number for the account an amount was counted for (the read side's index of
 /// it), handed back with the amount's acknowledgement.
 pub(crate) type Owner = u32;
+
+/// How many increments ahead of the one settled [`Pending::settle_some`] starts loading a key's
+/// reference counts ([`prefetch_counts`]).
+const KEY_COUNTS_AHEAD: usize = 16;
 
 /// How much of an increment was counted for `owner` (the rest, if any, for nobody).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -655,6 +660,10 @@ impl Pending {
                 answers.applying = None;
                 continue;
             };
+            // Dropping the increment changes its key's count, far out of cache at 100,000 keys.
+            if let Some(ahead) = applying.increments.as_slice().get(KEY_COUNTS_AHEAD) {
+                prefetch_counts(&ahead.key);
+            }
             let counted = applying.counts.next().flatten();
             let upcoming = applying.counts.as_slice();
             applied += 1;

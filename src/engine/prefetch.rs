@@ -1,6 +1,8 @@
 //! A hint to the CPU to start loading memory the flusher will touch a little later, so that
 //! the cache misses of a loop over many accounts overlap instead of coming one at a time.
 
+use std::sync::Arc;
+
 /// Cache line size of the x86-64 CPUs this is tuned on.
 const LINE: usize = 64;
 
@@ -23,6 +25,23 @@ fn lines<T: ?Sized>(value: &T) -> impl Iterator<Item = *const u8> {
         (skew + size).div_ceil(LINE)
     };
     (0..count).map(move |line| start.wrapping_sub(skew).wrapping_add(line * LINE))
+}
+
+/// Starts loading the cache line of `shared`'s reference counts, which a clone or a drop of it
+/// changes with a locked instruction. A locked instruction on a line out of cache holds back
+/// every load after it until the line comes, so its miss overlaps with no other, as a plain
+/// load's would (`docs/benchmarks.md`).
+pub(crate) fn prefetch_counts<T: ?Sized>(shared: &Arc<T>) {
+    prefetch_line(counts_of(shared));
+}
+
+/// Where `shared`'s counts are: the two words before the value, as std's `ArcInner` is
+/// `repr(C)` (strong, weak, value). That layout is not promised; were it to change, the prefetch
+/// would load a line nobody needs, and only the speed-up would be lost (a test checks it).
+fn counts_of<T: ?Sized>(shared: &Arc<T>) -> *const u8 {
+    Arc::as_ptr(shared)
+        .cast::<u8>()
+        .wrapping_sub(2 * size_of::<usize>())
 }
 
 fn prefetch_line(address: *const u8) {
@@ -67,5 +86,19 @@ mod tests {
         // And it runs: the hint itself never faults.
         prefetch(&memory.0[..]);
         prefetch("");
+    }
+
+    #[test]
+    fn the_counts_prefetched_are_the_arc_s_counts() {
+        let shared: Arc<str> = Arc::from("fair_use:dg_budget:uid-1:20261129");
+        let _clone = Arc::clone(&shared);
+        // SAFETY: std's `ArcInner` begins with the strong count, a `usize` (the layout
+        // `counts_of` assumes, and this test checks): the read is of the allocation's first
+        // word, aligned and initialised, and nothing writes it meanwhile. Were the layout to
+        // change, the read could fall outside the allocation: Miri, which runs this test, would
+        // report it.
+        let strong = unsafe { counts_of(&shared).cast::<usize>().read() };
+        assert_eq!(strong, Arc::strong_count(&shared), "two handles");
+        prefetch_counts(&shared);
     }
 }
