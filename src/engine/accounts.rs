@@ -108,6 +108,13 @@ impl Budgets {
             .and_then(|lookup| lookup(account))
             .or(self.default_limit)
     }
+
+    /// The limit of every account, when it does not depend on the account (no override, no
+    /// lookup): then a review need not read the account's name, which lives in its state, a
+    /// cache miss per account.
+    fn limit_of_all(&self) -> Option<Option<u64>> {
+        (self.overrides.is_empty() && self.lookup.is_none()).then_some(self.default_limit)
+    }
 }
 
 impl std::fmt::Debug for Budgets {
@@ -764,6 +771,7 @@ impl AccountBook {
     /// with nothing pending, re-reads those that have nothing to write (so other processes'
     /// usage shows), and refreshes limits (a lookup's answer may have changed).
     pub(crate) fn review(&mut self, indices: Range<usize>, registry: &Registry) {
+        let limit_of_all = self.budgets.limit_of_all();
         for index in indices.start..indices.end.min(self.entries.len()) {
             let entry = self.entries.get_mut(index);
             let Some(tracked) = entry.as_mut() else {
@@ -781,7 +789,8 @@ impl AccountBook {
             if tracked.pending == 0 {
                 want_read(&mut self.wanted, tracked);
             }
-            let limit = self.budgets.limit_of(tracked.state.account());
+            let limit =
+                limit_of_all.unwrap_or_else(|| self.budgets.limit_of(tracked.state.account()));
             if limit != tracked.limit {
                 tracked.limit = limit;
                 publish(tracked, self.bucket_end);
@@ -1106,5 +1115,33 @@ mod tests {
         assert_eq!(budgets.limit_of("b"), Some(3));
         assert_eq!(budgets.limit_of("c"), Some(1));
         assert_eq!(Budgets::unlimited().limit_of("a"), None);
+    }
+
+    #[test]
+    fn a_review_asks_the_lookup_again() {
+        let plan = Arc::new(std::sync::atomic::AtomicU64::new(10));
+        let lookup = {
+            let plan = plan.clone();
+            move |_: &str| Some(plan.load(Ordering::Relaxed))
+        };
+        let (registry, mut book, state) = setup(Budgets::unlimited().lookup(lookup));
+        assert_eq!(state.status().map(|status| status.limit), Some(10));
+        plan.store(20, Ordering::Relaxed);
+        book.review(0..book.extent(), &registry);
+        assert_eq!(state.status().map(|status| status.limit), Some(20));
+    }
+
+    #[test]
+    fn a_limit_is_the_same_for_all_only_without_overrides_and_lookup() {
+        assert_eq!(Budgets::per_bucket(5).limit_of_all(), Some(Some(5)));
+        assert_eq!(Budgets::unlimited().limit_of_all(), Some(None));
+        assert_eq!(
+            Budgets::per_bucket(5).limit_for("a", 2).limit_of_all(),
+            None
+        );
+        assert_eq!(
+            Budgets::unlimited().lookup(|_| Some(3)).limit_of_all(),
+            None
+        );
     }
 }
