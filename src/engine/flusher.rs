@@ -459,14 +459,20 @@ impl<S: Sink> Flusher<S> {
         let now = self.config.clock.now();
         let mut slicer = Slicer::new();
         // First: usage this sweep charges to the new bucket counts in the new bucket's view.
-        if self.book.roll_bucket(now) {
+        let rolled = self.book.roll_bucket(now);
+        if rolled {
             for start in (0..self.book.extent()).step_by(REKEY_SLICE_ACCOUNTS) {
                 slicer.pause().await;
                 self.book.rekey(start..start + REKEY_SLICE_ACCOUNTS);
             }
         }
-        // The tables the sweep fills, made a few per poll before it begins.
-        self.pending.expect_keys(self.book.len());
+        // The keyed map's tables, made a few per poll before the sweep begins. The map takes the
+        // amounts no tracked account's entry does: before the first round, those of accounts not
+        // tracked yet (at start-up, maybe all); after a new bucket began, the closing sweep's,
+        // which go to the old bucket's keys. Then it expects as many keys as accounts.
+        if rolled || !self.pending.has_begun_a_round() {
+            self.pending.expect_keys(self.book.len());
+        }
         while self.pending.prepare(PREPARE_SLICE_SHARDS) {
             slicer.pause().await;
         }
@@ -519,7 +525,6 @@ impl<S: Sink> Flusher<S> {
         let span = keys.span(self.interval_start);
         let ttl = keys.ttl_at(&span, now);
         let mut swept = 0u128;
-        self.pending.expect_keys(self.book.len());
         let book = &mut self.book;
         let records = &self.usage[from..];
         let locate = |book: &AccountBook, at: usize| {

@@ -1,6 +1,7 @@
 //! Amounts the flusher has swept but the sink has not acknowledged, per key.
 //!
-//! Four stages, in order: `waiting` (merged per key, not yet in a batch); the open round's
+//! Four stages, in order: `waiting` (merged per key, not yet in a batch: by the owner's number
+//! in the owned lane where the amount was counted for an account, else by key); the open round's
 //! `cutting` (what was waiting when the round began, cut into batches a slice at a time, so
 //! that a round of a million keys is never built in one poll); `staged` (batches built, ids
 //! given, not sent yet); and `in_flight` (the batches of the write in progress, re-sent
@@ -48,8 +49,8 @@ const RELEASED_PER_CUT: usize = 4;
 
 /// A map split over `1 << bits` maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
-/// milliseconds. Here one growth rehashes one shard. Used for the pending amounts per key,
-/// looked up about once per key per flush, so with foldhash (see [`KeyMap`]); the read side's
+/// milliseconds. Here one growth rehashes one shard. Used for the pending amounts not counted for
+/// an owner (see [`OwnedLane`]), looked up about once per key per flush, so with foldhash (see [`KeyMap`]); the read side's
 /// indices are `NameIndex`es (`names.rs`), which keep their hashes.
 pub(crate) struct Sharded<K, V> {
     route: foldhash::fast::RandomState,
@@ -83,14 +84,20 @@ impl<K: std::hash::Hash + Eq, V> Sharded<K, V> {
         }
     }
 
-    /// Unless the map already knows what to expect: its shards make room, at their first insert,
-    /// for a share of `entries` and four standard deviations more (keys routed at random: a
-    /// share of `n` varies by about `√n`), plus an eighth for keys the estimate missed.
+    /// Its shards make room, at their first insert, for at least a share of `entries` and four
+    /// standard deviations more (keys routed at random: a share of `n` varies by about `√n`),
+    /// plus an eighth for keys the estimate missed; or for what they expected already, if more.
     pub(crate) fn expect(&mut self, entries: usize) {
-        if self.expected.is_none() && entries > 0 {
-            let share = entries.div_ceil(self.shards.len());
-            let room = share + 4 * share.isqrt() + share / 8;
-            self.expected = Some(vec![room; self.shards.len()].into_boxed_slice());
+        let share = entries.div_ceil(self.shards.len());
+        let room = share + 4 * share.isqrt() + share / 8;
+        match &mut self.expected {
+            Some(expected) => expected
+                .iter_mut()
+                .for_each(|expected| *expected = (*expected).max(room)),
+            None if entries > 0 => {
+                self.expected = Some(vec![room; self.shards.len()].into_boxed_slice());
+            }
+            None => {}
         }
     }
 
@@ -234,6 +241,138 @@ impl Waiting {
     }
 }
 
+impl Waiting {
+    /// Joins `other`, waiting for the same key: its amount and its counted part. The longer TTL
+    /// wins, so that neither part's key expires sooner than it asked.
+    fn join(&mut self, other: Waiting) {
+        self.add(
+            other.amount,
+            other.owner.map(|owner| (owner, other.counted)),
+        );
+        self.ttl = self.ttl.max(other.ttl);
+    }
+}
+
+/// Entries per block of [`OwnedLane`] (80 bytes each: 320 KiB a block).
+const LANE_BLOCK: usize = 4_096;
+/// Owners per block of [`OwnedLane`]'s index (8 bytes each).
+const OWNERS_PER_BLOCK: usize = 4_096;
+
+/// The waiting amounts counted for an owner, one entry per owner in a round, found by the
+/// owner's number rather than by key. A sweep finds almost every amount's owner, so most amounts
+/// wait here: an amount costs no hash, and a sweep's new entries are written one after another
+/// into blocks that earlier rounds already touched. In the keyed map each was a store to a table
+/// line out of cache, and the key's locked count increment that came next waited for it: the
+/// engine's own CPU per account was two fifths lower without the map (`docs/benchmarks.md`).
+///
+/// An owner's entry holds the key it was made with. An amount for another key of the same owner
+/// (its key in the next bucket, or the number of a forgotten account taken by another) is not
+/// joined to it: [`OwnedLane::add`] gives the key back, and it waits in the keyed map. A key
+/// therefore has at most one entry here, and [`Pending::cut`] joins the keyed map's entry, if
+/// any, to it.
+#[derive(Debug)]
+struct OwnedLane {
+    blocks: Vec<Vec<(Key, Waiting)>>,
+    /// Entries in `blocks`.
+    len: usize,
+    /// Per owner, in blocks of [`OWNERS_PER_BLOCK`]: the generation its entry was made in and the
+    /// entry's position; an entry of an older generation is gone (taken by a round). One
+    /// generation a round, so that beginning a round clears nothing here.
+    at: Vec<Box<[(u32, u32)]>>,
+    generation: u32,
+    /// Blocks a round has emptied, kept for the lane to fill again.
+    spares: Vec<Vec<(Key, Waiting)>>,
+    /// Spare blocks the lane did not take again during a round, given back when the next one
+    /// began, [`RELEASED_PER_CUT`] per call of `cut` (as the keyed map's spare tables).
+    released: Vec<Vec<(Key, Waiting)>>,
+}
+
+impl OwnedLane {
+    fn new() -> Self {
+        Self {
+            blocks: Vec::new(),
+            len: 0,
+            at: Vec::new(),
+            generation: 1,
+            spares: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// Adds `amount`, all counted for `owner`, to `owner`'s entry if it is `key`'s, or to a new
+    /// entry if `owner` has none this round; returns whether it made one. Gives `key` back if
+    /// `owner`'s entry is another key's.
+    fn add(&mut self, key: Key, amount: u128, ttl: Duration, owner: Owner) -> Result<bool, Key> {
+        let owner_at = owner as usize;
+        let (block, offset) = (owner_at / OWNERS_PER_BLOCK, owner_at % OWNERS_PER_BLOCK);
+        if self.at.len() <= block {
+            self.at
+                .resize_with(block + 1, || vec![(0, 0); OWNERS_PER_BLOCK].into());
+        }
+        let at = &mut self.at[block][offset];
+        let counted = Some((owner, amount));
+        if at.0 == self.generation {
+            let position = at.1 as usize;
+            let (entry_key, waiting) =
+                &mut self.blocks[position / LANE_BLOCK][position % LANE_BLOCK];
+            if !(Arc::ptr_eq(entry_key, &key) || *entry_key == key) {
+                return Err(key);
+            }
+            waiting.add(amount, counted);
+            waiting.ttl = ttl;
+            return Ok(false);
+        }
+        // Four billion entries in a round would take hundreds of gigabytes.
+        let Ok(position) = u32::try_from(self.len) else {
+            return Err(key);
+        };
+        if self
+            .blocks
+            .last()
+            .is_none_or(|block| block.len() == LANE_BLOCK)
+        {
+            let block = self.spares.pop();
+            self.blocks
+                .push(block.unwrap_or_else(|| Vec::with_capacity(LANE_BLOCK)));
+        }
+        let mut waiting = Waiting::new(ttl);
+        waiting.add(amount, counted);
+        // A block is made with room for `LANE_BLOCK` entries and holds fewer here.
+        if let Some(block) = self.blocks.last_mut() {
+            block.push((key, waiting));
+        }
+        *at = (self.generation, position);
+        self.len += 1;
+        Ok(true)
+    }
+
+    /// Takes every entry, for a round; the lane starts a new generation, empty. Spare blocks it
+    /// did not take again since the last round are surplus: released.
+    fn take(&mut self) -> Vec<Vec<(Key, Waiting)>> {
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            // Once in four billion rounds: no index entry may look current.
+            self.at.iter_mut().for_each(|block| block.fill((0, 0)));
+            self.generation = 1;
+        }
+        self.len = 0;
+        self.released.append(&mut self.spares);
+        std::mem::take(&mut self.blocks)
+    }
+
+    /// Keeps a block a round emptied, to fill again.
+    fn recycle(&mut self, block: Vec<(Key, Waiting)>) {
+        debug_assert!(block.is_empty());
+        if block.capacity() == LANE_BLOCK {
+            self.spares.push(block);
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &(Key, Waiting)> {
+        self.blocks.iter().flatten()
+    }
+}
+
 /// The answers to a write, applied a slice at a time (see `Pending::settle_some`).
 #[derive(Debug)]
 struct Answers {
@@ -261,15 +400,25 @@ struct Applying {
 
 #[derive(Debug)]
 pub(crate) struct Pending {
+    /// Waiting amounts: most in `owned`, the others (not counted for an owner, or for a key
+    /// other than the owner's entry's) in the keyed map `waiting`.
+    owned: OwnedLane,
     waiting: Sharded<Key, Waiting>,
-    /// Keys in `waiting`.
+    /// Keys in `owned` and `waiting` (a key in both counts twice).
     waiting_keys: usize,
-    /// The open round's keys not yet in a batch: the shards of the `waiting` it took that are
-    /// not begun yet, and the entries of the one being cut (taken from the end). A shard is
-    /// begun when the one before is used up, so that beginning a round does no work per shard.
-    round: std::vec::IntoIter<KeyMap<Waiting>>,
+    /// The open round's keys not yet in a batch: the blocks of `owned` it took (`round_owned`)
+    /// and the entries of the one being cut (`cutting_owned`, from the end), then the shards of
+    /// the `waiting` it took (`round`) from `round_shard` on, and the entries of the one being
+    /// cut (`cutting`). A block or shard is begun when the one before is used up, so that
+    /// beginning a round does no work per shard. An owned entry is cut with the keyed entry of
+    /// its key, if there is one (`round_keyed` counts the keys in shards not begun).
+    round_owned: std::vec::IntoIter<Vec<(Key, Waiting)>>,
+    cutting_owned: Vec<(Key, Waiting)>,
+    round: Option<Sharded<Key, Waiting>>,
+    round_shard: usize,
+    round_keyed: usize,
     cutting: Vec<(Key, Waiting)>,
-    /// Keys in `round` and `cutting`.
+    /// Keys in all of the round's parts.
     uncut: usize,
     /// Shards the round has emptied, their tables kept for `waiting` to fill again (see
     /// [`Sharded::shard_to_fill`]).
@@ -335,9 +484,14 @@ pub(crate) struct Settlement {
 impl Pending {
     pub(crate) fn new(writer: u64, batch_size: usize) -> Self {
         Self {
+            owned: OwnedLane::new(),
             waiting: Sharded::new(PENDING_SHARD_BITS),
             waiting_keys: 0,
-            round: Vec::new().into_iter(),
+            round_owned: Vec::new().into_iter(),
+            cutting_owned: Vec::new(),
+            round: None,
+            round_shard: 0,
+            round_keyed: 0,
             cutting: Vec::new(),
             uncut: 0,
             spare_shards: Vec::new(),
@@ -361,13 +515,18 @@ impl Pending {
         }
     }
 
-    /// Before the first round is taken, `keys` is about how many keys it will hold (the accounts
-    /// tracked): its map makes room for them as it fills, rather than grow to them. A growth of
-    /// a shard of ~3,600 keys (a million in all) was a poll of ~1 ms, and the first flush of a
-    /// million accounts grew every shard several times (~130 polls over 1 ms). Later rounds make
-    /// room for as many keys as the round before (`Sharded::sized_like`).
+    /// The keyed map of waiting amounts may take about `keys` keys: it makes room for them as it
+    /// fills, rather than grow to them. A growth of a shard of ~3,600 keys (a million in all)
+    /// was a poll of ~1 ms, and the first flush of a million accounts grew every shard several
+    /// times (~130 polls over 1 ms). Otherwise it makes room for as many keys as the round
+    /// before's (`Sharded::sized_like`): amounts counted for an owner go to the owned lane.
     pub(crate) fn expect_keys(&mut self, keys: usize) {
         self.waiting.expect(keys);
+    }
+
+    /// Whether a round has begun since this was made.
+    pub(crate) fn has_begun_a_round(&self) -> bool {
+        self.rounds > 0
     }
 
     /// Gives up to `shards` of the waiting map's shards their table ahead of the inserts (see
@@ -376,15 +535,25 @@ impl Pending {
         self.waiting.prepare(shards, &mut self.spare_shards)
     }
 
-    /// Adds a swept amount, counted for `owner` if some; the latest TTL for a key wins. The key
-    /// is shared, not copied.
+    /// Adds a swept amount, counted for `owner` if some (to the owned lane, else to the keyed
+    /// map); the latest TTL for a key wins. The key is shared, not copied.
     pub(crate) fn add(&mut self, key: Key, amount: u64, ttl: Duration, owner: Option<Owner>) {
         if amount == 0 {
             return;
         }
         let amount = u128::from(amount);
-        self.merge(key, amount, ttl, owner.map(|owner| (owner, amount)));
         self.amount += amount;
+        let key = match owner {
+            Some(owner) => match self.owned.add(key, amount, ttl, owner) {
+                Ok(new_entry) => {
+                    self.waiting_keys += usize::from(new_entry);
+                    return;
+                }
+                Err(key) => key,
+            },
+            None => key,
+        };
+        self.merge(key, amount, ttl, owner.map(|owner| (owner, amount)));
     }
 
     /// Merges `amount`, of which `counted.1` counted for `counted.0`, into `key`'s waiting
@@ -429,7 +598,7 @@ impl Pending {
 
     /// Whether [`Pending::cut`] has work: keys to cut, or given-back tables to free.
     pub(crate) fn needs_cut(&self) -> bool {
-        self.has_uncut() || !self.released.is_empty()
+        self.has_uncut() || !self.released.is_empty() || !self.owned.released.is_empty()
     }
 
     /// Moves up to `most` keys of the open round into batches, beginning a round from
@@ -444,7 +613,10 @@ impl Pending {
             // all here, 4,096 then, was one poll of ~17 ms at a million keys, mostly page faults).
             let next = Sharded::sized_like(&self.waiting);
             let round = std::mem::replace(&mut self.waiting, next);
-            self.round = round.shards.into_vec().into_iter();
+            self.round_keyed = round.shards.iter().map(HashMap::len).sum();
+            self.round = Some(round);
+            self.round_shard = 0;
+            self.round_owned = self.owned.take().into_iter();
             self.uncut = std::mem::take(&mut self.waiting_keys);
             // Tables the last round emptied and `waiting` did not take are more than its keys
             // need: given back, so that spares never outlive the round after theirs.
@@ -452,15 +624,41 @@ impl Pending {
         }
         let keep = self.released.len().saturating_sub(RELEASED_PER_CUT);
         self.released.truncate(keep);
+        let keep = self.owned.released.len().saturating_sub(RELEASED_PER_CUT);
+        self.owned.released.truncate(keep);
         let mut cut = 0;
         while cut < most {
+            if let Some((key, mut waiting)) = self.cutting_owned.pop() {
+                if let Some(keyed) = self.take_keyed(&key) {
+                    waiting.join(keyed);
+                    self.uncut -= 1;
+                }
+                cut += 1;
+                self.uncut -= 1;
+                self.push_increment(key, waiting);
+                continue;
+            }
+            if let Some(block) = self.round_owned.next() {
+                let emptied = std::mem::replace(&mut self.cutting_owned, block);
+                self.owned.recycle(emptied);
+                continue;
+            }
+            if self.cutting_owned.capacity() > 0 {
+                self.owned.recycle(std::mem::take(&mut self.cutting_owned));
+            }
             let Some((key, waiting)) = self.cutting.pop() else {
-                let Some(mut next) = self.round.next() else {
+                let Some(round) = self.round.as_mut() else {
                     break;
                 };
+                let Some(next) = round.shards.get_mut(self.round_shard) else {
+                    break;
+                };
+                self.round_shard += 1;
                 // One move of the shard's entries (~4,000 at a million keys, tens of µs); its
                 // table, emptied, is kept for `waiting` to fill again.
                 if next.capacity() > 0 {
+                    let mut next = std::mem::take(next);
+                    self.round_keyed -= next.len();
                     self.cutting.extend(next.drain());
                     self.spare_shards.push(next);
                 }
@@ -471,11 +669,24 @@ impl Pending {
             self.push_increment(key, waiting);
         }
         if self.uncut == 0 {
-            self.round = Vec::new().into_iter();
+            self.round = None;
             if !self.filling.is_empty() {
                 self.stage();
             }
         }
+    }
+
+    /// Takes `key`'s entry out of the open round's keyed shards not begun yet, if it has one.
+    /// Owned entries are cut before any keyed shard is begun, so that the entry is found there.
+    fn take_keyed(&mut self, key: &Key) -> Option<Waiting> {
+        if self.round_keyed == 0 {
+            return None;
+        }
+        let round = self.round.as_mut()?;
+        let index = round.index(key);
+        let keyed = round.shards[index].remove(key)?;
+        self.round_keyed -= 1;
+        Some(keyed)
     }
 
     /// Adds `key`'s increment to the batch being filled, staging the batch when full. What is
@@ -734,15 +945,23 @@ impl Pending {
     /// sent, or every attempt known not to have applied), sorted by key: safe to replay.
     pub(crate) fn unwritten(&self) -> Vec<(String, u128)> {
         let mut per_key: HashMap<&str, u128> = HashMap::new();
-        let uncut = self.round.as_slice().iter().flatten();
-        let cutting = self.cutting.iter().map(|(key, waiting)| (key, waiting));
+        let keyed_uncut = self
+            .round
+            .iter()
+            .flat_map(|round| &round.shards[self.round_shard.min(round.shards.len())..])
+            .flatten();
+        let owned_uncut = self.round_owned.as_slice().iter().flatten();
+        let cutting = self.cutting.iter().chain(&self.cutting_owned);
+        let owned = self.owned.entries().map(|(key, waiting)| (key, waiting));
         for (key, waiting) in self
             .waiting
             .shards
             .iter()
             .flatten()
-            .chain(uncut)
-            .chain(cutting)
+            .chain(keyed_uncut)
+            .chain(owned)
+            .chain(owned_uncut.map(|(key, waiting)| (key, waiting)))
+            .chain(cutting.map(|(key, waiting)| (key, waiting)))
         {
             *per_key.entry(key).or_default() += waiting.amount;
         }
@@ -822,14 +1041,10 @@ mod tests {
         ))
     }
 
-    #[test]
-    fn a_map_told_what_to_expect_makes_room_at_each_first_insert() {
-        let keys = numbered_keys(20_000);
-        let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
-        map.expect(keys.len());
-        map.expect(1);
+    /// Inserts `keys` and checks that no shard grew after its first insert.
+    fn fill_without_growing(map: &mut Sharded<Key, u32>, keys: &[Key]) {
         let mut room = vec![None; map.shards.len()];
-        for key in &keys {
+        for key in keys {
             let index = map.index(key);
             map.shard_to_fill(key, &mut Vec::new())
                 .insert(key.clone(), 0);
@@ -838,6 +1053,27 @@ mod tests {
         for (i, shard) in map.shards.iter().enumerate() {
             assert_eq!(Some(shard.capacity()), room[i], "shard {i} grew");
         }
+    }
+
+    #[test]
+    fn a_map_told_what_to_expect_makes_room_at_each_first_insert() {
+        let keys = numbered_keys(20_000);
+        let mut map: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
+        map.expect(keys.len());
+        map.expect(1);
+        fill_without_growing(&mut map, &keys);
+    }
+
+    #[test]
+    fn a_map_sized_like_a_smaller_one_makes_room_for_more_when_told() {
+        let keys = numbered_keys(20_000);
+        let mut small: Sharded<Key, u32> = Sharded::new(PENDING_SHARD_BITS);
+        small
+            .shard_to_fill(&keys[0], &mut Vec::new())
+            .insert(keys[0].clone(), 0);
+        let mut map = Sharded::<Key, u32>::sized_like(&small);
+        map.expect(keys.len());
+        fill_without_growing(&mut map, &keys);
     }
 
     /// Keys `k0`, `k1`, … (`n` of them).
@@ -1108,6 +1344,74 @@ mod tests {
             ]
         );
         assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn an_owner_s_amount_for_another_key_waits_apart_and_is_written_apart() {
+        let mut pending = Pending::new(1, 10);
+        pending.add("a".into(), 5, TTL, Some(7));
+        pending.add("b".into(), 3, TTL, Some(7));
+        pending.add("a".into(), 1, TTL, Some(7));
+        assert_eq!(pending.owned.len, 1, "a's entry, found by its owner");
+        assert_eq!(pending.entries(), 2);
+        assert_eq!(
+            pending.unwritten(),
+            [("a".to_string(), 6), ("b".to_string(), 3)]
+        );
+        let sent = send(&mut pending);
+        let mut increments: Vec<_> = sent[0]
+            .increments
+            .iter()
+            .map(|increment| (increment.key.to_string(), increment.amount))
+            .collect();
+        increments.sort();
+        assert_eq!(increments, [("a".into(), 6), ("b".into(), 3)]);
+    }
+
+    #[test]
+    fn a_round_s_emptied_blocks_are_filled_again_by_the_next() {
+        let keys = numbered_keys(LANE_BLOCK + 1);
+        let mut pending = Pending::new(1, 500);
+        let add_owned = |pending: &mut Pending, keys: &[Key]| {
+            for (owner, key) in keys.iter().enumerate() {
+                pending.add(key.clone(), 1, TTL, Some(owner as Owner));
+            }
+        };
+        add_owned(&mut pending, &keys);
+        assert_eq!(pending.owned.blocks.len(), 2);
+        cut_all(&mut pending);
+        assert_eq!(pending.owned.spares.len(), 2, "both blocks kept");
+        add_owned(&mut pending, &keys);
+        assert!(pending.owned.spares.is_empty(), "both taken again");
+        acknowledge_round(&mut pending);
+        cut_all(&mut pending);
+        pending.add(keys[0].clone(), 1, TTL, Some(0));
+        assert_eq!(pending.owned.spares.len(), 1);
+        // When round 3 begins, the block its one key did not need is given back.
+        acknowledge_round(&mut pending);
+        cut_all(&mut pending);
+        assert_eq!(pending.owned.spares.len(), 1, "round 3's one block");
+        assert!(pending.owned.released.is_empty(), "freed by that cut");
+        assert!(!pending.needs_cut());
+    }
+
+    #[test]
+    fn an_owner_s_entry_of_a_round_four_billion_rounds_ago_is_gone() {
+        let mut lane = OwnedLane::new();
+        assert_eq!(lane.add("a".into(), 1, TTL, 0), Ok(true));
+        lane.take();
+        // As if the generation had come round: the next round's is the first one's again.
+        lane.generation = u32::MAX;
+        lane.take();
+        assert_eq!(lane.generation, 1);
+        assert_eq!(lane.add("b".into(), 1, TTL, 0), Ok(true), "a new entry");
+        assert_eq!(lane.add("b".into(), 1, TTL, 0), Ok(false), "joined");
+        assert_eq!(
+            lane.entries()
+                .map(|(_, waiting)| waiting.amount)
+                .sum::<u128>(),
+            2
+        );
     }
 
     #[test]
