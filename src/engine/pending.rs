@@ -669,7 +669,18 @@ impl Pending {
             self.push_increment(key, waiting);
         }
         if self.uncut == 0 {
-            self.round = None;
+            if self.cutting_owned.capacity() > 0 {
+                self.owned.recycle(std::mem::take(&mut self.cutting_owned));
+            }
+            if let Some(round) = self.round.take() {
+                // Shards not begun are empty (their keys joined owned entries): their tables,
+                // like the begun ones', are kept for `waiting`, not freed here in one step (a
+                // round's first tables are sized for every tracked account).
+                debug_assert_eq!(self.round_keyed, 0, "every keyed entry cut or joined");
+                let unbegun = round.shards.into_vec().into_iter().skip(self.round_shard);
+                self.spare_shards
+                    .extend(unbegun.filter(|shard| shard.capacity() > 0));
+            }
             if !self.filling.is_empty() {
                 self.stage();
             }
@@ -1393,6 +1404,26 @@ mod tests {
         assert_eq!(pending.owned.spares.len(), 1, "round 3's one block");
         assert!(pending.owned.released.is_empty(), "freed by that cut");
         assert!(!pending.needs_cut());
+    }
+
+    #[test]
+    fn a_round_of_owned_keys_keeps_the_keyed_tables_made_for_it() {
+        let keys = numbered_keys(1_000);
+        let mut pending = Pending::new(1, 500);
+        pending.expect_keys(keys.len());
+        while pending.prepare(usize::MAX) {}
+        let tables = pending.waiting.shards.len();
+        for (owner, key) in keys.iter().enumerate() {
+            pending.add(key.clone(), 1, TTL, Some(owner as Owner));
+        }
+        // A step that ends with the last owned key, before any keyed shard is begun.
+        pending.cut(keys.len());
+        assert!(!pending.has_uncut());
+        assert_eq!(
+            pending.spare_shards.len(),
+            tables,
+            "none freed at the round's end"
+        );
     }
 
     #[test]
