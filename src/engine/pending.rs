@@ -50,8 +50,8 @@ const RELEASED_PER_CUT: usize = 4;
 /// A map split over `1 << bits` maps by a hash of the key. A `HashMap` grows by rehashing
 /// all of its entries at once: at a million keys that is one poll of tens to hundreds of
 /// milliseconds. Here one growth rehashes one shard. Used for the pending amounts not counted for
-/// an owner (see [`OwnedLane`]), looked up about once per key per flush, so with foldhash (see [`KeyMap`]); the read side's
-/// indices are `NameIndex`es (`names.rs`), which keep their hashes.
+/// an owner (see [`OwnedLane`]), looked up about once per key per flush, so with foldhash (see
+/// [`KeyMap`]); the read side's indices are `NameIndex`es (`names.rs`), which keep their hashes.
 pub(crate) struct Sharded<K, V> {
     route: foldhash::fast::RandomState,
     /// How many of the route hash's top bits pick the shard.
@@ -239,9 +239,7 @@ impl Waiting {
             self.counted += counted;
         }
     }
-}
 
-impl Waiting {
     /// Joins `other`, waiting for the same key: its amount and its counted part. The longer TTL
     /// wins, so that neither part's key expires sooner than it asked.
     fn join(&mut self, other: Waiting) {
@@ -643,9 +641,7 @@ impl Pending {
                 self.owned.recycle(emptied);
                 continue;
             }
-            if self.cutting_owned.capacity() > 0 {
-                self.owned.recycle(std::mem::take(&mut self.cutting_owned));
-            }
+            self.recycle_cutting_owned();
             let Some((key, waiting)) = self.cutting.pop() else {
                 let Some(round) = self.round.as_mut() else {
                     break;
@@ -669,9 +665,7 @@ impl Pending {
             self.push_increment(key, waiting);
         }
         if self.uncut == 0 {
-            if self.cutting_owned.capacity() > 0 {
-                self.owned.recycle(std::mem::take(&mut self.cutting_owned));
-            }
+            self.recycle_cutting_owned();
             if let Some(round) = self.round.take() {
                 // Shards not begun are empty (their keys joined owned entries): their tables,
                 // like the begun ones', are kept for `waiting`, not freed here in one step (a
@@ -684,6 +678,13 @@ impl Pending {
             if !self.filling.is_empty() {
                 self.stage();
             }
+        }
+    }
+
+    /// Gives the lane back the block of owned entries being cut, once it is used up.
+    fn recycle_cutting_owned(&mut self) {
+        if self.cutting_owned.capacity() > 0 {
+            self.owned.recycle(std::mem::take(&mut self.cutting_owned));
         }
     }
 
@@ -961,18 +962,20 @@ impl Pending {
             .iter()
             .flat_map(|round| &round.shards[self.round_shard.min(round.shards.len())..])
             .flatten();
-        let owned_uncut = self.round_owned.as_slice().iter().flatten();
-        let cutting = self.cutting.iter().chain(&self.cutting_owned);
-        let owned = self.owned.entries().map(|(key, waiting)| (key, waiting));
+        let listed = self
+            .owned
+            .entries()
+            .chain(self.round_owned.as_slice().iter().flatten())
+            .chain(&self.cutting_owned)
+            .chain(&self.cutting)
+            .map(|(key, waiting)| (key, waiting));
         for (key, waiting) in self
             .waiting
             .shards
             .iter()
             .flatten()
             .chain(keyed_uncut)
-            .chain(owned)
-            .chain(owned_uncut.map(|(key, waiting)| (key, waiting)))
-            .chain(cutting.map(|(key, waiting)| (key, waiting)))
+            .chain(listed)
         {
             *per_key.entry(key).or_default() += waiting.amount;
         }
